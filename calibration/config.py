@@ -1,0 +1,110 @@
+"""How int8 parameters are obtained: a frozen, typed recipe recorded in every artifact's manifest.
+
+Presets are the supported road (``QuantRecipe.default()``); the stock presets reproduce what common converters do
+(for comparison tables); fields can be overridden with ``dataclasses.replace``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from enum import Enum
+from typing import Any
+
+
+class RangeMethod(str, Enum):
+    """How an activation tensor's [low, high] is chosen from calibration values."""
+
+    minmax = "minmax"  # observed min and max
+    percentile = "percentile"  # the (100 - p)th and pth percentiles
+    entropy = "entropy"  # TensorRT-style KL divergence between the float and quantised histograms
+    mse = "mse"  # the range whose int8 grid minimises the mean squared quantisation error of the tensor
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class WeightRounding(str, Enum):
+    """How float weights become int8 codes (symmetric, per output channel)."""
+
+    nearest = "nearest"  # round to nearest
+    gptq = "gptq"  # Hessian-compensated rounding (OBQ/GPTQ) on the layer's calibration inputs
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class QuantRecipe:
+    name: str = "default"
+    range_method: RangeMethod = RangeMethod.mse
+    percentile: float = 99.99  # for RangeMethod.percentile
+    weight_rounding: WeightRounding = WeightRounding.gptq
+    # Calibrate each layer on the outputs of the already-quantised layers before it (weights rounded, activations
+    # fake-quantised) and fit it to the float model's output; False calibrates every layer on float inputs.
+    sequential: bool = True
+    # Fit each quantised layer's bias so that its mean output matches the float model's on the calibration set.
+    bias_correction: bool = True
+    # Ridge strength (relative to the mean diagonal of the input Hessian) used when a layer is refitted to the
+    # float output, and damping of the Hessian in GPTQ.
+    damping: float = 0.01
+    # GPTQ on a layer needs many more calibration rows than its fan-in; layers with fewer rows per weight column
+    # than this (e.g. the classifier on a few hundred images) are rounded to nearest instead.
+    min_rows_per_column: float = 8.0
+    float_nodes: tuple[str, ...] = ()  # IR node names kept in float (mixed precision)
+    max_samples: int = 0  # use at most this many calibration samples (0: all)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "range_method", RangeMethod(self.range_method))
+        object.__setattr__(self, "weight_rounding", WeightRounding(self.weight_rounding))
+        object.__setattr__(self, "float_nodes", tuple(self.float_nodes))
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.damping <= 0:
+            raise ValueError(f"damping must be positive, got {self.damping}")
+
+    # Presets ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def default(cls) -> QuantRecipe:
+        """Full int8: MSE activation ranges, sequential GPTQ rounding fitted to the float output, bias correction."""
+        return cls()
+
+    @classmethod
+    def stock_minmax(cls) -> QuantRecipe:
+        """What stock post-training quantisers do: min/max ranges, weights rounded to nearest, float inputs."""
+        return cls(
+            name="stock_minmax",
+            range_method=RangeMethod.minmax,
+            weight_rounding=WeightRounding.nearest,
+            sequential=False,
+            bias_correction=False,
+        )
+
+    @classmethod
+    def stock_percentile(cls, percentile: float = 99.999) -> QuantRecipe:
+        return cls(
+            name="stock_percentile",
+            range_method=RangeMethod.percentile,
+            percentile=percentile,
+            weight_rounding=WeightRounding.nearest,
+            sequential=False,
+            bias_correction=False,
+        )
+
+    # Manifest ---------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, Enum):
+                out[key] = value.value
+            elif isinstance(value, tuple):
+                out[key] = list(value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QuantRecipe:
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown recipe fields: {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,65 @@
+"""The small interface every target implements, and what they share.
+
+Adding a target means one new module in ``converters/`` implementing :class:`Converter` and one line in
+``converters/__init__.py``'s registry.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from mdeploy.graph.ir import Graph
+from mdeploy.quantize.params import QuantizedGraph
+
+
+class Target(str, Enum):
+    onnx = "onnx"
+    tflite = "tflite"
+    coreml = "coreml"
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    int8 = "int8"
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What the artifact's own metadata carries, so an app team needs nothing else."""
+
+    model_name: str
+    preprocess: dict[str, Any]
+    labels: tuple[str, ...] = ()
+    producer_version: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+# Runs a batch (N, C, H, W) float32, preprocessed as in the manifest, and returns (N, classes) float32 logits.
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+class Converter(Protocol):
+    target: Target
+    suffix: str  # file suffix of the artifact, e.g. ".onnx"
+    runtime_name: str  # what runs it in parity checks, named in every report
+    requires: tuple[str, ...]  # importable modules it needs
+
+    def export(self, graph: Graph, quantized: QuantizedGraph | None, path: Path, info: ArtifactInfo) -> None:
+        """Write the artifact: fp32 when ``quantized`` is None, int8 otherwise."""
+
+    def runner(self, path: Path, threads: int = 1) -> Runner:
+        """Load the artifact into its runtime."""
+
+    def inspect(self, path: Path) -> dict[str, Any]:
+        """Inputs, outputs, op histogram, size and quantisation parameters of an artifact."""
+
+
+def missing_modules(converter: Converter) -> list[str]:
+    return [name for name in converter.requires if importlib.util.find_spec(name) is None]

@@ -1,0 +1,147 @@
+"""Run an IR graph in PyTorch: the reference that quantisation simulates and converters are checked against."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
+
+# Called with (tensor name, value) for the graph input and every node output; returns the value to propagate.
+TensorHook = Callable[[str, torch.Tensor], torch.Tensor]
+OpFn = Callable[[Node, list[torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
+
+OPS: dict[Op, OpFn] = {}
+
+
+def op(kind: Op) -> Callable[[OpFn], OpFn]:
+    def register(fn: OpFn) -> OpFn:
+        OPS[kind] = fn
+        return fn
+
+    return register
+
+
+def activate(x: torch.Tensor, activation: Activation) -> torch.Tensor:
+    if activation is Activation.RELU:
+        return torch.relu(x)
+    if activation is Activation.RELU6:
+        return torch.clamp(x, 0.0, 6.0)
+    return x
+
+
+@op(Op.CONV)
+def _conv(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    attrs = node.attrs
+    assert isinstance(attrs, ConvAttrs)
+    x = xs[0]
+    top, bottom, left, right = attrs.padding
+    if attrs.symmetric_padding is None:
+        x = F.pad(x, (left, right, top, bottom))
+        padding: tuple[int, int] = (0, 0)
+    else:
+        padding = attrs.symmetric_padding
+    y = F.conv2d(x, params["weight"], params["bias"], attrs.stride, padding, attrs.dilation, attrs.groups)
+    return activate(y, node.activation)
+
+
+@op(Op.LINEAR)
+def _linear(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return activate(F.linear(xs[0], params["weight"], params["bias"]), node.activation)
+
+
+@op(Op.ADD)
+def _add(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return xs[0] + xs[1]
+
+
+@op(Op.MUL)
+def _mul(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return xs[0] * xs[1]
+
+
+@op(Op.RELU)
+def _relu(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.relu(xs[0])
+
+
+@op(Op.CLIP)
+def _clip(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    attrs = node.attrs
+    assert isinstance(attrs, ClipAttrs)
+    return torch.clamp(xs[0], attrs.min, attrs.max)
+
+
+@op(Op.HARDSWISH)
+def _hardswish(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return F.hardswish(xs[0])
+
+
+@op(Op.HARDSIGMOID)
+def _hardsigmoid(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return F.hardsigmoid(xs[0])
+
+
+@op(Op.SIGMOID)
+def _sigmoid(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.sigmoid(xs[0])
+
+
+@op(Op.GLOBAL_AVG_POOL)
+def _global_avg_pool(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return xs[0].mean(dim=(2, 3), keepdim=True)
+
+
+@op(Op.FLATTEN)
+def _flatten(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.flatten(xs[0], 1)
+
+
+@op(Op.PAD)
+def _pad(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    attrs = node.attrs
+    assert isinstance(attrs, PadAttrs)
+    top, bottom, left, right = attrs.pads
+    return F.pad(xs[0], (left, right, top, bottom))
+
+
+@op(Op.SOFTMAX)
+def _softmax(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.softmax(xs[0], dim=-1)
+
+
+def node_params(node: Node) -> dict[str, torch.Tensor]:
+    return {key: torch.from_numpy(np.ascontiguousarray(value)) for key, value in node.params.items()}
+
+
+class GraphRunner:
+    """Runs a graph on float32 batches. Parameters are converted to tensors once; ``params`` may be overridden
+    per node (the quantiser swaps in rounded weights) and ``hook`` sees every tensor as it is produced."""
+
+    def __init__(self, graph: Graph) -> None:
+        self.graph = graph
+        self.params: dict[str, dict[str, torch.Tensor]] = {n.name: node_params(n) for n in graph.nodes}
+
+    @torch.no_grad()
+    def run(
+        self, x: torch.Tensor | np.ndarray, hook: TensorHook | None = None, keep: set[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Returns the output and the tensors named in ``keep``; others are freed once consumed."""
+        keep = {self.graph.output_name} | (keep or set())
+        last_use = {name: i for i, node in enumerate(self.graph.nodes) for name in node.inputs}
+        values: dict[str, torch.Tensor] = {}
+        x = torch.as_tensor(x, dtype=torch.float32)
+        values[self.graph.input_name] = hook(self.graph.input_name, x) if hook else x
+        for i, node in enumerate(self.graph.nodes):
+            y = OPS[node.op](node, [values[name] for name in node.inputs], self.params[node.name])
+            values[node.output] = hook(node.output, y) if hook else y
+            for name in node.inputs:
+                if last_use[name] == i and name not in keep:
+                    del values[name]
+        return {name: values[name] for name in keep if name in values}
+
+    def __call__(self, x: torch.Tensor | np.ndarray, hook: TensorHook | None = None) -> torch.Tensor:
+        return self.run(x, hook)[self.graph.output_name]

@@ -1,0 +1,126 @@
+"""A small inference graph of the ops MobileNets use, with BatchNorm folded and activations fused.
+
+Every target (ONNX, TFLite, CoreML) and the int8 quantiser read this one graph, so they agree on what the model
+is. Tensors are named; parameters are float32 numpy arrays in PyTorch's layout (NCHW, OIHW).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+
+class Op(str, Enum):
+    CONV = "conv"  # params: weight (O, I/groups, kh, kw), bias (O,); attrs: ConvAttrs; fused activation
+    LINEAR = "linear"  # params: weight (O, I), bias (O,); fused activation
+    ADD = "add"
+    MUL = "mul"  # elementwise with broadcasting (squeeze-and-excitation scales an (N,C,H,W) map by (N,C,1,1))
+    RELU = "relu"
+    CLIP = "clip"  # attrs: ClipAttrs (ReLU6 is clip 0..6)
+    HARDSWISH = "hardswish"
+    HARDSIGMOID = "hardsigmoid"
+    SIGMOID = "sigmoid"
+    GLOBAL_AVG_POOL = "global_avg_pool"  # (N,C,H,W) -> (N,C,1,1)
+    FLATTEN = "flatten"  # (N,C,H,W) -> (N, C*H*W) in PyTorch's element order
+    PAD = "pad"  # zero padding; attrs: PadAttrs
+    SOFTMAX = "softmax"  # over the last axis
+
+
+class Activation(str, Enum):
+    """An activation fused into the output of a CONV or LINEAR."""
+
+    NONE = "none"
+    RELU = "relu"
+    RELU6 = "relu6"
+
+    @property
+    def output_range(self) -> tuple[float, float]:
+        return {Activation.NONE: (-np.inf, np.inf), Activation.RELU: (0.0, np.inf), Activation.RELU6: (0.0, 6.0)}[self]
+
+
+@dataclass(frozen=True)
+class ConvAttrs:
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, bottom, left, right (may be asymmetric)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    @property
+    def symmetric_padding(self) -> tuple[int, int] | None:
+        top, bottom, left, right = self.padding
+        return (top, left) if (top, left) == (bottom, right) else None
+
+
+@dataclass(frozen=True)
+class ClipAttrs:
+    min: float
+    max: float
+
+
+@dataclass(frozen=True)
+class PadAttrs:
+    pads: tuple[int, int, int, int]  # top, bottom, left, right
+
+
+@dataclass
+class Node:
+    name: str
+    op: Op
+    inputs: list[str]
+    output: str
+    attrs: ConvAttrs | ClipAttrs | PadAttrs | None = None
+    params: dict[str, np.ndarray] = field(default_factory=dict)
+    activation: Activation = Activation.NONE
+    source: str = ""  # where it came from in the user's model (module path), for error messages and reports
+
+    @property
+    def weight(self) -> np.ndarray:
+        return self.params["weight"]
+
+    @property
+    def bias(self) -> np.ndarray:
+        return self.params["bias"]
+
+    @property
+    def is_depthwise(self) -> bool:
+        return (
+            self.op is Op.CONV
+            and isinstance(self.attrs, ConvAttrs)
+            and self.attrs.groups > 1
+            and self.attrs.groups == self.weight.shape[0]
+            and self.weight.shape[1] == 1
+        )
+
+
+@dataclass
+class Graph:
+    nodes: list[Node]
+    input_name: str
+    input_shape: tuple[int, ...]  # (1, C, H, W), PyTorch layout
+    output_name: str
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every tensor's shape at batch 1
+
+    def producer(self, tensor: str) -> Node | None:
+        return next((n for n in self.nodes if n.output == tensor), None)
+
+    def consumers(self, tensor: str) -> list[Node]:
+        return [n for n in self.nodes if tensor in n.inputs]
+
+    def node(self, name: str) -> Node:
+        for n in self.nodes:
+            if n.name == name:
+                return n
+        raise KeyError(name)
+
+    @property
+    def weighted_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if n.op in (Op.CONV, Op.LINEAR)]
+
+    def op_histogram(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for n in self.nodes:
+            key = n.op.value if n.activation is Activation.NONE else f"{n.op.value}+{n.activation.value}"
+            counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items()))

@@ -1,0 +1,433 @@
+"""Load a user's ``model.pt`` safely: state dict, TorchScript, ExportedProgram (.pt2) or (opt-in) pickled module.
+
+The format is found from the file's content, never its extension. By default nothing in the file can run
+code: state dicts go through ``torch.load(weights_only=True)``; TorchScript and ExportedProgram archives are
+scanned first for the few features through which PyTorch's own loaders run code (pickled payloads, file I/O
+ops, Python expressions evaluated at load time, arbitrary Python call targets) and refused if they use them.
+``allow_pickle=True`` (the CLI's ``--trust-pickle``) lifts these limits for files the user trusts.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import json
+import pickle
+import re
+import types
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import BadInputError
+from .zoo import Arch, ModelConfig, build_model, guess_arch, infer_config, parse_arch
+
+__all__ = ["ModelFormat", "LoadedModel", "load_model"]
+
+TRUST_FLAG = "--trust-pickle"
+# Keys under which training scripts commonly nest the weights (checked in this order).
+WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "ema", "model_ema")
+# Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+_SAVE_FIX = (
+    "save a state dict (torch.save(model.state_dict(), PATH)), TorchScript (torch.jit.save) "
+    "or an ExportedProgram (torch.export.save)"
+)
+
+
+class ModelFormat(str, Enum):
+    state_dict = "state_dict"
+    torchscript = "torchscript"
+    exported_program = "exported_program"
+    pickled_module = "pickled_module"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module  # eval mode, float32
+    format: ModelFormat
+    source: Path
+    source_sha256: str
+    config: ModelConfig | None  # set for state dicts (the zoo model they were loaded into)
+    name: str  # the architecture for state dicts, else the file's stem
+
+
+def load_model(path: str | Path, arch: Arch | str | None = None, allow_pickle: bool = False) -> LoadedModel:
+    """Load ``path`` as an eval-mode float32 module; BadInputError with a fix for anything unusable."""
+    path = Path(path)
+    _check_file(path)
+    sha256 = _sha256(path)
+    kind = _sniff(path)
+    config: ModelConfig | None = None
+    name = path.stem
+    if kind == "torchscript":
+        fmt = ModelFormat.torchscript
+        module = _load_torchscript(path, allow_pickle)
+    elif kind == "exported_program":
+        fmt = ModelFormat.exported_program
+        module = _load_exported(path, allow_pickle)
+    else:
+        obj = _torch_load(path, allow_pickle)
+        found = _find_module(obj) if allow_pickle else None
+        if found is not None:
+            fmt, module = ModelFormat.pickled_module, found
+        else:
+            fmt = ModelFormat.state_dict
+            state_dict = _as_state_dict(obj, path)
+            module, config = _load_state_dict(state_dict, arch, path)
+            name = config.arch.value
+    try:
+        module = module.float()
+    except Exception:  # noqa: BLE001 - some archives cannot be cast; the finite check below still runs
+        pass
+    module = module.eval()
+    _check_finite(module.state_dict(), path)
+    return LoadedModel(module, fmt, path.resolve(), sha256, config, name)
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise BadInputError(f"model file {path} does not exist: check the path")
+    if not path.is_file():
+        raise BadInputError(f"{path} is not a file: pass the model file itself (.pt, .pth or .pt2)")
+    if path.stat().st_size == 0:
+        raise BadInputError(f"model file {path} is empty (0 bytes): save the model again")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as err:
+        raise BadInputError(f"cannot read model file {path} ({err.strerror}): check its permissions") from None
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sniff(path: Path) -> str:
+    """'torchscript', 'exported_program', 'torch_zip' or 'other' (legacy torch.save, or not a torch file)."""
+    with path.open("rb") as f:
+        head = f.read(8)
+    if head[4:8] == b"TFL3":
+        raise BadInputError(
+            f"{path} is a TFLite model: mdeploy takes the trained PyTorch "
+            "model (state dict, TorchScript or .pt2) and produces those formats itself"
+        )
+    if not head.startswith(b"PK"):
+        return "other"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            archive_format = _read_member(zf, names, "archive_format")
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise BadInputError(
+            f"{path} is a truncated or corrupt zip archive ({err}): copy or save the model again"
+        ) from None
+    if any(re.match(r"[^/]+/code/", n) for n in names) and any(n.endswith("/constants.pkl") for n in names):
+        return "torchscript"
+    if archive_format is not None and archive_format.strip() == b"pt2":
+        return "exported_program"
+    if any(n.endswith("data.pkl") for n in names):
+        return "torch_zip"
+    raise BadInputError(
+        f"{path} is a zip archive but not a PyTorch model (no data.pkl, TorchScript code or .pt2 model): "
+        + _SAVE_FIX
+    )
+
+
+def _read_member(zf: zipfile.ZipFile, names: list[str], suffix: str) -> bytes | None:
+    for n in names:
+        if n == suffix or n.endswith("/" + suffix):
+            return zf.read(n)
+    return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
+
+
+# ------------------------------------------------------------------------------------ torch.save payloads
+
+
+def _torch_load(path: Path, allow_pickle: bool) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        message = str(err)
+        if "Weights only load failed" not in message:
+            raise _not_torch(path, err) from None
+        if not allow_pickle:
+            found = re.search(r"GLOBAL ([\w.]+)", message)
+            what = f" ({found.group(1)})" if found else ""
+            raise BadInputError(
+                f"{path} holds a pickled Python object{what}, which mdeploy does not unpickle by default "
+                f"because that runs code from the file: {_SAVE_FIX}, or pass {TRUST_FLAG} if you trust the file"
+            ) from None
+    except Exception as err:  # noqa: BLE001 - every torch.load failure here means an unusable file
+        raise _not_torch(path, err) from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001
+        raise BadInputError(
+            f"could not unpickle {path} ({type(err).__name__}: {_first_line(err)}): load it in the Python "
+            f"environment that saved it and {_SAVE_FIX}"
+        ) from None
+
+
+def _not_torch(path: Path, err: BaseException) -> BadInputError:
+    return BadInputError(
+        f"{path} is not a PyTorch model file, or is damaged (torch.load failed with {type(err).__name__}: "
+        f"{_first_line(err)}): {_SAVE_FIX}"
+    )
+
+
+def _find_module(obj: Any) -> nn.Module | None:
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, Mapping):
+        for key in WRAPPER_KEYS:
+            if isinstance(obj.get(key), nn.Module):
+                return obj[key]
+    return None
+
+
+def _is_tensor_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    for _ in range(4):  # wrappers may nest, e.g. {"model": {"state_dict": ...}}
+        if _is_tensor_dict(obj) or not isinstance(obj, Mapping):
+            break
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not _is_tensor_dict(obj):
+        if isinstance(obj, Mapping):
+            keys = ", ".join(repr(k) for k in list(obj)[:5])
+            what = f"a dict without a state dict in it (keys: {keys})" if obj else "an empty dict"
+        else:
+            what = f"a {type(obj).__name__}"
+        raise BadInputError(f"{path} holds {what}, not a model: {_SAVE_FIX}")
+    state_dict = dict(obj)
+    for prefix in STRIP_PREFIXES:
+        if all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def _load_state_dict(
+    state_dict: dict[str, torch.Tensor], arch: Arch | str | None, path: Path
+) -> tuple[nn.Module, ModelConfig]:
+    _check_finite(state_dict, path)
+    if arch is None:
+        guess = guess_arch(state_dict)
+        hint = (
+            f"it looks like {guess.describe()}: pass --arch {guess.arch.value}"
+            if guess is not None
+            else "it matches no zoo architecture: pass --arch NAME (one of "
+            + ", ".join(a.value for a in Arch)
+            + "), or save the model as TorchScript or a .pt2 ExportedProgram"
+        )
+        raise BadInputError(f"{path} is a state dict, which needs --arch NAME; {hint}")
+    config = infer_config(parse_arch(arch), state_dict)
+    model = build_model(config)
+    for key, value in model.state_dict().items():  # pre-0.4.1 checkpoints lack BN counters
+        if key.endswith("num_batches_tracked") and key not in state_dict:
+            state_dict[key] = value
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as err:
+        raise BadInputError(f"{path} does not load into {config.describe()}: {_first_line(err)}") from None
+    return model, config
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    for key, value in tensors.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            bad = ~torch.isfinite(value)
+            if bool(bad.any()):
+                raise BadInputError(
+                    f"weight {key} in {path} holds {int(bad.sum())} NaN/Inf values: the training diverged "
+                    "or the file is damaged; use an earlier checkpoint"
+                )
+
+
+# ----------------------------------------------------------------------------------- TorchScript archives
+
+# The only TorchScript ops that touch the file system (checked against torch's op registry).
+_TS_DANGEROUS = re.compile(r"\b(from_file|save)\b")
+
+
+def _load_torchscript(path: Path, allow_pickle: bool) -> nn.Module:
+    if not allow_pickle:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                if re.match(r"[^/]+/code/.*\.py$", name):
+                    found = _TS_DANGEROUS.search(zf.read(name).decode("utf-8", "replace"))
+                    if found:
+                        raise BadInputError(
+                            f"TorchScript archive {path} calls {found.group(1)}(), which reads or writes files; "
+                            f"mdeploy refuses it by default: script only the model, or pass {TRUST_FLAG} if "
+                            "you trust the file"
+                        )
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as err:  # noqa: BLE001
+        raise BadInputError(
+            f"could not load TorchScript archive {path} ({_first_line(err)}): it may be corrupt or need "
+            "custom ops; save it again with torch.jit.save"
+        ) from None
+
+
+# ------------------------------------------------------------------------- ExportedProgram (.pt2) archives
+
+
+def _load_exported(path: Path, allow_pickle: bool) -> nn.Module:
+    if not allow_pickle:
+        problem = _pt2_code_risk(path)
+        if problem is not None:
+            raise BadInputError(
+                f".pt2 archive {path} {problem}, which torch.export.load would run as code; mdeploy refuses "
+                f"that by default: export a plain model with torch.export, or pass {TRUST_FLAG} if you "
+                "trust the file"
+            )
+    try:
+        module = torch.export.load(str(path)).module()
+    except Exception as err:  # noqa: BLE001
+        raise BadInputError(
+            f"could not load ExportedProgram {path} ({_first_line(err)}): it may be corrupt or come from "
+            "another PyTorch version; export it again with torch.export.save"
+        ) from None
+    for node in module.graph.nodes:
+        target = str(node.target)
+        training = (
+            ("batch_norm.default" in target and len(node.args) > 5 and node.args[5] is True)
+            or ("dropout.default" in target and len(node.args) > 2 and node.args[2] is True)
+            or target.endswith(("_native_batch_norm_legit.default", "_native_batch_norm_legit_functional.default"))
+        )
+        if training:
+            raise BadInputError(
+                f"ExportedProgram {path} was exported in training mode ({target}): call model.eval() "
+                "before torch.export.export and save it again"
+            )
+    # ExportedProgram.module() makes train() and eval() raise. The graph was just checked to be in inference
+    # mode, so eval() is a no-op on it: allow eval() (callers call it), keep refusing train().
+    module.train = types.MethodType(_inference_only_train, module)
+    try:
+        del module.eval
+    except AttributeError:
+        pass
+    return module
+
+
+def _inference_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
+    if mode:
+        raise NotImplementedError("this ExportedProgram was exported for inference: train() is not supported")
+    return nn.Module.train(self, False)
+
+
+# Call targets a model graph needs; anything else (e.g. torch.os.system) is refused.
+_SAFE_TARGET = re.compile(
+    r"(torch\.ops\.(aten|prims|prim|quantized_decomposed|higher_order)\.\w+(\.\w+)?"
+    r"|torch\.sym_\w+|torch\._check\w*|_operator\.(getitem|add|sub|mul|truediv|floordiv|mod|neg|pow|"
+    r"eq|ne|lt|le|gt|ge|and_|or_|not_)|math\.(ceil|floor|sqrt|trunc))"
+)
+_SYMBOL = re.compile(r"[a-z]+\d+")
+_SYMPY_NAMES = frozenset(
+    "Symbol Integer Rational Float Add Mul Pow Max Min Mod floor ceiling Abs Eq Ne Lt Le Gt Ge And Or Not "
+    "true false oo zoo nan True False FloorDiv ModularIndexing Where PythonMod CleanDiv CeilToInt FloorToInt "
+    "CeilDiv IntTrueDiv FloatTrueDiv ToFloat TruncToInt TruncToFloat RoundToInt RoundDecimal LShift RShift "
+    "PowByNatural FloatPow Identity IsNonOverlappingAndDenseIndicator OpaqueUnaryFn_sqrt BitwiseFn_bitwise_and "
+    "BitwiseFn_bitwise_or".split()
+)
+_SYMPY_NODES = (
+    ast.Expression, ast.Call, ast.Name, ast.Load, ast.Constant, ast.keyword, ast.BinOp, ast.UnaryOp,
+    ast.Compare, ast.BoolOp, ast.Tuple, ast.operator, ast.unaryop, ast.cmpop, ast.boolop,
+)  # fmt: skip
+
+
+def _safe_sympy(expr: str) -> bool:
+    """Whether ``expr`` (evaluated by sympy.sympify on load) is plain arithmetic on symbols."""
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except SyntaxError:
+        return False
+    for node in ast.walk(tree):
+        if not isinstance(node, _SYMPY_NODES):
+            return False
+        if isinstance(node, ast.Name) and node.id not in _SYMPY_NAMES and not _SYMBOL.fullmatch(node.id):
+            return False
+        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in _SYMPY_NAMES):
+            return False
+        if isinstance(node, ast.keyword) and node.arg is None:
+            return False
+    return True
+
+
+def _walk_json(obj: Any, key: str) -> list[Any]:
+    found, stack = [], [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for k, v in item.items():
+                if k == key:
+                    found.append(v)
+                stack.append(v)
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
+
+
+def _pt2_code_risk(path: Path) -> str | None:
+    """A description of the first part of a .pt2 archive that torch.export.load would run as code, or None."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for name in zf.namelist():
+                rel = name.split("/", 1)[1] if "/" in name else name
+                if rel.startswith("data/") and rel.endswith(".pt"):  # sample inputs, legacy weights
+                    try:
+                        torch.load(io.BytesIO(zf.read(name)), map_location="cpu", weights_only=True)
+                    except Exception:  # noqa: BLE001
+                        return f"holds a pickled Python object in {rel}"
+                elif rel.startswith(("data/weights/", "data/constants/")) and rel.endswith("_config.json"):
+                    for fqn, meta in json.loads(zf.read(name)).get("config", {}).items():
+                        if meta.get("use_pickle") or str(meta.get("path_name", "")).startswith(
+                            ("custom_obj_", "opaque_obj_")
+                        ):
+                            return f"holds a pickled object for {fqn}"
+                elif rel.startswith("models/") and rel.endswith(".json"):
+                    program = json.loads(zf.read(name))
+                    if program.get("guards_code"):
+                        return "carries Python guard code"
+                    for target in _walk_json(program, "target"):
+                        if isinstance(target, str) and not _SAFE_TARGET.fullmatch(target):
+                            return f"calls {target[:80]}"
+                    for expr in _walk_json(program, "expr_str"):
+                        if not isinstance(expr, str) or not _safe_sympy(expr):
+                            return f"holds a shape expression that is not plain arithmetic ({str(expr)[:60]})"
+    except (zipfile.BadZipFile, OSError, ValueError, AttributeError) as err:
+        raise BadInputError(f".pt2 archive {path} is corrupt ({_first_line(err)}): export it again") from None
+    return None

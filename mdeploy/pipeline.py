@@ -1,0 +1,259 @@
+"""``mdeploy convert``: load, trace, quantise, export each target, prove parity, publish the output folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.config import QuantRecipe
+from calibration.dataset import SampleSet, disjoint_check
+from calibration.preprocess import Preprocess
+from converters import REGISTRY, Precision, Target
+from converters.base import ArtifactInfo, missing_modules
+from mdeploy import __version__
+from mdeploy.bench import Latency, measure_latency
+from mdeploy.errors import BadInputError, ConversionError
+from mdeploy.graph.execute import GraphRunner
+from mdeploy.graph.from_torch import graph_from_torch
+from mdeploy.graph.ir import Graph
+from mdeploy.loading import LoadedModel, load_model
+from mdeploy.outputs import check_output_path, staged_output
+from mdeploy.parity import ParityResult, Thresholds, judge, run_batches, torch_runner
+from mdeploy.quantize.params import QuantizedGraph
+from mdeploy.quantize.ptq import quantize
+from mdeploy.reports import write_manifest, write_summary
+from mdeploy.ui import Reporter, SilentReporter
+from mdeploy.zoo import Arch
+
+RANDOM_EVAL_SAMPLES = 16
+MIN_CALIBRATION_SAMPLES = 16  # fewer cannot pin down per-tensor ranges
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    path: Path
+    arch: Arch | None = None
+    trust_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    calib: Path | None = None
+    eval: Path | None = None
+    calib_size: int = 200
+    eval_size: int = 500
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """User overrides of the per-precision parity thresholds."""
+
+    max_abs_error: float | None = None
+    min_snr_db: float | None = None
+    min_top1: float | None = None
+
+    def thresholds(self, precision: Precision) -> Thresholds:
+        return Thresholds.default(precision).override(
+            max_abs_error=self.max_abs_error if precision is Precision.fp32 else None,
+            min_snr_db=self.min_snr_db if precision is Precision.int8 else None,
+            min_top1=self.min_top1 if precision is Precision.int8 else None,
+        )
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    model: ModelSource
+    out: Path
+    targets: tuple[Target, ...] = (Target.onnx,)
+    int8: bool = False
+    data: DataOptions = DataOptions()
+    preprocess: Preprocess = field(default_factory=Preprocess.imagenet)
+    labels: Path | None = None
+    recipe: QuantRecipe = field(default_factory=QuantRecipe.default)
+    limits: Limits = Limits()
+    overwrite: bool = False
+    threads: int = 1
+    latency_runs: int = 50
+
+
+@dataclass
+class Artifact:
+    target: Target
+    precision: Precision
+    path: Path  # relative to the output folder
+    runtime: str
+    parity: ParityResult
+    latency: Latency | None
+    seconds_to_export: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target.value,
+            "precision": self.precision.value,
+            "file": str(self.path),
+            "runtime": self.runtime,
+            "parity": self.parity.to_dict(),
+            "latency": self.latency.to_dict() if self.latency else None,
+            "seconds_to_export": round(self.seconds_to_export, 2),
+        }
+
+
+@dataclass
+class Evaluation:
+    """The inputs parity runs on and PyTorch's outputs for them."""
+
+    inputs: np.ndarray
+    reference: np.ndarray
+    description: str
+    paths: list[str]
+
+
+@dataclass
+class ConvertResult:
+    out: Path
+    model: LoadedModel
+    artifacts: list[Artifact]
+    evaluation: Evaluation
+    manifest: dict[str, Any]
+
+    @property
+    def passed(self) -> bool:
+        return all(a.parity.passed for a in self.artifacts)
+
+
+def read_labels(path: Path | None, classes: int) -> tuple[str, ...]:
+    if path is None:
+        return ()
+    if not path.is_file():
+        raise BadInputError(f"labels file {path} does not exist: pass --labels with a text file, one class per line")
+    labels = tuple(line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    if len(labels) != classes:
+        raise BadInputError(f"{path} has {len(labels)} labels but the model has {classes} classes: one label per line")
+    return labels
+
+
+def check_targets(targets: tuple[Target, ...]) -> None:
+    for target in targets:
+        if target not in REGISTRY:
+            available = ", ".join(t.value for t in REGISTRY)
+            raise BadInputError(f"target {target.value} is not available in this version (available: {available})")
+        missing = missing_modules(REGISTRY[target])
+        if missing:
+            raise BadInputError(
+                f"target {target.value} needs {', '.join(missing)}: pip install 'mdeploy[{target.value}]'"
+            )
+
+
+def check_translation(graph: Graph, model: LoadedModel, shape: tuple[int, ...]) -> None:
+    """The IR must compute what PyTorch computes before any target is written from it."""
+    x = np.random.default_rng(0).standard_normal((2, *shape[1:])).astype(np.float32)
+    expected = torch_runner(model.module)(x)
+    actual = GraphRunner(graph)(x).numpy()
+    error = float(np.abs(expected - actual).max())
+    if not error <= 1e-4 * max(1.0, float(np.abs(expected).max())):
+        raise ConversionError(f"internal: the traced graph differs from PyTorch by {error:.3g}; please report it")
+
+
+def load_samples(folder: Path, preprocess: Preprocess, limit: int, seed: int, role: str, reporter: Reporter,
+                 min_samples: int) -> SampleSet:
+    samples = SampleSet.from_folder(folder, preprocess, limit=limit, seed=seed, min_samples=min_samples)
+    skipped = len(samples.report.skipped)
+    note = f", {skipped} unreadable files skipped (listed in manifest.json)" if skipped else ""
+    reporter.step(f"{role}: {len(samples)} samples from {folder}{note}")
+    return samples
+
+
+def prepare_evaluation(options: ConvertOptions, model: LoadedModel, reporter: Reporter,
+                       calib: SampleSet | None) -> tuple[Evaluation, SampleSet | None]:
+    data = options.data
+    eval_set = None
+    if data.eval is not None:
+        eval_set = load_samples(data.eval, options.preprocess, data.eval_size, data.seed, "evaluation", reporter, 1)
+        if calib is not None:
+            disjoint_check(calib, eval_set)
+        inputs, description = eval_set.to_array(), f"{len(eval_set)} samples from {data.eval}"
+        paths = [str(p) for p in eval_set.paths]
+    else:
+        shape = options.preprocess.input_shape(batch=RANDOM_EVAL_SAMPLES)
+        inputs = np.random.default_rng(data.seed).standard_normal(shape).astype(np.float32)
+        description = (f"{RANDOM_EVAL_SAMPLES} random inputs (no --eval folder): numeric error is meaningful, "
+                       "top-1 agreement is not")
+        paths = []
+        reporter.step(f"evaluation: {description}")
+    with reporter.track("PyTorch reference", len(inputs)) as advance:
+        reference = run_batches(torch_runner(model.module), inputs, advance)
+    return Evaluation(inputs, reference, description, paths), eval_set
+
+
+def export_and_check(options: ConvertOptions, graph: Graph, quantized: QuantizedGraph | None, info: ArtifactInfo,
+                     target: Target, stage: Path, evaluation: Evaluation, reporter: Reporter) -> Artifact:
+    converter = REGISTRY[target]
+    precision = Precision.int8 if quantized is not None else Precision.fp32
+    path = Path(f"{info.model_name}.{precision.value}{converter.suffix}")
+    start = time.perf_counter()
+    try:
+        # The quantiser may refit float biases: an int8 artifact is written from its copy of the graph.
+        converter.export(quantized.graph if quantized else graph, quantized, stage / path, info)
+    except (BadInputError, ConversionError):
+        raise
+    except Exception as err:  # a converter library's own failure: name the target and the first line
+        raise ConversionError(f"{target.value} {precision.value} export failed: {str(err).strip().splitlines()[0]}") from err
+    seconds = time.perf_counter() - start
+    run = converter.runner(stage / path, threads=options.threads)
+    with reporter.track(f"{path} on {converter.runtime_name}", len(evaluation.inputs)) as advance:
+        outputs = run_batches(run, evaluation.inputs, advance)
+    parity = judge(evaluation.reference, outputs, options.limits.thresholds(precision), evaluation.description)
+    latency = measure_latency(run, evaluation.inputs[0], options.threads, runs=options.latency_runs) \
+        if options.latency_runs > 0 else None
+    return Artifact(target, precision, path, converter.runtime_name, parity, latency, seconds)
+
+
+def convert(options: ConvertOptions, reporter: Reporter | None = None) -> ConvertResult:
+    reporter = reporter or SilentReporter()
+    check_targets(options.targets)
+    check_output_path(options.out, options.overwrite)  # fail before minutes of work, not after
+    data = options.data
+    if options.int8 and data.calib is None:
+        raise BadInputError("--int8 needs calibration data: pass --calib FOLDER (images or .npy/.npz tensors)")
+    model = load_model(options.model.path, arch=options.model.arch, allow_pickle=options.model.trust_pickle)
+    reporter.step(f"loaded {options.model.path} ({model.format.value}, {model.name})")
+    shape = options.preprocess.input_shape(batch=1)
+    graph = graph_from_torch(model.module, shape)
+    check_translation(graph, model, shape)
+    classes = graph.shapes[graph.output_name][-1]
+    labels = read_labels(options.labels, classes)
+    reporter.step(f"traced {len(graph.nodes)} ops: {graph.op_histogram()}")
+    calib = None
+    if options.int8:
+        assert data.calib is not None
+        calib = load_samples(data.calib, options.preprocess, data.calib_size, data.seed, "calibration", reporter,
+                             min_samples=MIN_CALIBRATION_SAMPLES)
+    evaluation, eval_set = prepare_evaluation(options, model, reporter, calib)
+    quantized = None
+    if calib is not None:
+        start = time.perf_counter()
+        with reporter.track("int8 calibration", len(graph.nodes)) as advance:
+            quantized = quantize(graph, calib.to_array(), options.recipe,
+                                 progress=lambda done, total, node: advance(1))
+        reporter.step(f"int8 parameters chosen in {time.perf_counter() - start:.1f} s")
+    info = ArtifactInfo(model.name, options.preprocess.to_dict(), labels, __version__)
+    with staged_output(options.out, options.overwrite) as stage:
+        artifacts = []
+        for target in options.targets:
+            for q in (None, quantized) if quantized is not None else (None,):
+                artifacts.append(export_and_check(options, graph, q, info, target, stage, evaluation, reporter))
+        if labels:
+            (stage / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+        manifest = write_manifest(stage, options, model, graph, artifacts, evaluation, calib, eval_set, quantized)
+        write_summary(stage, manifest)
+    return ConvertResult(options.out, model, artifacts, evaluation, manifest)
+
+
+def dump_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=False, default=str)

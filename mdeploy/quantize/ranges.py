@@ -1,0 +1,167 @@
+"""Activation range estimators: from calibration values of one tensor to the [low, high] of its int8 grid.
+
+Every estimator returns a range containing 0 (so zero, and zero padding, stay exact). ``nonnegative`` tensors
+(outputs of a fused ReLU/ReLU6) get low = 0, which makes the zero point -128 and the whole grid useful.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from calibration.config import RangeMethod
+from mdeploy.quantize.params import QMAX, QMIN, TensorQuant
+
+HIST_BINS = 2048
+MSE_SAMPLES = 1 << 18
+_CHUNK = 1 << 24
+
+
+def fake_quant(x: torch.Tensor, tq: TensorQuant) -> torch.Tensor:
+    """Quantise then dequantise with ``tq``: round half to even, saturate to [-128, 127] (QuantizeLinear)."""
+    q = torch.clamp(torch.round(x / tq.scale) + tq.zero_point, QMIN, QMAX)
+    return ((q - tq.zero_point) * tq.scale).to(x.dtype)
+
+
+def _chunks(x: torch.Tensor) -> list[torch.Tensor]:
+    flat = x.reshape(-1)
+    return [flat[i : i + _CHUNK].float() for i in range(0, flat.numel(), _CHUNK)]
+
+
+def _minmax(x: torch.Tensor) -> tuple[float, float]:
+    lows, highs = zip(*((float(c.min()), float(c.max())) for c in _chunks(x)))
+    return min(lows), max(highs)
+
+
+def _histogram(x: torch.Tensor, low: float, high: float, bins: int = HIST_BINS) -> torch.Tensor:
+    hist = torch.zeros(bins, dtype=torch.float64)
+    for c in _chunks(x):
+        hist += torch.histc(c, bins, low, high).double()
+    return hist
+
+
+def _percentile_range(x: torch.Tensor, lo: float, hi: float, percentile: float) -> tuple[float, float]:
+    if hi <= lo:
+        return lo, hi
+    hist = _histogram(x, lo, hi)
+    cdf = torch.cumsum(hist, 0) / hist.sum()
+    edges = torch.linspace(lo, hi, HIST_BINS + 1, dtype=torch.float64)
+
+    def bin_of(p: float) -> int:
+        return min(int(torch.searchsorted(cdf, torch.tensor([p], dtype=torch.float64)).item()), HIST_BINS - 1)
+
+    q = percentile / 100.0
+    low = lo if lo >= 0 else float(edges[bin_of(1.0 - q)])  # lower edge of the bin holding the low quantile
+    return low, float(edges[bin_of(q) + 1])  # upper edge of the bin holding the high quantile
+
+
+def _kl_threshold(hist: torch.Tensor, edges_high: float, levels: int) -> float:
+    """TensorRT's entropy calibration on a histogram of |x| over [0, edges_high]: the threshold whose ``levels``-bin
+    quantised histogram is closest (KL divergence) to the clipped float histogram."""
+    bins = hist.numel()
+    best, best_i = math.inf, bins
+    eps = 1e-12
+    for i in range(levels, bins + 1, max(1, bins // 256)):
+        p = hist[:i].clone()
+        p[i - 1] += hist[i:].sum()
+        # quantise the first i bins into `levels` groups, spreading each group's mass over its non-empty bins
+        idx = torch.div(torch.arange(i) * levels, i, rounding_mode="floor")
+        src = hist[:i]
+        nonzero = (src > 0).double()
+        mass = torch.zeros(levels, dtype=torch.float64).index_add_(0, idx, src)
+        count = torch.zeros(levels, dtype=torch.float64).index_add_(0, idx, nonzero)
+        q = torch.where(src > 0, mass[idx] / count[idx].clamp(min=1), torch.zeros_like(src))
+        p = p / p.sum()
+        q = q / q.sum().clamp(min=eps)
+        mask = p > 0
+        kl = float(torch.sum(p[mask] * torch.log(p[mask] / q[mask].clamp(min=eps))))
+        if kl < best:
+            best, best_i = kl, i
+    return edges_high * best_i / bins
+
+
+def _entropy_range(x: torch.Tensor, lo: float, hi: float) -> tuple[float, float]:
+    bound = max(-lo, hi)
+    if bound <= 0:
+        return lo, hi
+    hist = torch.zeros(HIST_BINS, dtype=torch.float64)
+    for c in _chunks(x):
+        hist += torch.histc(c.abs(), HIST_BINS, 0.0, bound).double()
+    levels = (QMAX - QMIN + 1) // (1 if lo >= 0 else 2)
+    t = _kl_threshold(hist, bound, levels)
+    return max(lo, -t), min(hi, t)
+
+
+def _sample(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    flat = x.reshape(-1)
+    if flat.numel() <= n:
+        return flat.float()
+    g = torch.Generator().manual_seed(seed)
+    return flat[torch.randint(flat.numel(), (n,), generator=g)].float()
+
+
+def _grid_errors(v: torch.Tensor, lows: torch.Tensor, highs: torch.Tensor) -> torch.Tensor:
+    """Mean squared fake-quant error of values ``v`` for each candidate range (on the exact int8 grid)."""
+    out = torch.empty(len(lows), dtype=torch.float64)
+    for i in range(0, len(lows), 16):
+        lo, hi = lows[i : i + 16, None].double(), highs[i : i + 16, None].double()
+        scale = ((hi - lo) / (QMAX - QMIN)).clamp(min=1e-12)
+        zp = torch.clamp(torch.round(QMIN - lo / scale), QMIN, QMAX)
+        q = torch.clamp(torch.round(v.double()[None] / scale) + zp, QMIN, QMAX)
+        out[i : i + 16] = ((q - zp) * scale - v.double()[None]).pow(2).mean(1)
+    return out
+
+
+def _mse_range(x: torch.Tensor, lo: float, hi: float, seed: int, steps: int = 100) -> tuple[float, float]:
+    v = _sample(x, MSE_SAMPLES, seed)
+    # always score the extremes too: they are rare but decide whether clipping them is worth it
+    v = torch.cat([v, torch.tensor([lo, hi])]) if v.numel() >= MSE_SAMPLES else v
+    alphas = torch.linspace(1.0 / steps, 1.0, steps, dtype=torch.float64)
+    err = _grid_errors(v, lo * alphas, hi * alphas)
+    a = float(alphas[int(torch.argmin(err))])
+    best_lo, best_hi = lo * a, hi * a
+    if lo < 0 < hi:  # refine each end on its own (asymmetric distributions, e.g. before residual additions)
+        for _ in range(2):
+            err = _grid_errors(v, torch.full_like(alphas, best_lo), hi * alphas)
+            best_hi = hi * float(alphas[int(torch.argmin(err))])
+            err = _grid_errors(v, lo * alphas, torch.full_like(alphas, best_hi))
+            best_lo = lo * float(alphas[int(torch.argmin(err))])
+    return best_lo, best_hi
+
+
+def estimate_range(
+    x: torch.Tensor,
+    method: RangeMethod,
+    *,
+    percentile: float = 99.99,
+    nonnegative: bool = False,
+    limit: tuple[float, float] | None = None,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """[low, high] for the int8 grid of a tensor whose calibration values are ``x`` (any shape).
+
+    ``limit`` clips the observed range first (a fused ReLU6 output never leaves [0, 6]).
+    """
+    lo, hi = _minmax(x)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if nonnegative:
+        lo = 0.0
+    if limit is not None:
+        lo, hi = max(lo, limit[0]), min(hi, limit[1])
+    if method is RangeMethod.minmax or hi - lo <= 0:
+        out = (lo, hi)
+    elif method is RangeMethod.percentile:
+        out = _percentile_range(x, lo, hi, percentile)
+    elif method is RangeMethod.entropy:
+        out = _entropy_range(x, lo, hi)
+    elif method is RangeMethod.mse:
+        out = _mse_range(x, lo, hi, seed)
+    else:  # pragma: no cover - exhaustive over the enum
+        raise ValueError(method)
+    return min(out[0], 0.0), max(out[1], 0.0)
+
+
+def tensor_quant(x: torch.Tensor, method: RangeMethod, **kwargs: object) -> TensorQuant:
+    low, high = estimate_range(x, method, **kwargs)  # type: ignore[arg-type]
+    return TensorQuant.from_range(low, high)

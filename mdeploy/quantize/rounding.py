@@ -1,0 +1,110 @@
+"""Weight rounding: float weights to int8 codes, symmetric per output channel.
+
+Layers are handled as ``G`` independent problems (groups of a grouped conv; one per channel for a depthwise conv)
+of ``R`` output rows over ``K`` input columns. Every routine works on that batched (G, R, K) layout.
+
+The layer's calibration statistics are second moments over its input rows (im2col patches): with ``xq`` the
+input the quantised network feeds it, augmented with a constant 1 for the bias, and ``xf`` the float model's input,
+``hessian = E[xq xq^T]`` and ``cross = E[xq xf^T]``. ``fit_to_float`` solves for the float weights that best map
+``xq`` to the float model's output (so a layer compensates the errors of the layers before it); ``gptq`` rounds
+them column by column, moving each rounding error onto the columns not yet rounded (Frantar et al. 2022, OBQ/GPTQ)
+and finally onto the bias, which stays in high precision (int32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mdeploy.quantize.params import WEIGHT_QMAX
+
+
+def channel_scale(w: torch.Tensor) -> torch.Tensor:
+    """Per-row scale from the absolute maximum of (..., K) weights; all-zero rows get 1/127 (keeps int32 bias
+    codes in range)."""
+    absmax = w.abs().amax(dim=-1)
+    return torch.where(absmax > 0, absmax, torch.ones_like(absmax)) / WEIGHT_QMAX
+
+
+def round_nearest(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(w / scale[..., None]), -WEIGHT_QMAX, WEIGHT_QMAX)
+
+
+def _damped(hessian: torch.Tensor, damping: float) -> torch.Tensor:
+    diag = torch.diagonal(hessian, dim1=-2, dim2=-1)
+    lam = damping * diag.mean(-1).clamp(min=1e-12)
+    eye = torch.eye(hessian.shape[-1], dtype=hessian.dtype)
+    return hessian + lam[:, None, None] * eye
+
+
+def fit_to_float(
+    weight: torch.Tensor, bias: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damping: float
+) -> torch.Tensor:
+    """Weights and bias (G, R, K+1) minimising E|w' xq - (w xf + b)|^2 + ridge * |w' - [w, b]|^2.
+
+    ``weight`` (G, R, K), ``bias`` (G, R), ``hessian`` (G, K+1, K+1) and ``cross`` (G, K+1, K) over augmented
+    ``xq``. The ridge (``damping`` times the Hessian's mean diagonal) keeps directions the calibration data does
+    not excite at the float weights.
+    """
+    aug = torch.cat([weight, bias[..., None]], dim=-1)
+    # E[xq * target] = cross @ w^T + E[xq] b^T, and E[xq] is the Hessian's last column (the constant input)
+    rhs = cross @ weight.transpose(1, 2) + hessian[:, :, -1:] * bias[:, None, :]
+    lam = damping * torch.diagonal(hessian, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
+    rhs = rhs + lam[:, None, None] * aug.transpose(1, 2)
+    return torch.linalg.solve(_damped(hessian, damping), rhs).transpose(1, 2)
+
+
+def correct_bias(
+    codes: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hessian: torch.Tensor,
+    cross: torch.Tensor,
+) -> torch.Tensor:
+    """The bias (G, R) that makes the quantised layer's mean output on ``xq`` equal the float layer's on ``xf``."""
+    mean_q = hessian[:, -1, :-1]  # E[xq]
+    mean_f = cross[:, -1, :]  # E[xf]
+    wq = codes * scale[..., None]
+    return bias + (weight @ mean_f[..., None])[..., 0] - (wq @ mean_q[..., None])[..., 0]
+
+
+def gptq(
+    weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, *, free: int = 0, damping: float = 0.01,
+    act_order: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Round (G, R, K) weights with Hessian (G, K, K) compensation; the last ``free`` columns (the bias) are not
+    rounded but absorb the remaining error. Returns int codes (G, R, K - free) and the free columns (G, R, free).
+    """
+    w = weight.to(torch.float64).clone()
+    h = hessian.to(torch.float64).clone()
+    scale = scale.to(torch.float64)
+    groups, _, k = w.shape
+    kq = k - free
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)
+    dead = diag <= 0  # inputs that are always zero: any weight works, choose 0
+    g_idx, k_idx = dead.nonzero(as_tuple=True)
+    h[g_idx, k_idx, k_idx] = 1.0
+    w[:, :, :kq] = torch.where(dead[:, None, :kq], torch.zeros_like(w[:, :, :kq]), w[:, :, :kq])
+    if act_order:  # most excited inputs first: their errors get the most columns to be compensated on
+        perm = torch.argsort(-diag[:, :kq], dim=-1, stable=True)
+        perm = torch.cat([perm, torch.arange(kq, k).expand(groups, free)], dim=-1)
+    else:
+        perm = torch.arange(k).expand(groups, k)
+    gi = torch.arange(groups)[:, None]
+    w = w[gi[:, :, None], torch.arange(w.shape[1])[None, :, None], perm[:, None, :]]
+    h = h[gi[:, :, None], perm[:, :, None], perm[:, None, :]]
+    for attempt in range(6):
+        try:
+            chol = torch.linalg.cholesky(_damped(h, damping * 10**attempt))
+            u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+            break
+        except torch.linalg.LinAlgError:
+            continue
+    else:  # pragma: no cover - a Hessian damped 1e5 times still singular means NaNs in the inputs
+        raise ValueError("input Hessian is not positive definite")
+    codes = torch.empty_like(w[:, :, :kq])
+    for j in range(kq):
+        col = w[:, :, j]
+        q = torch.clamp(torch.round(col / scale), -WEIGHT_QMAX, WEIGHT_QMAX)
+        codes[:, :, j] = q
+        err = (col - q * scale) / u[:, j, j][:, None]
+        w[:, :, j + 1 :] -= err[:, :, None] * u[:, None, j, j + 1 :]
+    inverse = torch.argsort(perm[:, :kq], dim=-1)
+    codes = torch.gather(codes, 2, inverse[:, None, :].expand_as(codes))
+    return codes, w[:, :, kq:]

@@ -1,0 +1,151 @@
+"""manifest.json (for machines) and SUMMARY.md (for people) in the output folder, and the console table."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+
+from mdeploy import __version__
+
+if TYPE_CHECKING:
+    from calibration.dataset import SampleSet
+    from mdeploy.graph.ir import Graph
+    from mdeploy.loading import LoadedModel
+    from mdeploy.pipeline import Artifact, ConvertOptions, Evaluation
+    from mdeploy.quantize.params import QuantizedGraph
+
+MANIFEST_VERSION = "1.0"
+VERSIONED_PACKAGES = ("torch", "numpy", "onnx", "onnxruntime", "tensorflow-cpu", "ai-edge-litert", "coremltools")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    versions = {"mdeploy": __version__, "python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def sample_set_record(samples: SampleSet | None) -> dict[str, Any] | None:
+    if samples is None:
+        return None
+    report = samples.report
+    return {
+        "samples": len(samples),
+        "sha256": samples.sha256,
+        "files_seen": report.total_files,
+        "skipped": [{"file": str(item.path), "reason": item.reason} for item in report.skipped],
+    }
+
+
+def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, graph: Graph,
+                   artifacts: list[Artifact], evaluation: Evaluation, calib: SampleSet | None,
+                   eval_set: SampleSet | None, quantized: QuantizedGraph | None) -> dict[str, Any]:
+    config = model.config
+    manifest: dict[str, Any] = {
+        "manifest_version": MANIFEST_VERSION,
+        "model": {
+            "name": model.name,
+            "source_file": model.source.name,
+            "source_sha256": model.source_sha256,
+            "format": model.format.value,
+            "arch": config.arch.value if config else None,
+            "width_mult": config.width_mult if config else None,
+            "num_classes": graph.shapes[graph.output_name][-1],
+            "ops": graph.op_histogram(),
+        },
+        "input": {
+            "name": "input",
+            "shape": list(options.preprocess.input_shape(batch=1)),
+            "dtype": "float32",
+            "layout": "NCHW",
+        },
+        "output": {"name": "logits", "shape": [1, graph.shapes[graph.output_name][-1]], "meaning": "raw logits"},
+        "preprocess": options.preprocess.to_dict(),
+        "labels_file": "labels.txt" if (stage / "labels.txt").exists() else None,
+        "quantization": {
+            "recipe": options.recipe.to_dict(),
+            "float_nodes": sorted(quantized.float_nodes),
+            "calibration_set": sample_set_record(calib),
+        } if quantized is not None else None,
+        "evaluation": {"inputs": evaluation.description, "set": sample_set_record(eval_set)},
+        "artifacts": [
+            {**artifact.to_dict(), "sha256": sha256_of(stage / artifact.path),
+             "size_bytes": (stage / artifact.path).stat().st_size}
+            for artifact in artifacts
+        ],
+        "parity_passed": all(a.parity.passed for a in artifacts),
+        "tool_versions": tool_versions(),
+    }
+    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    return manifest
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def summary_rows(manifest: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for artifact in manifest["artifacts"]:
+        metrics = artifact["parity"]["metrics"]
+        latency = artifact["latency"] or {}
+        rows.append([
+            artifact["file"],
+            artifact["runtime"],
+            _fmt(metrics["max_abs_error"], ".2e"),
+            _fmt(metrics["snr_db"], ".1f"),
+            _fmt(metrics["top1_agreement"] * 100, ".1f") + "%",
+            _fmt(metrics["top5_agreement"] * 100, ".1f") + "%",
+            _fmt(latency.get("p50_ms", "-"), ".2f"),
+            f"{artifact['size_bytes'] / 1e6:.1f} MB",
+            "pass" if artifact["parity"]["passed"] else "FAIL: " + "; ".join(artifact["parity"]["failures"]),
+        ])
+    return rows
+
+
+HEADERS = ["artifact", "runtime", "max abs err", "SNR dB", "top-1", "top-5", "p50 ms", "size", "parity"]
+
+
+def console_table(manifest: dict[str, Any]) -> Table:
+    table = Table(title=f"{manifest['model']['name']}: parity vs PyTorch fp32 on {manifest['evaluation']['inputs']}")
+    for header in HEADERS:
+        table.add_column(header, justify="left" if header in ("artifact", "runtime", "parity") else "right")
+    for row in summary_rows(manifest):
+        table.add_row(*row, style=None if row[-1] == "pass" else "red")
+    return table
+
+
+def write_summary(stage: Path, manifest: dict[str, Any]) -> None:
+    lines = [
+        f"# {manifest['model']['name']} — mdeploy conversion",
+        "",
+        f"Source: `{manifest['model']['source_file']}` ({manifest['model']['format']}), "
+        f"sha256 `{manifest['model']['source_sha256'][:16]}…`.",
+        f"Input: `{manifest['input']['shape']}` float32 NCHW, preprocessing: `{json.dumps(manifest['preprocess'])}`.",
+        f"Parity vs PyTorch fp32 on {manifest['evaluation']['inputs']}: "
+        f"**{'PASSED' if manifest['parity_passed'] else 'FAILED'}**.",
+        "",
+        "| " + " | ".join(HEADERS) + " |",
+        "|" + "---|" * len(HEADERS),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in summary_rows(manifest)]
+    lines += ["", "Latency: batch 1, median of timed runs after warm-up on this machine's CPU "
+              f"({platform.machine()}); not a phone measurement.", ""]
+    (stage / "SUMMARY.md").write_text("\n".join(lines), encoding="utf-8")

@@ -1,0 +1,99 @@
+"""Every registered target, parametrised from the registry itself: a new target without passing tests fails here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from converters import REGISTRY, Target
+from converters.base import ArtifactInfo
+from mdeploy.graph.from_torch import graph_from_torch
+from mdeploy.parity import torch_runner
+from mdeploy.quantize.params import QuantizedGraph, TensorQuant, WeightQuant
+from mdeploy.zoo import Arch, ModelConfig, build_model
+from tests.test_graph import randomize_batch_norm
+
+TARGETS = list(REGISTRY)
+INFO = ArtifactInfo("model", {"crop": 224}, tuple(f"class{i}" for i in range(10)), "test")
+
+
+def test_every_target_is_registered() -> None:
+    assert set(REGISTRY) <= set(Target)
+    for target, converter in REGISTRY.items():
+        assert converter.target is target
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("arch", list(Arch))
+@pytest.mark.parametrize("width", [0.5, 1.0])
+@pytest.mark.parametrize("size", [160, 224])
+def test_fp32_matches_pytorch(target: Target, arch: Arch, width: float, size: int, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = randomize_batch_norm(build_model(ModelConfig(arch, width, 1000, 0.2)))
+    graph = graph_from_torch(model, (1, 3, size, size))
+    converter = REGISTRY[target]
+    path = tmp_path / f"model.fp32{converter.suffix}"
+    converter.export(graph, None, path, INFO)
+    x = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    error = np.abs(converter.runner(path)(x) - torch_runner(model)(x)).max()
+    assert error <= 1e-4
+
+
+def nearest_int8(graph, calibration: np.ndarray) -> QuantizedGraph:  # type: ignore[no-untyped-def]
+    """Plain min/max ranges and nearest rounding: enough to test that a target runs what it was given."""
+    from mdeploy.graph.execute import GraphRunner
+    from mdeploy.graph.ir import Op
+
+    ranges: dict[str, tuple[float, float]] = {}
+
+    def record(name: str, value: torch.Tensor) -> torch.Tensor:
+        low, high = ranges.get(name, (0.0, 0.0))
+        ranges[name] = (min(low, value.min().item()), max(high, value.max().item()))
+        return value
+
+    GraphRunner(graph).run(calibration, hook=record)
+    activations = {name: TensorQuant.from_range(*r) for name, r in ranges.items()}
+    for node in graph.nodes:
+        if node.op in (Op.FLATTEN, Op.PAD):
+            activations[node.output] = activations[node.inputs[0]]
+    weights = {}
+    for node in graph.weighted_nodes:
+        w = node.weight
+        scale = np.maximum(np.abs(w.reshape(len(w), -1)).max(axis=1), 1e-12) / 127
+        values = np.round(w / scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.int8)
+        weights[node.name] = WeightQuant(scale.astype(np.float32), values)
+    return QuantizedGraph(graph, activations, weights)
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_int8_artifact_is_integer_and_close(target: Target, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = randomize_batch_norm(build_model(ModelConfig(Arch.mobilenet_v3_small, 0.5, 10, 0.2)))
+    graph = graph_from_torch(model, (1, 3, 96, 96))
+    x = np.random.default_rng(1).standard_normal((8, 3, 96, 96)).astype(np.float32)
+    quantized = nearest_int8(graph, x)
+    converter = REGISTRY[target]
+    path = tmp_path / f"model.int8{converter.suffix}"
+    converter.export(graph, quantized, path, INFO)
+    report = converter.inspect(path)
+    assert report["int8_weight_tensors"] == len(graph.weighted_nodes)
+    output = converter.runner(path)(x)
+    reference = torch_runner(model)(x)
+    lsb = quantized.activations[graph.output_name].scale
+    assert np.abs(output - reference).max() < 64 * lsb  # int8, yet still the same function
+    assert np.abs(output - reference).max() > 0  # and really quantised
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_metadata_carries_preprocessing_and_labels(target: Target, tmp_path: Path) -> None:
+    model = build_model(ModelConfig(Arch.mobilenet_v2, 0.5, 10, 0.2))
+    graph = graph_from_torch(model, (1, 3, 64, 64))
+    converter = REGISTRY[target]
+    path = tmp_path / f"model.fp32{converter.suffix}"
+    converter.export(graph, None, path, INFO)
+    metadata = converter.inspect(path)["metadata"]
+    assert '"crop": 224' in metadata["mdeploy.preprocess"]
+    assert "class9" in metadata["mdeploy.labels"]
