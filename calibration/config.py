@@ -39,6 +39,10 @@ class QuantRecipe:
     range_method: RangeMethod = RangeMethod.mse
     percentile: float = 99.99  # for RangeMethod.percentile
     weight_rounding: WeightRounding = WeightRounding.gptq
+    # Rescale channels between layers so that per-tensor activation grids resolve small channels (see
+    # mdeploy.quantize.equalize); alpha in [0, 1] balances activation against weight resolution.
+    equalize: bool = True
+    equalize_alpha: float = 0.5
     # Calibrate each layer on the outputs of the already-quantised layers before it (weights rounded, activations
     # fake-quantised) and fit it to the float model's output; False calibrates every layer on float inputs.
     sequential: bool = True
@@ -78,6 +82,7 @@ class QuantRecipe:
             weight_rounding=WeightRounding.nearest,
             sequential=False,
             bias_correction=False,
+            equalize=False,
         )
 
     @classmethod
@@ -89,6 +94,7 @@ class QuantRecipe:
             weight_rounding=WeightRounding.nearest,
             sequential=False,
             bias_correction=False,
+            equalize=False,
         )
 
     # Manifest ---------------------------------------------------------------------------------------------------

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from converters.base import Converter, Precision, Target
+from converters.coreml import CoremlConverter
 from converters.onnx import OnnxConverter
+from converters.tflite import TfliteConverter
 
 REGISTRY: dict[Target, Converter] = {
     Target.onnx: OnnxConverter(),
+    Target.tflite: TfliteConverter(),
+    Target.coreml: CoremlConverter(),
 }
 
 __all__ = ["REGISTRY", "Converter", "Precision", "Target"]

@@ -51,6 +51,10 @@ class Converter(Protocol):
     runtime_name: str  # what runs it in parity checks, named in every report
     requires: tuple[str, ...]  # importable modules it needs
 
+    @property
+    def times_latency(self) -> bool:
+        """False where the runner is a reference executor, whose timings say nothing about a device."""
+
     def export(self, graph: Graph, quantized: QuantizedGraph | None, path: Path, info: ArtifactInfo) -> None:
         """Write the artifact: fp32 when ``quantized`` is None, int8 otherwise."""
 
@@ -59,6 +63,15 @@ class Converter(Protocol):
 
     def inspect(self, path: Path) -> dict[str, Any]:
         """Inputs, outputs, op histogram, size and quantisation parameters of an artifact."""
+
+
+def artifact_files(path: Path) -> list[Path]:
+    """The files of an artifact: itself, or every file of a package directory (.mlpackage), in a stable order."""
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+
+
+def artifact_size(path: Path) -> int:
+    return sum(p.stat().st_size for p in artifact_files(path))
 
 
 def missing_modules(converter: Converter) -> list[str]:

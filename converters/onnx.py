@@ -195,6 +195,7 @@ class OnnxConverter:
     suffix = ".onnx"
     runtime_name = "ONNX Runtime (CPU)"
     requires = ("onnx", "onnxruntime")
+    times_latency = True
 
     def export(self, graph: Graph, quantized: QuantizedGraph | None, path: Path, info: ArtifactInfo) -> None:
         import onnx

@@ -55,7 +55,7 @@ def precision_of(path: Path) -> Precision:
 
 
 def artifacts_to_check(artifact: Path) -> tuple[list[Path], dict[str, Any] | None]:
-    if artifact.is_dir():
+    if artifact.is_dir() and not any(artifact.name.endswith(c.suffix) for c in REGISTRY.values()):
         manifest_path = artifact / "manifest.json"
         if not manifest_path.is_file():
             raise BadInputError(f"{artifact} has no manifest.json: pass an mdeploy output folder or one artifact file")
@@ -65,7 +65,7 @@ def artifacts_to_check(artifact: Path) -> tuple[list[Path], dict[str, Any] | Non
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise BadInputError(f"{manifest_path} is not a valid mdeploy manifest ({err}): convert again") from err
         return files, manifest
-    if not artifact.is_file():
+    if not artifact.exists():
         raise BadInputError(f"{artifact} does not exist: pass an artifact file or an mdeploy output folder")
     manifest_path = artifact.parent / "manifest.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else None
@@ -86,7 +86,7 @@ def check(options: CheckOptions, reporter: Reporter | None = None) -> list[Check
         raise BadInputError("check needs real inputs: pass --eval FOLDER (images or .npy/.npz tensors)")
     files, manifest = artifacts_to_check(options.artifact)
     for path in files:
-        if not path.is_file():
+        if not path.exists():
             raise BadInputError(f"{path} is listed in the manifest but missing: convert again")
     preprocess = resolve_preprocess(options, manifest)
     model = load_model(options.model.path, arch=options.model.arch, allow_pickle=options.model.trust_pickle)

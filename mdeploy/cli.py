@@ -236,7 +236,7 @@ def inspect(
     from mdeploy.check import target_of
 
     def action() -> dict[str, Any]:
-        if not artifact.is_file():
+        if not artifact.exists():
             raise BadInputError(f"{artifact} does not exist: pass an artifact file")
         converter = REGISTRY[target_of(artifact)]
         try:
@@ -255,7 +255,7 @@ def inspect(
                      highlight=False, soft_wrap=True)
     if quant:
         stdout.print(f"[bold]int8 activations[/bold]: {len(quant)} tensors, e.g. "
-                     + ", ".join(f"{q['tensor']} (scale {q['scale']:.4g}, zp {q['zero_point']})" for q in quant[:3]),
+                     + ", ".join(f"{q['tensor']} (scale {q['scale']}, zp {q['zero_point']})" for q in quant[:3]),
                      highlight=False, soft_wrap=True)
     for key, value in metadata.items():
         shown = value if len(value) < 200 else value[:200] + "…"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import typer
 from rich.console import Console
 from rich.table import Table
 
@@ -47,9 +48,10 @@ def predictions_table(result: ConvertResult, labels: list[str]) -> Table:
     return table
 
 
-def main(out: Path = Path("out/demo"), targets: str = "onnx") -> int:
+def main(out: Path = Path("out/demo"), targets: str = "onnx,tflite") -> int:
     console = Console(width=None if sys.stdout.isatty() else 160)
     reporter = ConsoleReporter()
+    out.parent.mkdir(parents=True, exist_ok=True)
     assets = run_guarded(False, lambda: prepare_demo_assets(default_cache_dir()))
     options = ConvertOptions(
         model=ModelSource(assets.weights, Arch.mobilenet_v2),
@@ -68,5 +70,12 @@ def main(out: Path = Path("out/demo"), targets: str = "onnx") -> int:
     return 0 if result.passed else 1
 
 
+def run() -> int:
+    try:
+        return main()
+    except typer.Exit as stop:  # run_guarded already printed the one-line error
+        return stop.exit_code
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())

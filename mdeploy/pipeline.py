@@ -209,8 +209,9 @@ def export_and_check(options: ConvertOptions, graph: Graph, quantized: Quantized
     with reporter.track(f"{path} on {converter.runtime_name}", len(evaluation.inputs)) as advance:
         outputs = run_batches(run, evaluation.inputs, advance)
     parity = judge(evaluation.reference, outputs, options.limits.thresholds(precision), evaluation.description)
-    latency = measure_latency(run, evaluation.inputs[0], options.threads, runs=options.latency_runs) \
-        if options.latency_runs > 0 else None
+    latency = None
+    if options.latency_runs > 0 and converter.times_latency:
+        latency = measure_latency(run, evaluation.inputs[0], options.threads, runs=options.latency_runs)
     return Artifact(target, precision, path, converter.runtime_name, parity, latency, seconds)
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from converters.base import artifact_files, artifact_size
 from mdeploy import __version__
 
 if TYPE_CHECKING:
@@ -25,10 +26,14 @@ VERSIONED_PACKAGES = ("torch", "numpy", "onnx", "onnxruntime", "tensorflow-cpu",
 
 
 def sha256_of(path: Path) -> str:
+    """Of a file, or of a package directory's files (relative names and contents, in sorted order)."""
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    for file in artifact_files(path):
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
@@ -87,7 +92,7 @@ def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, gra
         "evaluation": {"inputs": evaluation.description, "set": sample_set_record(eval_set)},
         "artifacts": [
             {**artifact.to_dict(), "sha256": sha256_of(stage / artifact.path),
-             "size_bytes": (stage / artifact.path).stat().st_size}
+             "size_bytes": artifact_size(stage / artifact.path)}
             for artifact in artifacts
         ],
         "parity_passed": all(a.parity.passed for a in artifacts),
@@ -113,7 +118,7 @@ def summary_rows(manifest: dict[str, Any]) -> list[list[str]]:
             _fmt(metrics["snr_db"], ".1f"),
             _fmt(metrics["top1_agreement"] * 100, ".1f") + "%",
             _fmt(metrics["top5_agreement"] * 100, ".1f") + "%",
-            _fmt(latency.get("p50_ms", "-"), ".2f"),
+            _fmt(latency.get("p50_ms", "n/a (reference executor)" if not latency else "-"), ".2f"),
             f"{artifact['size_bytes'] / 1e6:.1f} MB",
             "pass" if artifact["parity"]["passed"] else "FAIL: " + "; ".join(artifact["parity"]["failures"]),
         ])

@@ -3,12 +3,10 @@
 Layers are handled as ``G`` independent problems (groups of a grouped conv; one per channel for a depthwise conv)
 of ``R`` output rows over ``K`` input columns. Every routine works on that batched (G, R, K) layout.
 
-The layer's calibration statistics are second moments over its input rows (im2col patches): with ``xq`` the
-input the quantised network feeds it, augmented with a constant 1 for the bias, and ``xf`` the float model's input,
-``hessian = E[xq xq^T]`` and ``cross = E[xq xf^T]``. ``fit_to_float`` solves for the float weights that best map
-``xq`` to the float model's output (so a layer compensates the errors of the layers before it); ``gptq`` rounds
-them column by column, moving each rounding error onto the columns not yet rounded (Frantar et al. 2022, OBQ/GPTQ)
-and finally onto the bias, which stays in high precision (int32).
+The layer's calibration statistic is the second moment of its input rows (im2col patches) augmented with a
+constant 1 for the bias, ``hessian = E[x x^T]``. ``gptq`` rounds the weights column by column, moving each rounding
+error onto the columns not yet rounded (Frantar et al. 2022, OBQ/GPTQ) and onto the bias, which stays in high
+precision (int32); ``correct_bias`` then sets the bias so that the layer's mean output matches the float model's.
 """
 
 from __future__ import annotations
@@ -16,6 +14,8 @@ from __future__ import annotations
 import torch
 
 from mdeploy.quantize.params import WEIGHT_QMAX
+
+BLOCK = 64
 
 
 def channel_scale(w: torch.Tensor) -> torch.Tensor:
@@ -36,32 +36,10 @@ def _damped(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     return hessian + lam[:, None, None] * eye
 
 
-def fit_to_float(
-    weight: torch.Tensor, bias: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damping: float
-) -> torch.Tensor:
-    """Weights and bias (G, R, K+1) minimising E|w' xq - (w xf + b)|^2 + ridge * |w' - [w, b]|^2.
-
-    ``weight`` (G, R, K), ``bias`` (G, R), ``hessian`` (G, K+1, K+1) and ``cross`` (G, K+1, K) over augmented
-    ``xq``. The ridge (``damping`` times the Hessian's mean diagonal) keeps directions the calibration data does
-    not excite at the float weights.
-    """
-    aug = torch.cat([weight, bias[..., None]], dim=-1)
-    # E[xq * target] = cross @ w^T + E[xq] b^T, and E[xq] is the Hessian's last column (the constant input)
-    rhs = cross @ weight.transpose(1, 2) + hessian[:, :, -1:] * bias[:, None, :]
-    lam = damping * torch.diagonal(hessian, dim1=-2, dim2=-1).mean(-1).clamp(min=1e-12)
-    rhs = rhs + lam[:, None, None] * aug.transpose(1, 2)
-    return torch.linalg.solve(_damped(hessian, damping), rhs).transpose(1, 2)
-
-
-def correct_bias(
-    codes: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, hessian: torch.Tensor,
-    cross: torch.Tensor,
-) -> torch.Tensor:
-    """The bias (G, R) that makes the quantised layer's mean output on ``xq`` equal the float layer's on ``xf``."""
-    mean_q = hessian[:, -1, :-1]  # E[xq]
-    mean_f = cross[:, -1, :]  # E[xf]
-    wq = codes * scale[..., None]
-    return bias + (weight @ mean_f[..., None])[..., 0] - (wq @ mean_q[..., None])[..., 0]
+def correct_bias(codes: torch.Tensor, scale: torch.Tensor, target_mean: torch.Tensor, mean_in: torch.Tensor) -> torch.Tensor:
+    """The bias (G, R) that makes the quantised layer's mean output equal ``target_mean`` (G, R), the float model's
+    mean pre-activation output, given the mean (G, K) of the inputs it is fed."""
+    return target_mean - ((codes * scale[..., None]) @ mean_in[..., None])[..., 0]
 
 
 def gptq(
@@ -99,12 +77,19 @@ def gptq(
     else:  # pragma: no cover - a Hessian damped 1e5 times still singular means NaNs in the inputs
         raise ValueError("input Hessian is not positive definite")
     codes = torch.empty_like(w[:, :, :kq])
-    for j in range(kq):
-        col = w[:, :, j]
-        q = torch.clamp(torch.round(col / scale), -WEIGHT_QMAX, WEIGHT_QMAX)
-        codes[:, :, j] = q
-        err = (col - q * scale) / u[:, j, j][:, None]
-        w[:, :, j + 1 :] -= err[:, :, None] * u[:, None, j, j + 1 :]
+    for i1 in range(0, kq, BLOCK):  # lazy batch updates: rank-BLOCK corrections of the columns after the block
+        i2 = min(i1 + BLOCK, kq)
+        block = w[:, :, i1:i2].clone()
+        errors = torch.empty_like(block)
+        ub = u[:, i1:i2, i1:i2]
+        for j in range(i2 - i1):
+            col = block[:, :, j]
+            q = torch.clamp(torch.round(col / scale), -WEIGHT_QMAX, WEIGHT_QMAX)
+            codes[:, :, i1 + j] = q
+            err = (col - q * scale) / ub[:, j, j][:, None]
+            block[:, :, j + 1 :] -= err[:, :, None] * ub[:, None, j, j + 1 :]
+            errors[:, :, j] = err
+        w[:, :, i2:] -= errors @ u[:, i1:i2, i2:]
     inverse = torch.argsort(perm[:, :kq], dim=-1)
     codes = torch.gather(codes, 2, inverse[:, None, :].expand_as(codes))
     return codes, w[:, :, kq:]

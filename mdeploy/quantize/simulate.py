@@ -26,10 +26,12 @@ def quantized_params(qgraph: QuantizedGraph) -> dict[str, dict[str, torch.Tensor
         if name in qgraph.float_nodes:
             continue
         node = qgraph.graph.node(name)
-        s_in = qgraph.activations[node.inputs[0]].scale
-        bias_scale = np.float64(s_in) * wq.scale.astype(np.float64)
-        bias = quantize_bias(node.bias, s_in, wq.scale).astype(np.float64) * bias_scale
-        out[name] = {"weight": torch.from_numpy(wq.dequantize()), "bias": torch.from_numpy(bias.astype(np.float32))}
+        bias = node.bias
+        tq = qgraph.activations.get(node.inputs[0])
+        if tq is not None:  # else a float input (weight-only studies): the bias stays float
+            bias_scale = np.float64(tq.scale) * wq.scale.astype(np.float64)
+            bias = (quantize_bias(node.bias, tq.scale, wq.scale).astype(np.float64) * bias_scale).astype(np.float32)
+        out[name] = {"weight": torch.from_numpy(wq.dequantize()), "bias": torch.from_numpy(bias)}
     return out
 
 

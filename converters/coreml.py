@@ -1,0 +1,258 @@
+"""Core ML target: ML programs (.mlpackage) written from the IR with coremltools' MIL Builder.
+
+- fp32 artifact: an fp32 ML program (``compute_precision`` FLOAT32), so that it matches PyTorch like the other
+  targets' fp32 files; ``CoremlConverter(compute_precision="fp16")`` writes the fp16 program iOS apps usually
+  ship (the Neural Engine computes in fp16).
+- int8 artifact: W8A8 from our QuantizedGraph (see ``converters/coreml_program.py``), fp16 between the int8
+  tensors by default (what the Neural Engine runs; coremltools' own W8A8 requires fp16), fp32 on request;
+  ``activations=False`` writes weight-only int8 (W8) instead.
+- I/O: a tensor input preprocessed as for PyTorch (default), or ``image_input=True``: an ``ImageType`` taking the
+  camera buffer's 0..255 pixels, its scale and per-channel bias derived from the preprocessing (a per-channel std
+  is folded into the program, see ``ImageNormalization``). With labels whose count matches the classes, a
+  classifier (``classLabel`` and ``classLabel_probs``, the scores being the model's outputs, i.e. logits unless
+  the model ends in softmax).
+- Metadata: author, licence, description and version in the model's fields; ``mdeploy.preprocess``,
+  ``mdeploy.labels`` and the export choices in its user-defined metadata.
+- Runner: Core ML itself on macOS (compute units selectable); elsewhere the NumPy MIL reference executor
+  (``converters/coreml_mil_reference.py``), named "MIL reference (not Core ML)".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import platform
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters.base import ArtifactInfo, Runner, Target
+from converters.coreml_mil_reference import RUNTIME_NAME, MilExecutor, load_program
+from converters.coreml_program import OUTPUT_NAME, ImageNormalization, ProgramOptions, build_program, import_coremltools
+from mdeploy.errors import BadInputError
+from mdeploy.graph.ir import Graph
+from mdeploy.quantize.params import QuantizedGraph
+
+TARGETS = ("iOS15", "iOS16", "iOS17", "iOS18")  # ML program deployment targets; W8A8 needs iOS17
+SPEC_VERSION_TARGET = {6: "iOS15", 7: "iOS16", 8: "iOS17", 9: "iOS18"}
+COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
+
+
+def core_ml_available() -> bool:
+    """True where Core ML itself can run predictions (macOS with coremltools' native extension)."""
+    if platform.system() != "Darwin":
+        return False
+    try:
+        return importlib.util.find_spec("coremltools.libcoremlpython") is not None
+    except ImportError:
+        return False
+
+
+def _package_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+class CoremlConverter:
+    target = Target.coreml
+    suffix = ".mlpackage"
+    requires = ("coremltools",)
+
+    def __init__(self, compute_precision: str | None = None, minimum_target: str = "iOS17",
+                 image_input: bool = False, classifier: bool | None = None, activations: bool = True,
+                 compute_units: str = "ALL", use_core_ml: bool | None = None, author: str = "",
+                 license: str = "", description: str = "") -> None:  # noqa: A002
+        if compute_precision not in (None, "fp32", "fp16"):
+            raise BadInputError(f"Core ML compute precision must be fp32 or fp16, got {compute_precision!r}")
+        if minimum_target not in TARGETS:
+            raise BadInputError(f"Core ML minimum deployment target must be one of {', '.join(TARGETS)}")
+        if compute_units.upper() not in COMPUTE_UNITS:
+            raise BadInputError(f"Core ML compute units must be one of {', '.join(COMPUTE_UNITS)}")
+        self.compute_precision = compute_precision  # None: fp32 for the fp32 artifact, fp16 for int8
+        self.minimum_target = minimum_target
+        self.image_input = image_input
+        self.classifier = classifier  # None: a classifier when labels are given and match the classes
+        self.activations = activations
+        self.compute_units = compute_units.upper()
+        self._use_core_ml = use_core_ml  # None: Core ML where it runs (macOS), else the MIL reference
+        self.fields = {"author": author, "license": license, "description": description}
+
+    @property
+    def use_core_ml(self) -> bool:
+        if self._use_core_ml is None:
+            self._use_core_ml = core_ml_available()
+        return self._use_core_ml
+
+    @property
+    def times_latency(self) -> bool:
+        return self.use_core_ml  # the MIL reference executor's timings say nothing about a device
+
+    @property
+    def runtime_name(self) -> str:
+        return f"Core ML (compute units {self.compute_units})" if self.use_core_ml else RUNTIME_NAME
+
+    # -- export ------------------------------------------------------------------------------------------------
+    def precision_of(self, quantized: QuantizedGraph | None) -> str:
+        return self.compute_precision or ("fp16" if quantized is not None else "fp32")
+
+    def convert(self, graph: Graph, quantized: QuantizedGraph | None, info: ArtifactInfo) -> Any:
+        """The ``MLModel`` (not yet saved)."""
+        ct = import_coremltools()
+        target = getattr(ct.target, self.minimum_target)
+        if quantized is not None and self.activations and target < ct.target.iOS17:
+            raise BadInputError(f"W8A8 Core ML programs need iOS17 or later (quantize/dequantize ops), "
+                                f"not {self.minimum_target}: use minimum_target='iOS17' or later, or weight-only int8 "
+                                f"(activations=False)")
+        image = ImageNormalization.from_preprocess(info.preprocess) if self.image_input else None
+        program = build_program(graph, quantized, ProgramOptions(target, image, self.activations))
+        shape = tuple(int(d) for d in graph.input_shape)
+        if image is None:
+            inputs = [ct.TensorType(name=graph.input_name, shape=shape)]
+        else:
+            inputs = [ct.ImageType(name=graph.input_name, shape=shape, scale=image.image_scale,
+                                   bias=list(image.bias), color_layout=getattr(ct.colorlayout, image.color_layout))]
+        classes = graph.shapes.get(graph.output_name, (1, 0))[-1]
+        classifier = self._classifier(info.labels, classes)
+        precision = self.precision_of(quantized)
+        with contextlib.redirect_stderr(io.StringIO()):  # coremltools' pass progress bars
+            model = ct.convert(
+                program, convert_to="mlprogram", minimum_deployment_target=target, inputs=inputs,
+                classifier_config=ct.ClassifierConfig(list(info.labels)) if classifier else None,
+                compute_precision=ct.precision.FLOAT16 if precision == "fp16" else ct.precision.FLOAT32,
+                skip_model_load=True,
+            )
+        self._describe(model, graph, quantized, info, image, classifier, precision)
+        return model
+
+    def _classifier(self, labels: tuple[str, ...], classes: int) -> bool:
+        if self.classifier is False or not labels:
+            if self.classifier:
+                raise BadInputError("a Core ML classifier needs class labels (--labels labels.txt)")
+            return False
+        if len(labels) != classes:
+            if self.classifier:
+                raise BadInputError(f"{len(labels)} labels for a model with {classes} outputs: a Core ML "
+                                    f"classifier needs one label per output")
+            warnings.warn(f"{len(labels)} labels for {classes} outputs: the Core ML model outputs raw scores "
+                          f"instead of a classifier", stacklevel=3)
+            return False
+        return True
+
+    def _describe(self, model: Any, graph: Graph, quantized: QuantizedGraph | None, info: ArtifactInfo,
+                  image: ImageNormalization | None, classifier: bool, precision: str) -> None:
+        extra = dict(info.extra)
+        fields = {key: value or extra.pop(key, "") for key, value in self.fields.items()}
+        model.author = fields["author"] or "mdeploy"
+        model.license = fields["license"]
+        kind = "int8 W8A8" if quantized is not None and self.activations else "int8 W8" if quantized else "float"
+        model.short_description = fields["description"] or f"{info.model_name} ({kind}, {precision} compute)"
+        model.version = extra.pop("version", "") or info.producer_version
+        io_description = {"kind": "image", **image.__dict__} if image is not None else {"kind": "tensor"}
+        metadata = {
+            "mdeploy.preprocess": json.dumps(info.preprocess, sort_keys=True),
+            "mdeploy.labels": json.dumps(list(info.labels)),
+            "mdeploy.precision": "int8" if quantized is not None else "fp32",
+            "mdeploy.compute_precision": precision,
+            "mdeploy.int8": kind,
+            "mdeploy.input": json.dumps(io_description, sort_keys=True),
+            "mdeploy.classifier": json.dumps(classifier),
+            "mdeploy.producer_version": info.producer_version,
+            **extra,
+        }
+        model.user_defined_metadata.update(metadata)
+        model.input_description[graph.input_name] = (
+            "RGB/BGR image, 0..255 pixels (normalisation inside the model)" if image is not None
+            else "image batch preprocessed as mdeploy.preprocess describes (NCHW float32)")
+        if classifier:
+            model.output_description["classLabel"] = "most likely class"
+            model.output_description["classLabel_probs"] = "score of every class (the model's outputs)"
+        else:
+            model.output_description[OUTPUT_NAME] = "scores of every class (the model's outputs)"
+
+    def export(self, graph: Graph, quantized: QuantizedGraph | None, path: Path, info: ArtifactInfo) -> None:
+        model = self.convert(graph, quantized, info)
+        path = Path(path)
+        if path.is_dir() and path.suffix == self.suffix:
+            shutil.rmtree(path)  # an .mlpackage is a directory: replace it as a file would be replaced
+        model.save(str(path))
+
+    # -- run ---------------------------------------------------------------------------------------------------
+    def runner(self, path: Path, threads: int = 1) -> Runner:
+        """Runs (N, C, H, W) float32 batches preprocessed as for PyTorch, one image at a time (the programs have
+        batch 1), and returns (N, classes) float32 scores. An image-input model gets the (unrounded) pixel values
+        that preprocess into the batch; Core ML itself needs 8-bit images, so there the pixels are rounded.
+        ``threads`` is not used: Core ML picks its own, and the reference runs NumPy as configured."""
+        if self.use_core_ml:
+            return self._core_ml_runner(Path(path))
+        spec, program = load_program(Path(path))
+        executor = MilExecutor.from_program(program)
+        image = self._image_input(spec)
+        input_name = executor.input_names[0]
+        scores = executor.classifier_scores() or executor.output_names[0]
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            batch = np.asarray(batch, dtype=np.float32)
+            feeds = image.pixels(batch) if image is not None else batch
+            outs = [executor.run({input_name: feeds[i : i + 1]}, keep={scores})[scores] for i in range(len(batch))]
+            return np.concatenate(outs).astype(np.float32).reshape(len(batch), -1)
+
+        return run
+
+    @staticmethod
+    def _image_input(spec: Any) -> ImageNormalization | None:
+        if spec.description.input[0].type.WhichOneof("Type") != "imageType":
+            return None
+        described = json.loads(spec.description.metadata.userDefined.get("mdeploy.input", "{}"))
+        if described.get("kind") != "image":
+            raise BadInputError("this Core ML model takes images but was not written by mdeploy: its normalisation "
+                                "is unknown, so a preprocessed batch cannot be turned back into pixels")
+        return ImageNormalization(described["image_scale"], tuple(described["bias"]), tuple(described["gain"]),
+                                  described["color_layout"])
+
+    def _core_ml_runner(self, path: Path) -> Runner:  # pragma: no cover - macOS only
+        ct = import_coremltools()
+        from PIL import Image
+
+        model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, self.compute_units))
+        spec = model.get_spec()
+        image = self._image_input(spec)
+        input_name = spec.description.input[0].name
+        classifier = spec.description.predictedProbabilitiesName
+        labels = json.loads(spec.description.metadata.userDefined.get("mdeploy.labels", "[]"))
+
+        def one(x: np.ndarray) -> np.ndarray:
+            if image is None:
+                feed: Any = x
+            else:
+                pixels = np.clip(np.round(image.pixels(x)[0]), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+                feed = Image.fromarray(pixels[..., ::-1] if image.color_layout == "BGR" else pixels)
+            out = model.predict({input_name: feed})
+            if classifier:
+                return np.array([out[classifier][label] for label in labels], np.float32)
+            return np.asarray(out[OUTPUT_NAME], np.float32).reshape(-1)
+
+        return lambda batch: np.stack([one(np.asarray(batch, np.float32)[i : i + 1]) for i in range(len(batch))])
+
+    # -- inspect -----------------------------------------------------------------------------------------------
+    def inspect(self, path: Path) -> dict[str, Any]:
+        from converters.coreml_inspect import describe_program
+
+        spec, program = load_program(Path(path))
+        metadata = dict(spec.description.metadata.userDefined)
+        report = {
+            "format": "Core ML ML program (.mlpackage)",
+            "specification_version": spec.specificationVersion,
+            "minimum_deployment_target": SPEC_VERSION_TARGET.get(spec.specificationVersion, "unknown"),
+            "size_bytes": _package_size(Path(path)),
+            "author": spec.description.metadata.author,
+            "license": spec.description.metadata.license,
+            "description": spec.description.metadata.shortDescription,
+            "version": spec.description.metadata.versionString,
+            "metadata": metadata,
+        }
+        report.update(describe_program(spec, program))
+        return report

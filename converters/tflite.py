@@ -1,0 +1,204 @@
+"""TFLite target: fp32 and full-int8 flatbuffers written straight from the IR, run on LiteRT (ai-edge-litert).
+
+Why not Keras + TFLiteConverter (DESIGN.md §3): writing the flatbuffer ourselves (``converters/tflite_ops.py``)
+puts exactly the quantiser's int8 weights, biases, scales and zero points into the artifact (the converter would
+recalibrate), lets us choose the int8 patterns XNNPACK runs in one partition (the converter fuses hardswish back
+into HARD_SWISH, which XNNPACK refuses in int8), needs no TensorFlow at export time, and takes well under a second.
+
+I/O (``IOType``, int8 artifacts only): ``int8`` by default, the LiteRT convention for full-integer models (the
+graph has no QUANTIZE/DEQUANTIZE at all and XNNPACK runs it end to end); ``uint8`` and ``float`` on request. The
+input and output scale and zero point are on the I/O tensors and in the ``mdeploy.io`` metadata entry.
+
+Metadata: ``Model.metadata`` entries (name -> UTF-8 buffer) ``mdeploy.preprocess``, ``mdeploy.labels``,
+``mdeploy.precision``, ``mdeploy.io``, ``mdeploy.layout`` and the artifact's extra entries, readable with any
+flatbuffer tooling (``tflite_flatbuffer.read_metadata``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from converters.base import ArtifactInfo, Runner, Target
+from mdeploy.graph.ir import Graph
+from mdeploy.quantize.params import QuantizedGraph
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+__all__ = ["HardSwishMode", "IOType", "Kernels", "TfliteConverter"]
+
+
+class IOType(str, Enum):
+    """Type of an int8 artifact's input and output tensors (fp32 artifacts are always float)."""
+
+    int8 = "int8"  # LiteRT's convention for full-integer models: no QUANTIZE/DEQUANTIZE op at all
+    uint8 = "uint8"  # QUANTIZE uint8<->int8 at both ends (XNNPACK leaves those two ops to the builtin kernels)
+    float = "float"  # QUANTIZE float->int8 at the input, DEQUANTIZE at the output, both inside XNNPACK
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class HardSwishMode(str, Enum):
+    """How an int8 hardswish is written (fp32 graphs always use the HARD_SWISH op, which XNNPACK takes)."""
+
+    decomposed = "decomposed"  # ADD(x, 3; relu6) -> MUL(x, .) -> MUL(., 1/6): XNNPACK keeps one partition
+    builtin = "builtin"  # int8 HARD_SWISH: XNNPACK refuses it, each one splits the graph (for comparison)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Options:
+    io: IOType = IOType.int8
+    hardswish: HardSwishMode = HardSwishMode.decomposed
+
+
+class Kernels(str, Enum):
+    """Which LiteRT kernels run the model."""
+
+    xnnpack = "xnnpack"  # the default XNNPACK delegate (what Android ships), builtin kernels for the rest
+    builtin = "builtin"  # LiteRT's optimised builtin kernels, no delegate
+    reference = "reference"  # LiteRT's reference kernels (slow; the arbiter when the others disagree)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TfliteConverter:
+    target = Target.tflite
+    suffix = ".tflite"
+    runtime_name = "LiteRT (XNNPACK)"
+    requires = ("ai_edge_litert", "flatbuffers")
+    times_latency = True
+
+    def __init__(self, io: IOType | str = IOType.int8,
+                 hardswish: HardSwishMode | str = HardSwishMode.decomposed) -> None:
+        self.options = Options(IOType(io), HardSwishMode(hardswish))
+
+    def to_bytes(self, graph: Graph, quantized: QuantizedGraph | None, info: ArtifactInfo) -> bytes:
+        from converters.tflite_ops import Translator
+
+        builder = Translator(graph, quantized, self.options).translate(INPUT_NAME, OUTPUT_NAME)
+        io = {"input": _io_description(builder, INPUT_NAME), "output": _io_description(builder, OUTPUT_NAME)}
+        metadata = {
+            "mdeploy.preprocess": json.dumps(info.preprocess, sort_keys=True),
+            "mdeploy.labels": json.dumps(list(info.labels)),
+            "mdeploy.precision": "int8" if quantized is not None else "fp32",
+            "mdeploy.layout": "NHWC",
+            "mdeploy.io": json.dumps(io, sort_keys=True),
+            **info.extra,
+        }
+        if quantized is not None:
+            metadata["mdeploy.int8_patterns"] = json.dumps({"hardswish": str(self.options.hardswish)})
+        description = f"mdeploy {info.producer_version}".strip()
+        return builder.serialize(info.model_name, metadata, description)
+
+    def export(self, graph: Graph, quantized: QuantizedGraph | None, path: Path, info: ArtifactInfo) -> None:
+        Path(path).write_bytes(self.to_bytes(graph, quantized, info))
+
+    def runner(self, path: Path, threads: int = 1, kernels: Kernels | str = Kernels.xnnpack) -> Runner:
+        """Runs (N, C, H, W) float32 batches one image at a time (the artifact's batch is 1) and returns float32
+        outputs: quantises the input and dequantises the output with the I/O tensors' own parameters."""
+        interpreter = load_interpreter(path, threads, Kernels(kernels))
+        (input_detail,) = interpreter.get_input_details()
+        (output_detail,) = interpreter.get_output_details()
+        encode = _encoder(input_detail)
+        decode = _decoder(output_detail)
+
+        def run(batch: np.ndarray) -> np.ndarray:
+            batch = np.asarray(batch, dtype=np.float32)
+            images = np.transpose(batch, (0, 2, 3, 1)) if batch.ndim == 4 else batch
+            outputs = []
+            for image in images:
+                interpreter.set_tensor(input_detail["index"], encode(image[None]))
+                interpreter.invoke()
+                outputs.append(decode(interpreter.get_tensor(output_detail["index"])))
+            out = np.concatenate(outputs)
+            return np.transpose(out, (0, 3, 1, 2)) if out.ndim == 4 else out
+
+        return run
+
+    def inspect(self, path: Path) -> dict[str, Any]:
+        from converters.tflite_flatbuffer import read_metadata, read_model
+        from converters.tflite_report import graph_report, tensor_description
+
+        content = Path(path).read_bytes()
+        model = read_model(content)
+        graph = model.subgraphs[0]
+        report = graph_report(content)
+        tensors = graph.tensors
+        int8_weights = sum(1 for t in tensors if t.type == 9 and t.buffer and model.buffers[t.buffer].data
+                           is not None and len(t.shape) > 1)
+        activations = []
+        for index, t in enumerate(tensors):
+            constant = t.buffer and model.buffers[t.buffer].data is not None
+            if not constant and t.quantization is not None and t.quantization.scale is not None:
+                activations.append(tensor_description(model, index))
+        return {
+            "format": "TFLite",
+            "schema_version": int(model.version),
+            "inputs": [tensor_description(model, int(i)) for i in graph.inputs],
+            "outputs": [tensor_description(model, int(i)) for i in graph.outputs],
+            "ops": report.pop("ops"),
+            "graph": report,
+            "size_bytes": len(content),
+            "int8_weight_tensors": int8_weights,
+            "activation_quantization": [{"tensor": a["name"], "scale": a["scale"], "zero_point": a["zero_point"]}
+                                        for a in activations if "scale" in a],
+            "metadata": read_metadata(content),
+        }
+
+
+def _io_description(builder: Any, name: str) -> dict[str, Any]:
+    tensor = builder.tensors[builder.tensor_index[name]]
+    described: dict[str, Any] = {"name": name, "dtype": builder.dtype(name).name,
+                                 "shape": [int(d) for d in tensor.shape]}
+    if tensor.quantization is not None:
+        described["scale"] = float(tensor.quantization.scale[0])
+        described["zero_point"] = int(tensor.quantization.zeroPoint[0])
+    return described
+
+
+def load_interpreter(path: Path | str, threads: int = 1, kernels: Kernels = Kernels.xnnpack) -> Any:
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    from converters.tflite_report import capture_stderr
+
+    resolver = {
+        Kernels.xnnpack: OpResolverType.AUTO,
+        Kernels.builtin: OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        Kernels.reference: OpResolverType.BUILTIN_REF,
+    }[kernels]
+
+    def load() -> Any:
+        interpreter = Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver)
+        interpreter.allocate_tensors()
+        return interpreter
+
+    interpreter, _ = capture_stderr(load)  # drops "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
+    return interpreter
+
+
+def _encoder(detail: dict[str, Any]) -> Any:
+    dtype = np.dtype(detail["dtype"])
+    if dtype == np.float32:
+        return lambda x: np.ascontiguousarray(x, dtype=np.float32)
+    scale, zero_point = detail["quantization"]
+    info = np.iinfo(dtype)
+    return lambda x: np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
+
+
+def _decoder(detail: dict[str, Any]) -> Any:
+    dtype = np.dtype(detail["dtype"])
+    if dtype == np.float32:
+        return lambda y: np.array(y, dtype=np.float32)
+    scale, zero_point = detail["quantization"]
+    return lambda y: ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)

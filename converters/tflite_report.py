@@ -1,0 +1,158 @@
+"""What a .tflite graph is made of and how LiteRT runs it: op histogram, TRANSPOSE count, float ops left inside an
+int8 graph, and the XNNPACK partitions.
+
+XNNPACK partitions are read from the interpreter itself, not guessed from op lists: after the delegate is applied,
+the primary subgraph holds the original M nodes followed by one node per partition, whose inputs and outputs are
+the partition's boundary tensors. Walking producers back from a partition's outputs, stopping at its inputs,
+gives exactly its member ops; every op that is in no partition runs on LiteRT's builtin kernels. (LiteRT 2.3 logs
+"Replacing N out of M node(s) ... yielding K partitions" only at verbose level, which the Python package cannot
+enable; the log is still captured at the file-descriptor level and returned when present.)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+
+from converters.tflite_flatbuffer import OP_NAMES, TYPE_NAMES, fb, read_model
+
+T = TypeVar("T")
+BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")
+_PARTITION_LOG = re.compile(r"Replacing (\d+) out of (\d+) node\(s\).*yielding (\d+) partitions")
+
+
+def capture_stderr(fn: Callable[[], T]) -> tuple[T, str]:
+    """Runs ``fn`` with file descriptor 2 redirected to a temporary file (native libraries log there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            result = fn()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        sink.seek(0)
+        text = sink.read().decode("utf-8", "replace")
+    return result, text
+
+
+def _name(tensor: fb.TensorT) -> str:
+    name = tensor.name
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def op_list(model: fb.ModelT) -> list[tuple[str, list[int], list[int]]]:
+    codes = [OP_NAMES.get(max(c.builtinCode, c.deprecatedBuiltinCode), "CUSTOM") for c in model.operatorCodes]
+    return [(codes[op.opcodeIndex], [int(i) for i in (op.inputs if op.inputs is not None else [])],
+             [int(i) for i in (op.outputs if op.outputs is not None else [])]) for op in model.subgraphs[0].operators]
+
+
+def float_ops(model: fb.ModelT) -> list[str]:
+    """Ops of an int8 graph that compute in float, other than the QUANTIZE/DEQUANTIZE at the graph's boundary."""
+    graph = model.subgraphs[0]
+    tensors = graph.tensors
+    inputs, outputs = set(int(i) for i in graph.inputs), set(int(i) for i in graph.outputs)
+
+    def is_float(index: int) -> bool:
+        tensor = tensors[index]
+        constant = tensor.buffer and model.buffers[tensor.buffer].data is not None
+        return TYPE_NAMES.get(tensor.type) == "float32" and not constant
+
+    found = []
+    for op, ins, outs in op_list(model):
+        if op == "QUANTIZE" and all(i in inputs for i in ins if i >= 0):
+            continue
+        if op == "DEQUANTIZE" and all(o in outputs for o in outs):
+            continue
+        if any(is_float(i) for i in ins + outs if i >= 0):
+            found.append(f"{op} -> {_name(tensors[outs[0]])}")
+    return found
+
+
+def is_quantized(model: fb.ModelT) -> bool:
+    graph = model.subgraphs[0]
+    return any(TYPE_NAMES.get(t.type) == "int8" and t.buffer and model.buffers[t.buffer].data is not None
+               and len(t.shape) > 1 for t in graph.tensors)
+
+
+def xnnpack_partitions(content: bytes, threads: int = 1) -> dict[str, Any]:
+    """How the XNNPACK delegate splits the graph: partition count, delegated ops and the ops left outside."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    model = read_model(content)
+    ops = op_list(model)
+    names = [_name(t) for t in model.subgraphs[0].tensors]
+
+    def load() -> Any:
+        interpreter = Interpreter(model_content=content, num_threads=threads,
+                                  experimental_op_resolver_type=OpResolverType.AUTO)
+        interpreter.allocate_tensors()
+        return interpreter
+
+    interpreter, log = capture_stderr(load)
+    wrapper = interpreter._interpreter  # noqa: SLF001 (the node list is only exposed there)
+    total = wrapper.NumNodes()
+    producer = {out: i for i, (_, _, outs) in enumerate(ops) for out in outs}
+    members: list[set[int]] = []
+    for node in range(len(ops), total):
+        boundary = set(int(i) for i in wrapper.NodeInputs(node))
+        inside: set[int] = set()
+        stack = [int(i) for i in wrapper.NodeOutputs(node)]
+        while stack:
+            tensor = stack.pop()
+            op = producer.get(tensor)
+            if tensor in boundary or op is None or op in inside:
+                continue
+            inside.add(op)
+            stack.extend(i for i in ops[op][1] if i >= 0)
+        members.append(inside)
+    delegated = set().union(*members) if members else set()
+    outside = [f"{ops[i][0]} -> {names[ops[i][2][0]]}" for i in range(len(ops)) if i not in delegated]
+    report: dict[str, Any] = {
+        "partitions": total - len(ops),
+        "delegated_ops": len(delegated),
+        "total_ops": len(ops),
+        "ops_outside": outside,
+    }
+    match = _PARTITION_LOG.search(log)
+    if match:
+        report["log"] = match.group(0)
+    return report
+
+
+def graph_report(content: bytes) -> dict[str, Any]:
+    model = read_model(content)
+    ops = op_list(model)
+    histogram = Counter(op for op, _, _ in ops)
+    quantized = is_quantized(model)
+    report: dict[str, Any] = {
+        "ops": dict(sorted(histogram.items())),
+        "op_count": len(ops),
+        "transposes": histogram.get("TRANSPOSE", 0),
+        "int8": quantized,
+        "float_ops_inside": float_ops(model) if quantized else [],
+    }
+    try:
+        report["xnnpack"] = xnnpack_partitions(content)
+    except (ImportError, RuntimeError, ValueError) as err:
+        report["xnnpack"] = {"error": str(err).splitlines()[0] if str(err) else type(err).__name__}
+    return report
+
+
+def tensor_description(model: fb.ModelT, index: int) -> dict[str, Any]:
+    tensor = model.subgraphs[0].tensors[index]
+    described: dict[str, Any] = {"name": _name(tensor), "type": TYPE_NAMES.get(tensor.type, str(tensor.type)),
+                                 "shape": [int(d) for d in tensor.shape]}
+    q = tensor.quantization
+    if q is not None and q.scale is not None and len(q.scale) == 1:
+        described["scale"] = float(np.float32(q.scale[0]))
+        described["zero_point"] = int(q.zeroPoint[0])
+    return described

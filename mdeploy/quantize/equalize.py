@@ -1,0 +1,138 @@
+"""Activation equalisation: per-channel rescaling that gives per-tensor int8 activations per-channel resolution.
+
+Activations are quantised per tensor, so a channel whose values span 0.1 while another spans 20 gets almost no
+levels. Every MobileNet tensor between two convolutions can be rescaled per channel without changing the
+function: divide the producing conv's output rows (weight and bias) by ``s_c`` and multiply the consuming convs'
+input columns by ``s_c`` (Nagel et al. 2019, cross-layer equalisation, applied to activations). Tensors joined by
+ADD (the residual stream of a stage), GLOBAL_AVG_POOL, FLATTEN of a 1x1 map and PAD share one scale vector.
+
+With ``r_c`` a channel's calibration range and ``R`` the tensor's, ``s_c = (r_c / R) ** alpha`` (<= 1): small
+channels are magnified, the tensor's range is unchanged. A fused ReLU (positively homogeneous) is exact; a fused
+ReLU6 then clips channel c at ``6 s_c >= r_c`` in the original units, beyond anything calibration produced: the
+same clipping a per-channel grid over [0, r_c] would apply. The cost moves to the consumers' weights (input
+columns shrink), which Hessian-aware rounding handles far better than activation rounding.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from mdeploy.graph.ir import Activation, ConvAttrs, Graph, Node, Op
+
+PASSTHROUGH = (Op.ADD, Op.GLOBAL_AVG_POOL, Op.FLATTEN, Op.PAD)  # per-channel linear: output shares the scales
+SCALABLE_ACTIVATIONS = (Activation.NONE, Activation.RELU, Activation.RELU6)
+MIN_SCALE = 1e-3
+
+
+class _Groups:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _channels(graph: Graph, tensor: str) -> int | None:
+    shape = graph.shapes.get(tensor)
+    return shape[1] if shape is not None and len(shape) in (2, 4) else None
+
+
+def _passes_channels(graph: Graph, node: Node) -> bool:
+    if node.op is not Op.FLATTEN:
+        return True
+    shape = graph.shapes.get(node.inputs[0], ())
+    return len(shape) == 4 and shape[2] == shape[3] == 1
+
+
+def scaling_groups(graph: Graph) -> list[list[str]]:
+    """Sets of tensors that can share one per-channel rescaling (see module doc); ineligible ones are left out."""
+    groups = _Groups()
+    tensors = [n.output for n in graph.nodes]
+    for node in graph.nodes:
+        groups.find(node.output)
+        if node.op in PASSTHROUGH and _passes_channels(graph, node):
+            for name in node.inputs:
+                groups.union(name, node.output)
+    members: dict[str, list[str]] = {}
+    for t in tensors:
+        members.setdefault(groups.find(t), []).append(t)
+    eligible = []
+    for group in members.values():
+        names = set(group)
+        if graph.input_name in names or graph.output_name in names:
+            continue
+        if len({_channels(graph, t) for t in group}) != 1 or _channels(graph, group[0]) is None:
+            continue
+        ok = True
+        for t in group:
+            producer = graph.producer(t)
+            if producer is None:
+                ok = False
+            elif producer.op in PASSTHROUGH:
+                ok &= _passes_channels(graph, producer) and all(i in names for i in producer.inputs)
+            else:
+                ok &= producer.op in (Op.CONV, Op.LINEAR) and producer.activation in SCALABLE_ACTIVATIONS
+            for consumer in graph.consumers(t):
+                if consumer.op in PASSTHROUGH:
+                    ok &= consumer.output in names
+                else:
+                    ok &= consumer.op in (Op.CONV, Op.LINEAR) and consumer.inputs == [t]
+        if ok:
+            eligible.append(group)
+    return eligible
+
+
+def _scale_input_channels(node: Node, s: np.ndarray) -> None:
+    w = node.params["weight"]
+    if node.op is Op.LINEAR:
+        node.params["weight"] = (w * s[None, :]).astype(np.float32)
+        return
+    groups = node.attrs.groups if isinstance(node.attrs, ConvAttrs) else 1
+    out_ch, in_per_group = w.shape[:2]
+    s_grouped = s.reshape(groups, 1, in_per_group)  # input channel c = g * in_per_group + local
+    w = w.reshape(groups, out_ch // groups, in_per_group, *w.shape[2:]) * s_grouped[..., None, None]
+    node.params["weight"] = w.reshape(node.params["weight"].shape).astype(np.float32)
+
+
+def _scale_output_channels(node: Node, s: np.ndarray) -> None:
+    shape = (-1,) + (1,) * (node.params["weight"].ndim - 1)
+    node.params["weight"] = (node.params["weight"] / s.reshape(shape)).astype(np.float32)
+    node.params["bias"] = (node.params["bias"] / s).astype(np.float32)
+
+
+def equalize(graph: Graph, ranges: dict[str, np.ndarray], alpha: float = 0.5) -> tuple[Graph, dict[str, np.ndarray]]:
+    """A rescaled copy of ``graph`` and the per-channel scale ``s`` applied to each tensor (the new tensor is
+    the old one divided by ``s``). Only tensors with calibration ranges are touched."""
+    out = copy.deepcopy(graph)
+    scales: dict[str, np.ndarray] = {}
+    for group in scaling_groups(out):
+        if any(t not in ranges for t in group):
+            continue
+        r = np.max([ranges[t] for t in group], axis=0)
+        big = float(r.max())
+        if big <= 0:
+            continue
+        s = np.where(r > 0, np.clip(r / big, MIN_SCALE, 1.0) ** alpha, 1.0)
+        names = set(group)
+        for t in group:  # a fused ReLU6 clips at 6 s_c in original units: keep that beyond what calibration saw
+            producer = out.producer(t)
+            if producer is not None and producer.activation is Activation.RELU6:
+                s = np.maximum(s, ranges[t] / 6.0)
+        for t in group:
+            scales[t] = s
+            producer = out.producer(t)
+            if producer is not None and producer.op in (Op.CONV, Op.LINEAR):
+                _scale_output_channels(producer, s)
+            for consumer in out.consumers(t):
+                if consumer.op in (Op.CONV, Op.LINEAR) and consumer.output not in names:
+                    _scale_input_channels(consumer, s)
+    return out, scales
