@@ -72,12 +72,25 @@ def artifacts_to_check(artifact: Path) -> tuple[list[Path], dict[str, Any] | Non
     return [artifact], manifest
 
 
-def resolve_preprocess(options: CheckOptions, manifest: dict[str, Any] | None) -> Preprocess:
+def resolve_preprocess(options: CheckOptions, manifest: dict[str, Any] | None, files: list[Path]) -> Preprocess:
     if options.preprocess is not None:
         return options.preprocess
     if manifest is not None and "preprocess" in manifest:
         return Preprocess.from_dict(manifest["preprocess"])
-    raise BadInputError("no manifest.json beside the artifact: pass --input-size and --mean/--std")
+    embedded = embedded_preprocess(files[0])
+    if embedded is not None:
+        return embedded
+    raise BadInputError("no manifest.json beside the artifact and no preprocessing in its metadata: "
+                        "pass --input-size and --mean/--std")
+
+
+def embedded_preprocess(path: Path) -> Preprocess | None:
+    """The preprocessing mdeploy writes into every artifact's own metadata."""
+    try:
+        metadata = REGISTRY[target_of(path)].inspect(path).get("metadata", {})
+        return Preprocess.from_dict(json.loads(metadata["mdeploy.preprocess"]))
+    except (KeyError, ValueError, TypeError, BadInputError):
+        return None
 
 
 def check(options: CheckOptions, reporter: Reporter | None = None) -> list[CheckedArtifact]:
@@ -88,7 +101,7 @@ def check(options: CheckOptions, reporter: Reporter | None = None) -> list[Check
     for path in files:
         if not path.exists():
             raise BadInputError(f"{path} is listed in the manifest but missing: convert again")
-    preprocess = resolve_preprocess(options, manifest)
+    preprocess = resolve_preprocess(options, manifest, files)
     model = load_model(options.model.path, arch=options.model.arch, allow_pickle=options.model.trust_pickle)
     samples = load_samples(options.data.eval, preprocess, options.data.eval_size, options.data.seed, "evaluation",
                            reporter, 1)

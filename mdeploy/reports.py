@@ -85,7 +85,7 @@ def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, gra
         "preprocess": options.preprocess.to_dict(),
         "labels_file": "labels.txt" if (stage / "labels.txt").exists() else None,
         "quantization": {
-            "recipe": options.recipe.to_dict(),
+            "recipe": {**options.recipe.to_dict(), **quantized.recipe},  # the quantiser adds samples and time
             "float_nodes": sorted(quantized.float_nodes),
             "calibration_set": sample_set_record(calib),
         } if quantized is not None else None,

@@ -111,8 +111,9 @@ def test_check_fails_on_a_corrupted_artifact(converted: Path, small_model: Path,
                                              tmp_path: Path) -> None:
     broken = tmp_path / "mobilenet_v2.fp32.onnx"
     corrupt_one_layer(converted / "mobilenet_v2.fp32.onnx", broken)
+    # A lone artifact (no manifest beside it): the preprocessing comes from its own metadata.
     result = runner.invoke(app, ["check", str(broken), "--model", str(small_model), "--arch", "mobilenet_v2",
-                                 "--eval", str(data[1]), "--input-size", str(SIZE)])
+                                 "--eval", str(data[1])])
     assert result.exit_code == ExitCode.PARITY_FAILED
     assert "FAIL" in result.stdout
 
