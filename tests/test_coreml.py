@@ -369,3 +369,18 @@ def test_metadata_fields_and_runtime_name(tmp_path: Path) -> None:
     assert report["metadata"]["mdeploy.compute_precision"] == "fp32"
     if sys.platform != "darwin":
         assert converter.runtime_name == RUNTIME_NAME == "MIL reference (not Core ML)"
+
+
+def test_mdeploy_inspect_shows_image_scale_bias_and_labels(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mdeploy.cli import app
+
+    _, graph = _model(Arch.mobilenet_v2, 0.5, 10, 64)
+    info = ArtifactInfo("model", {**IMAGENET, "crop": 64, "resize": 64}, tuple(f"class{i}" for i in range(10)), "t")
+    path = tmp_path / "model.fp32.mlpackage"
+    CoremlConverter(image_input=True).export(graph, None, path, info)
+    result = CliRunner().invoke(app, ["inspect", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "imageType" in result.stdout and "scale" in result.stdout and "bias" in result.stdout
+    assert "class9" in result.stdout
