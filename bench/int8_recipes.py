@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration.config import QuantRecipe  # noqa: E402
+from calibration.config import QuantRecipe, WeightRounding  # noqa: E402
 from calibration.dataset import SampleSet  # noqa: E402
 from calibration.preprocess import Preprocess  # noqa: E402
 from converters.base import ArtifactInfo  # noqa: E402
@@ -33,6 +33,7 @@ from mdeploy.loading import load_model  # noqa: E402
 from mdeploy.metrics import compare  # noqa: E402
 from mdeploy.parity import run_batches, torch_runner  # noqa: E402
 from mdeploy.quantize.ptq import quantize  # noqa: E402
+from mdeploy.quantize.simulate import Simulator  # noqa: E402
 from mdeploy.zoo import Arch  # noqa: E402
 
 
@@ -73,20 +74,28 @@ def stock_rows(model: torch.nn.Module, calib: np.ndarray, work: Path) -> list[tu
     return rows
 
 
-def mdeploy_rows(model: torch.nn.Module, calib: np.ndarray, work: Path) -> list[tuple[str, object, float]]:
+def mdeploy_rows(model: torch.nn.Module, calib: np.ndarray, work: Path) -> list[tuple[str, object, float, object]]:
+    """Each recipe: its ONNX artifact on ONNX Runtime, and mdeploy's fake-quant simulation of the same parameters
+    (the two agree to a few LSB; the simulation is what the quantiser optimises)."""
     graph = graph_from_torch(model, (1, *calib.shape[1:]))
+    default = QuantRecipe.default()
     recipes = [
-        ("mdeploy stock_minmax (nearest rounding, MinMax)", QuantRecipe.stock_minmax()),
-        ("mdeploy default without GPTQ (nearest rounding)", replace(QuantRecipe.default(), weight_rounding="nearest")),
-        ("mdeploy default (MSE ranges, equalisation, sequential GPTQ, bias corr.)", QuantRecipe.default()),
+        ("mdeploy stock_minmax (nearest rounding, MinMax, float inputs)", QuantRecipe.stock_minmax()),
+        ("mdeploy stock_percentile (nearest rounding, 99.999th pct)", QuantRecipe.stock_percentile()),
+        ("mdeploy default, no equalisation", replace(default, name="no_equalize", equalize=False)),
+        ("mdeploy default, nearest rounding", replace(default, name="nearest", weight_rounding=WeightRounding.nearest)),
+        ("mdeploy default, float-input calibration", replace(default, name="float_inputs", sequential=False)),
+        ("mdeploy default, no bias correction", replace(default, name="no_bias_corr", bias_correction=False)),
+        ("mdeploy default (equalisation, MSE ranges, sequential GPTQ, bias corr.)", default),
     ]
     rows = []
     for i, (name, recipe) in enumerate(recipes):
         start = time.perf_counter()
         quantized = quantize(graph, calib, recipe)
+        seconds = time.perf_counter() - start
         path = work / f"mdeploy{i}.int8.onnx"
         OnnxConverter().export(quantized.graph, quantized, path, ArtifactInfo("bench", {}, ()))
-        rows.append((name, OnnxConverter().runner(path), time.perf_counter() - start))
+        rows.append((name, OnnxConverter().runner(path), seconds, Simulator(quantized)))
     return rows
 
 
@@ -104,13 +113,18 @@ def main() -> None:
     reference = run_batches(torch_runner(model), evaluation)
     print(f"real ImageNet MobileNetV2, {len(calib)} calibration crops, {len(evaluation)} held-out crops, "
           "int8 ONNX on ONNX Runtime vs fp32 PyTorch\n")
-    print(f"| recipe | top-1 agreement | logit SNR dB | top-5 | seconds to quantise |")
-    print("|---|---|---|---|---|")
+    print("| recipe | top-1 agreement | logit SNR dB | top-5 | simulation: top-1 / SNR dB | seconds to quantise |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, run, seconds in stock_rows(model, calib, Path(tmp)) + mdeploy_rows(model, calib, Path(tmp)):
+        stock = [(*row, None) for row in stock_rows(model, calib, Path(tmp))]
+        for name, run, seconds, sim in stock + mdeploy_rows(model, calib, Path(tmp)):
             m = compare(reference, run_batches(run, evaluation))  # type: ignore[arg-type]
-            print(f"| {name} | {m.top1_agreement:.1%} | {m.snr_db:.1f} | {m.top5_agreement:.1%} | {seconds:.0f} |",
-                  flush=True)
+            simulated = "–"
+            if sim is not None:
+                ms = compare(reference, sim(evaluation))
+                simulated = f"{ms.top1_agreement:.1%} / {ms.snr_db:.1f}"
+            print(f"| {name} | {m.top1_agreement:.1%} | {m.snr_db:.1f} | {m.top5_agreement:.1%} | {simulated} "
+                  f"| {seconds:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,17 @@ from mdeploy.graph.execute import GraphRunner
 from mdeploy.graph.from_torch import graph_from_torch
 from mdeploy.graph.ir import Activation, ConvAttrs, Graph, Node, Op
 from mdeploy.metrics import compare
+from mdeploy.zoo import Arch, ModelConfig, build_model
 from mdeploy.quantize.equalize import equalize, scaling_groups
-from mdeploy.quantize.observe import observe
+from mdeploy.quantize.observe import channel_ranges
+from mdeploy.quantize.stats import LayerStats
 from mdeploy.quantize.params import QuantizedGraph, TensorQuant, WeightQuant
 from mdeploy.quantize.ptq import quantize
 from mdeploy.quantize.ranges import estimate_range, fake_quant
 from mdeploy.quantize.rounding import channel_scale, gptq, round_nearest
 from mdeploy.quantize.simulate import simulate
+
+from tests.test_graph import randomize_batch_norm
 
 torch.set_num_threads(2)
 
@@ -187,7 +191,7 @@ def tiny() -> tuple[Graph, np.ndarray]:
 
 def test_equalisation_preserves_the_function(tiny: tuple[Graph, np.ndarray]) -> None:
     graph, x = tiny
-    equalized, scales = equalize(graph, observe(graph, x).ranges, alpha=1.0)
+    equalized, scales = equalize(graph, channel_ranges(graph, x), alpha=1.0)
     groups = scaling_groups(graph)
     assert any(len(g) >= 3 for g in groups)  # the residual stream: projection, block output and their sum
     assert scales and any(float(s.min()) < 0.5 for s in scales.values())
@@ -195,16 +199,14 @@ def test_equalisation_preserves_the_function(tiny: tuple[Graph, np.ndarray]) -> 
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
 
 
-def test_observed_output_means_are_the_float_layer_means(tiny: tuple[Graph, np.ndarray]) -> None:
+def test_layer_input_mean_counts_every_position_and_the_padding(tiny: tuple[Graph, np.ndarray]) -> None:
     graph, x = tiny
-    stats = observe(graph, x)
-    plain = [n for n in graph.weighted_nodes if n.activation is Activation.NONE]  # outputs are pre-activation
-    assert len(plain) >= 3
-    values = GraphRunner(graph).run(x, keep={n.output for n in plain})
-    for node in plain:
-        y = values[node.output].numpy()
-        expected = y.mean(axis=(0, 2, 3)) if y.ndim == 4 else y.mean(axis=0)
-        np.testing.assert_allclose(stats.output_means[node.name], expected, rtol=1e-4, atol=1e-5)
+    for node in graph.weighted_nodes:
+        stats = LayerStats(node, total_images=len(x), out_positions=256)
+        value = GraphRunner(graph).run(x, keep={node.inputs[0]})[node.inputs[0]]
+        stats.add(value)
+        rows = stats.patches(value)  # every position, im2col with zero padding
+        np.testing.assert_allclose(stats.mean_input().numpy(), rows.mean(1).double().numpy(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("recipe", [QuantRecipe.default(), QuantRecipe.stock_minmax()], ids=lambda r: r.name)
@@ -227,6 +229,18 @@ def test_quantize_covers_every_tensor(tiny: tuple[Graph, np.ndarray], recipe: Qu
     assert qgraph.recipe["name"] == recipe.name
     reference = GraphRunner(graph)(x).numpy()
     assert compare(reference, simulate(qgraph, x)).snr_db > 20.0
+
+
+@pytest.mark.parametrize("arch", list(Arch))
+def test_every_zoo_architecture_quantizes(arch: Arch) -> None:
+    model = randomize_batch_norm(build_model(ModelConfig(arch, 0.5, 10, 0.2)))
+    graph = graph_from_torch(model, (1, 3, 64, 64))
+    x = np.random.default_rng(0).normal(size=(24, 3, 64, 64)).astype(np.float32)
+    qgraph = quantize(graph, x, QuantRecipe.default())
+    assert set(qgraph.activations) == {graph.input_name} | {n.output for n in graph.nodes}
+    equalized = GraphRunner(qgraph.graph)(x).numpy()  # rescaled graph, corrected biases: still the same model
+    assert compare(GraphRunner(graph)(x).numpy(), equalized).snr_db > 25.0
+    assert np.isfinite(simulate(qgraph, x)).all()
 
 
 def test_float_nodes_are_kept_float(tiny: tuple[Graph, np.ndarray]) -> None:
@@ -253,7 +267,6 @@ def test_recipe_round_trips_through_a_plain_dict() -> None:
 def test_real_mobilenet_v2_int8_meets_the_bar(real_v2_weights, calib_dir, eval_dir) -> None:  # type: ignore[no-untyped-def]
     from calibration.dataset import SampleSet
     from calibration.preprocess import Preprocess
-    from mdeploy.zoo import Arch, ModelConfig, build_model
 
     model = build_model(ModelConfig(Arch.mobilenet_v2, 1.0, 1000, 0.2))
     model.load_state_dict(torch.load(real_v2_weights, weights_only=True))

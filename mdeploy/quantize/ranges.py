@@ -14,14 +14,15 @@ from calibration.config import RangeMethod
 from mdeploy.quantize.params import QMAX, QMIN, TensorQuant
 
 HIST_BINS = 2048
-MSE_SAMPLES = 1 << 17
+MSE_SAMPLES = 1 << 18
 _CHUNK = 1 << 24
 
 
 def fake_quant(x: torch.Tensor, tq: TensorQuant) -> torch.Tensor:
     """Quantise then dequantise with ``tq``: round half to even, saturate to [-128, 127] (QuantizeLinear)."""
-    q = torch.clamp(torch.round(x / tq.scale) + tq.zero_point, QMIN, QMAX)
-    return ((q - tq.zero_point) * tq.scale).to(x.dtype)
+    q = x / tq.scale
+    q.round_().add_(tq.zero_point).clamp_(QMIN, QMAX)
+    return q.sub_(tq.zero_point).mul_(tq.scale).to(x.dtype)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -111,29 +112,36 @@ def _sample(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
 
 def _grid_errors(v: torch.Tensor, lows: torch.Tensor, highs: torch.Tensor) -> torch.Tensor:
     """Mean squared fake-quant error of values ``v`` for each candidate range (on the exact int8 grid)."""
+    scale = ((highs.double() - lows.double()) / (QMAX - QMIN)).clamp(min=1e-12)
+    zp = torch.clamp(torch.round(QMIN - lows.double() / scale), QMIN, QMAX)
     out = torch.empty(len(lows), dtype=torch.float64)
-    for i in range(0, len(lows), 32):
-        lo, hi = lows[i : i + 32, None].double(), highs[i : i + 32, None].double()
-        scale = ((hi - lo) / (QMAX - QMIN)).clamp(min=1e-12)
-        zp = torch.clamp(torch.round(QMIN - lo / scale), QMIN, QMAX)
-        scale, zp = scale.float(), zp.float()
-        q = torch.clamp(torch.round(v[None] / scale) + zp, QMIN, QMAX)
-        out[i : i + 32] = ((q - zp) * scale - v[None]).square().mean(1).double()
+    for i in range(0, len(lows), 16):
+        s, z = scale[i : i + 16, None].float(), zp[i : i + 16, None].float()
+        q = v[None] / s
+        q.round_().add_(z).clamp_(QMIN, QMAX).sub_(z).mul_(s).sub_(v[None])
+        out[i : i + 16] = q.square_().mean(1).double()
     return out
 
 
-def _mse_range(x: torch.Tensor, lo: float, hi: float, seed: int, steps: int = 100) -> tuple[float, float]:
+def _mse_range(x: torch.Tensor, lo: float, hi: float, seed: int) -> tuple[float, float]:
+    """Shrink the observed range by a common factor (coarse then fine grid), then each end on its own."""
     v = _sample(x, MSE_SAMPLES, seed)  # an unbiased estimate of the error, tails included in proportion
-    alphas = torch.linspace(1.0 / steps, 1.0, steps, dtype=torch.float64)
-    err = _grid_errors(v, lo * alphas, hi * alphas)
-    a = float(alphas[int(torch.argmin(err))])
+
+    def best(alphas: torch.Tensor, lows: torch.Tensor, highs: torch.Tensor) -> float:
+        return float(alphas[int(torch.argmin(_grid_errors(v, lows, highs)))])
+
+    coarse = torch.linspace(0.05, 1.0, 20, dtype=torch.float64)
+    a = best(coarse, lo * coarse, hi * coarse)
+    fine = torch.linspace(max(a - 0.05, 0.01), min(a + 0.05, 1.0), 21, dtype=torch.float64)
+    a = best(fine, lo * fine, hi * fine)
     best_lo, best_hi = lo * a, hi * a
     if lo < 0 < hi:  # refine each end on its own (asymmetric distributions, e.g. before residual additions)
+        ends = torch.linspace(0.5, 1.5, 41, dtype=torch.float64)
         for _ in range(2):
-            err = _grid_errors(v, torch.full_like(alphas, best_lo), hi * alphas)
-            best_hi = hi * float(alphas[int(torch.argmin(err))])
-            err = _grid_errors(v, lo * alphas, torch.full_like(alphas, best_hi))
-            best_lo = lo * float(alphas[int(torch.argmin(err))])
+            highs = (best_hi * ends).clamp(max=hi)
+            best_hi = float(highs[int(torch.argmin(_grid_errors(v, torch.full_like(ends, best_lo), highs)))])
+            lows = (best_lo * ends).clamp(min=lo)
+            best_lo = float(lows[int(torch.argmin(_grid_errors(v, lows, torch.full_like(ends, best_hi))))])
     return best_lo, best_hi
 
 

@@ -6,7 +6,7 @@ of ``R`` output rows over ``K`` input columns. Every routine works on that batch
 The layer's calibration statistic is the second moment of its input rows (im2col patches) augmented with a
 constant 1 for the bias, ``hessian = E[x x^T]``. ``gptq`` rounds the weights column by column, moving each rounding
 error onto the columns not yet rounded (Frantar et al. 2022, OBQ/GPTQ) and onto the bias, which stays in high
-precision (int32); ``correct_bias`` then sets the bias so that the layer's mean output matches the float model's.
+precision (int32); ``correct_bias`` then sets the bias so that rounding leaves no mean error on the layer's inputs.
 """
 
 from __future__ import annotations
@@ -36,10 +36,12 @@ def _damped(hessian: torch.Tensor, damping: float) -> torch.Tensor:
     return hessian + lam[:, None, None] * eye
 
 
-def correct_bias(codes: torch.Tensor, scale: torch.Tensor, target_mean: torch.Tensor, mean_in: torch.Tensor) -> torch.Tensor:
-    """The bias (G, R) that makes the quantised layer's mean output equal ``target_mean`` (G, R), the float model's
-    mean pre-activation output, given the mean (G, K) of the inputs it is fed."""
-    return target_mean - ((codes * scale[..., None]) @ mean_in[..., None])[..., 0]
+def correct_bias(
+    codes: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean_in: torch.Tensor
+) -> torch.Tensor:
+    """The bias (G, R) that cancels the mean output error of rounded weights on inputs of mean ``mean_in`` (G, K):
+    b + (w - w_q) E[x]."""
+    return bias + ((weight - codes * scale[..., None]) @ mean_in[..., None])[..., 0]
 
 
 def gptq(
@@ -55,10 +57,10 @@ def gptq(
     groups, _, k = w.shape
     kq = k - free
     diag = torch.diagonal(h, dim1=-2, dim2=-1)
-    dead = diag <= 0  # inputs that are always zero: any weight works, choose 0
-    g_idx, k_idx = dead.nonzero(as_tuple=True)
+    # Inputs that are always zero on calibration: give them a unit Hessian entry; they round to nearest (no
+    # coupling to other columns), so a held-out input that does excite them still meets sensible weights.
+    g_idx, k_idx = (diag <= 0).nonzero(as_tuple=True)
     h[g_idx, k_idx, k_idx] = 1.0
-    w[:, :, :kq] = torch.where(dead[:, None, :kq], torch.zeros_like(w[:, :, :kq]), w[:, :, :kq])
     if act_order:  # most excited inputs first: their errors get the most columns to be compensated on
         perm = torch.argsort(-diag[:, :kq], dim=-1, stable=True)
         perm = torch.cat([perm, torch.arange(kq, k).expand(groups, free)], dim=-1)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mdeploy.graph.execute import GraphRunner
+from mdeploy.quantize.observe import channels_last, fast_runner
 from mdeploy.quantize.params import QuantizedGraph, quantize_bias
 from mdeploy.quantize.ranges import fake_quant
 
@@ -40,8 +40,9 @@ class Simulator:
 
     def __init__(self, qgraph: QuantizedGraph) -> None:
         self.qgraph = qgraph
-        self.runner = GraphRunner(qgraph.graph)
-        self.runner.params.update(quantized_params(qgraph))
+        self.runner = fast_runner(qgraph.graph)
+        for name, params in quantized_params(qgraph).items():
+            self.runner.params[name] = {key: channels_last(value) for key, value in params.items()}
 
     def _hook(self, name: str, value: torch.Tensor) -> torch.Tensor:
         tq = self.qgraph.activations.get(name)
@@ -50,8 +51,8 @@ class Simulator:
     @torch.no_grad()
     def __call__(self, x: np.ndarray | torch.Tensor, batch: int = 32) -> np.ndarray:
         x = torch.as_tensor(np.asarray(x, dtype=np.float32))
-        outs = [self.runner(x[i : i + batch], hook=self._hook) for i in range(0, x.shape[0], batch)]
-        return torch.cat(outs).numpy()
+        outs = [self.runner(channels_last(x[i : i + batch]), hook=self._hook) for i in range(0, x.shape[0], batch)]
+        return torch.cat(outs).contiguous().numpy()
 
 
 def simulate(qgraph: QuantizedGraph, x: np.ndarray | torch.Tensor, batch: int = 32) -> np.ndarray:
