@@ -26,14 +26,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from calibration.config import QuantRecipe  # noqa: E402
 from converters.base import ArtifactInfo  # noqa: E402
 from converters.tflite import Kernels, TfliteConverter, load_interpreter  # noqa: E402
 from converters.tflite_flatbuffer import ModelBuilder, Quant, fb  # noqa: E402
 from converters.tflite_report import xnnpack_partitions  # noqa: E402
 from mdeploy.graph.from_torch import graph_from_torch  # noqa: E402
-from mdeploy.graph.execute import GraphRunner  # noqa: E402
 from mdeploy.graph.ir import Graph, Op  # noqa: E402
-from mdeploy.quantize.params import QuantizedGraph, TensorQuant, WeightQuant  # noqa: E402
+from mdeploy.quantize.params import QuantizedGraph  # noqa: E402
+from mdeploy.quantize.ptq import quantize  # noqa: E402
 from mdeploy.zoo import Arch, ModelConfig, build_model  # noqa: E402
 
 INFO = ArtifactInfo("bench", {}, (), "bench")
@@ -41,25 +42,7 @@ INFO = ArtifactInfo("bench", {}, (), "bench")
 
 def minmax_int8(graph: Graph, calibration: np.ndarray) -> QuantizedGraph:
     """Plain min/max ranges and nearest rounding: latency does not depend on how the parameters were chosen."""
-    ranges: dict[str, tuple[float, float]] = {}
-
-    def record(name: str, value: torch.Tensor) -> torch.Tensor:
-        low, high = ranges.get(name, (0.0, 0.0))
-        ranges[name] = (min(low, value.min().item()), max(high, value.max().item()))
-        return value
-
-    GraphRunner(graph).run(calibration, hook=record)
-    activations = {name: TensorQuant.from_range(*r) for name, r in ranges.items()}
-    for node in graph.nodes:
-        if node.op in (Op.FLATTEN, Op.PAD):
-            activations[node.output] = activations[node.inputs[0]]
-    weights = {}
-    for node in graph.weighted_nodes:
-        w = node.weight
-        scale = np.maximum(np.abs(w.reshape(len(w), -1)).max(axis=1), 1e-8) / 127
-        values = np.round(w / scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.int8)
-        weights[node.name] = WeightQuant(scale.astype(np.float32), values)
-    return QuantizedGraph(graph, activations, weights)
+    return quantize(graph, calibration, QuantRecipe.stock_minmax())
 
 
 def randomized(arch: Arch, width: float) -> torch.nn.Module:

@@ -12,7 +12,9 @@ from converters import REGISTRY, Target
 from converters.base import ArtifactInfo
 from mdeploy.graph.from_torch import graph_from_torch
 from mdeploy.parity import torch_runner
-from mdeploy.quantize.params import QuantizedGraph, TensorQuant, WeightQuant
+from calibration.config import QuantRecipe
+from mdeploy.quantize.params import QuantizedGraph
+from mdeploy.quantize.ptq import quantize
 from mdeploy.zoo import Arch, ModelConfig, build_model
 from tests.test_graph import randomize_batch_norm
 
@@ -44,28 +46,7 @@ def test_fp32_matches_pytorch(target: Target, arch: Arch, width: float, size: in
 
 def nearest_int8(graph, calibration: np.ndarray) -> QuantizedGraph:  # type: ignore[no-untyped-def]
     """Plain min/max ranges and nearest rounding: enough to test that a target runs what it was given."""
-    from mdeploy.graph.execute import GraphRunner
-    from mdeploy.graph.ir import Op
-
-    ranges: dict[str, tuple[float, float]] = {}
-
-    def record(name: str, value: torch.Tensor) -> torch.Tensor:
-        low, high = ranges.get(name, (0.0, 0.0))
-        ranges[name] = (min(low, value.min().item()), max(high, value.max().item()))
-        return value
-
-    GraphRunner(graph).run(calibration, hook=record)
-    activations = {name: TensorQuant.from_range(*r) for name, r in ranges.items()}
-    for node in graph.nodes:
-        if node.op in (Op.FLATTEN, Op.PAD):
-            activations[node.output] = activations[node.inputs[0]]
-    weights = {}
-    for node in graph.weighted_nodes:
-        w = node.weight
-        scale = np.maximum(np.abs(w.reshape(len(w), -1)).max(axis=1), 1e-12) / 127
-        values = np.round(w / scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.int8)
-        weights[node.name] = WeightQuant(scale.astype(np.float32), values)
-    return QuantizedGraph(graph, activations, weights)
+    return quantize(graph, calibration, QuantRecipe.stock_minmax())
 
 
 @pytest.mark.parametrize("target", TARGETS)
