@@ -64,6 +64,9 @@ class Converter(Protocol):
     def inspect(self, path: Path) -> dict[str, Any]:
         """Inputs, outputs, op histogram, size and quantisation parameters of an artifact."""
 
+    def settings(self, precision: Precision) -> dict[str, Any]:
+        """The export choices an artifact of this precision is written with (recorded in the manifest)."""
+
 
 def artifact_files(path: Path) -> list[Path]:
     """The files of an artifact: itself, or every file of a package directory (.mlpackage), in a stable order."""

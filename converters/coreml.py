@@ -27,20 +27,56 @@ import platform
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from enum import Enum
+from typing import Any, TypeVar
 
 import numpy as np
 
-from converters.base import ArtifactInfo, Runner, Target
+from converters.base import ArtifactInfo, Precision, Runner, Target
 from converters.coreml_mil_reference import RUNTIME_NAME, MilExecutor, load_program
 from converters.coreml_program import OUTPUT_NAME, ImageNormalization, ProgramOptions, build_program, import_coremltools
 from mdeploy.errors import BadInputError
 from mdeploy.graph.ir import Graph
 from mdeploy.quantize.params import QuantizedGraph
 
-TARGETS = ("iOS15", "iOS16", "iOS17", "iOS18")  # ML program deployment targets; W8A8 needs iOS17
 SPEC_VERSION_TARGET = {6: "iOS15", 7: "iOS16", 8: "iOS17", 9: "iOS18"}
-COMPUTE_UNITS = ("ALL", "CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE")
+
+
+class DeploymentTarget(str, Enum):
+    """Minimum iOS version of an ML program (W8A8 needs iOS17: quantize/dequantize ops)."""
+
+    iOS15 = "iOS15"
+    iOS16 = "iOS16"
+    iOS17 = "iOS17"
+    iOS18 = "iOS18"
+
+
+class ComputePrecision(str, Enum):
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class InputKind(str, Enum):
+    tensor = "tensor"  # a preprocessed NCHW float32 tensor, as for PyTorch
+    image = "image"  # an ImageType taking 0..255 pixels, normalisation inside the model
+
+
+class ComputeUnits(str, Enum):
+    ALL = "ALL"
+    CPU_ONLY = "CPU_ONLY"
+    CPU_AND_GPU = "CPU_AND_GPU"
+    CPU_AND_NE = "CPU_AND_NE"
+
+
+E = TypeVar("E", bound=Enum)
+
+
+def _choice(kind: type[E], value: object, what: str) -> E:
+    try:
+        return kind(value)
+    except ValueError:
+        raise BadInputError(f"Core ML {what} must be one of {', '.join(m.value for m in kind)}, "
+                            f"got {value!r}") from None
 
 
 def core_ml_available() -> bool:
@@ -62,22 +98,20 @@ class CoremlConverter:
     suffix = ".mlpackage"
     requires = ("coremltools",)
 
-    def __init__(self, compute_precision: str | None = None, minimum_target: str = "iOS17",
-                 image_input: bool = False, classifier: bool | None = None, activations: bool = True,
-                 compute_units: str = "ALL", use_core_ml: bool | None = None, author: str = "",
-                 license: str = "", description: str = "") -> None:  # noqa: A002
-        if compute_precision not in (None, "fp32", "fp16"):
-            raise BadInputError(f"Core ML compute precision must be fp32 or fp16, got {compute_precision!r}")
-        if minimum_target not in TARGETS:
-            raise BadInputError(f"Core ML minimum deployment target must be one of {', '.join(TARGETS)}")
-        if compute_units.upper() not in COMPUTE_UNITS:
-            raise BadInputError(f"Core ML compute units must be one of {', '.join(COMPUTE_UNITS)}")
-        self.compute_precision = compute_precision  # None: fp32 for the fp32 artifact, fp16 for int8
-        self.minimum_target = minimum_target
+    def __init__(self, compute_precision: ComputePrecision | str | None = None,
+                 minimum_target: DeploymentTarget | str = DeploymentTarget.iOS17, image_input: bool = False,
+                 classifier: bool | None = None, activations: bool = True,
+                 compute_units: ComputeUnits | str = ComputeUnits.ALL, use_core_ml: bool | None = None,
+                 author: str = "", license: str = "", description: str = "") -> None:  # noqa: A002
+        # None: fp32 for the fp32 artifact (parity with PyTorch), fp16 for int8 (what the Neural Engine runs)
+        self.compute_precision = _choice(ComputePrecision, compute_precision, "compute precision").value \
+            if compute_precision is not None else None
+        self.minimum_target = _choice(DeploymentTarget, minimum_target, "minimum deployment target").value
         self.image_input = image_input
         self.classifier = classifier  # None: a classifier when labels are given and match the classes
         self.activations = activations
-        self.compute_units = compute_units.upper()
+        self.compute_units = _choice(ComputeUnits, str(getattr(compute_units, "value", compute_units)).upper(),
+                                     "compute units").value
         self._use_core_ml = use_core_ml  # None: Core ML where it runs (macOS), else the MIL reference
         self.fields = {"author": author, "license": license, "description": description}
 
@@ -96,8 +130,20 @@ class CoremlConverter:
         return f"Core ML (compute units {self.compute_units})" if self.use_core_ml else RUNTIME_NAME
 
     # -- export ------------------------------------------------------------------------------------------------
-    def precision_of(self, quantized: QuantizedGraph | None) -> str:
-        return self.compute_precision or ("fp16" if quantized is not None else "fp32")
+    def settings(self, precision: Precision) -> dict[str, Any]:
+        int8 = precision is Precision.int8
+        chosen: dict[str, Any] = {
+            "compute_precision": self.compute_precision_for(int8),
+            "minimum_deployment_target": self.minimum_target,
+            "input": InputKind.image.value if self.image_input else InputKind.tensor.value,
+            "classifier": "when labels match the classes" if self.classifier is None else self.classifier,
+        }
+        if int8:
+            chosen["int8"] = "W8A8" if self.activations else "W8 (weights only)"
+        return chosen
+
+    def compute_precision_for(self, int8: bool) -> str:
+        return self.compute_precision or ("fp16" if int8 else "fp32")
 
     def convert(self, graph: Graph, quantized: QuantizedGraph | None, info: ArtifactInfo) -> Any:
         """The ``MLModel`` (not yet saved)."""
@@ -117,7 +163,7 @@ class CoremlConverter:
                                    bias=list(image.bias), color_layout=getattr(ct.colorlayout, image.color_layout))]
         classes = graph.shapes.get(graph.output_name, (1, 0))[-1]
         classifier = self._classifier(info.labels, classes)
-        precision = self.precision_of(quantized)
+        precision = self.compute_precision_for(quantized is not None)
         with contextlib.redirect_stderr(io.StringIO()):  # coremltools' pass progress bars
             model = ct.convert(
                 program, convert_to="mlprogram", minimum_deployment_target=target, inputs=inputs,

@@ -14,14 +14,16 @@ WEIGHT_DECOMPRESSION = ("constexpr_affine_dequantize", "constexpr_blockwise_shif
 
 def _feature(feature: Any) -> dict[str, Any]:
     kind = feature.type.WhichOneof("Type")
-    out: dict[str, Any] = {"name": feature.name, "type": kind}
+    out: dict[str, Any] = {"name": feature.name, "kind": kind.removesuffix("Type")}
     if kind == "multiArrayType":
         array = feature.type.multiArrayType
+        out["kind"] = "tensor"
         out["shape"] = list(array.shape)
-        out["dtype"] = type(array).ArrayDataType.Name(array.dataType)
+        out["dtype"] = type(array).ArrayDataType.Name(array.dataType).lower()
     elif kind == "imageType":
         image = feature.type.imageType
         out["shape"] = [image.height, image.width]
+        out["dtype"] = "uint8"  # 8-bit pixels (a CVPixelBuffer)
         out["color_space"] = type(image).ColorSpace.Name(image.colorSpace)
     if feature.shortDescription:
         out["description"] = feature.shortDescription
@@ -61,7 +63,7 @@ def describe_program(spec: Any, program: Any) -> dict[str, Any]:
     histogram = Counter(op.op_type for op in ops)
     inputs = [_feature(f) for f in spec.description.input]
     for feature in inputs:
-        if feature["type"] == "imageType":
+        if feature["kind"] == "image":
             feature["preprocessing"] = _image_preprocessing(main, feature["name"])
     int8_weights = 0
     for op in ops:

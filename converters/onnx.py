@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.base import ArtifactInfo, Runner, Target
+from converters.base import ArtifactInfo, Precision, Runner, Target
 from mdeploy.graph.from_torch import INPUT_NAME
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.quantize.params import QuantizedGraph, quantize_bias
@@ -204,6 +204,11 @@ class OnnxConverter:
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(path))
 
+    def settings(self, precision: Precision) -> dict[str, Any]:
+        if precision is Precision.int8:
+            return {"opset": OPSET, "int8_format": "QDQ (QuantizeLinear/DequantizeLinear pairs)"}
+        return {"opset": OPSET}
+
     def runner(self, path: Path, threads: int = 1) -> Runner:
         import onnxruntime as ort
 
@@ -227,7 +232,8 @@ class OnnxConverter:
 
         def describe(value: Any) -> dict[str, Any]:
             dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
-            return {"name": value.name, "type": onnx.TensorProto.DataType.Name(value.type.tensor_type.elem_type),
+            dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type).name
+            return {"name": value.name, "dtype": dtype,
                     "shape": dims}
 
         ops = Counter(node.op_type for node in model.graph.node)

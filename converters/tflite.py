@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.base import ArtifactInfo, Runner, Target
+from converters.base import ArtifactInfo, Precision, Runner, Target
 from mdeploy.graph.ir import Graph
 from mdeploy.quantize.params import QuantizedGraph
 
@@ -82,6 +82,11 @@ class TfliteConverter:
     def __init__(self, io: IOType | str = IOType.int8,
                  hardswish: HardSwishMode | str = HardSwishMode.decomposed) -> None:
         self.options = Options(IOType(io), HardSwishMode(hardswish))
+
+    def settings(self, precision: Precision) -> dict[str, Any]:
+        if precision is Precision.int8:
+            return {"io": str(self.options.io), "hardswish": str(self.options.hardswish), "layout": "NHWC"}
+        return {"io": "float", "layout": "NHWC"}
 
     def to_bytes(self, graph: Graph, quantized: QuantizedGraph | None, info: ArtifactInfo) -> bytes:
         from converters.tflite_ops import Translator

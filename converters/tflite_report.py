@@ -149,7 +149,7 @@ def graph_report(content: bytes) -> dict[str, Any]:
 
 def tensor_description(model: fb.ModelT, index: int) -> dict[str, Any]:
     tensor = model.subgraphs[0].tensors[index]
-    described: dict[str, Any] = {"name": _name(tensor), "type": TYPE_NAMES.get(tensor.type, str(tensor.type)),
+    described: dict[str, Any] = {"name": _name(tensor), "dtype": TYPE_NAMES.get(tensor.type, str(tensor.type)),
                                  "shape": [int(d) for d in tensor.shape]}
     q = tensor.quantization
     if q is not None and q.scale is not None and len(q.scale) == 1:

@@ -11,19 +11,50 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 
 from calibration.config import QuantRecipe, RangeMethod
 from calibration.preprocess import Preprocess
 from converters import REGISTRY, Target
+from converters.coreml import ComputePrecision, CoremlConverter, DeploymentTarget, InputKind
+from converters.tflite import IOType, TfliteConverter
 from mdeploy.errors import BadInputError, ExitCode, MdeployError
-from mdeploy.pipeline import ConvertOptions, DataOptions, Limits, ModelSource, dump_json
+from mdeploy.pipeline import ConvertOptions, DataOptions, Limits, ModelSource, Provenance, dump_json
 from mdeploy.reports import console_table
 from mdeploy.ui import ConsoleReporter
 from mdeploy.zoo import Arch
 
+class OneLineErrors(TyperGroup):
+    """Usage errors (unknown option, invalid choice, missing argument) as one ``error:`` line with exit code 2,
+    like every other error of the tool, instead of a usage block (or a boxed panel with rich installed)."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as err:  # click's ClickException and its usage errors derive from it
+            if not standalone_mode:
+                raise
+            context = getattr(err, "ctx", None)
+            if type(err).__name__ == "NoArgsIsHelpError":  # `mdeploy` alone: the help, as asked for
+                print(err.format_message(), file=sys.stderr)
+                sys.exit(int(ExitCode.BAD_INPUT))
+            hint = f" (see {context.command_path} --help)" if context is not None else ""
+            stderr.print(f"[red]error:[/red] {err.format_message()}{hint}", highlight=False, soft_wrap=True)
+            sys.exit(int(getattr(err, "exit_code", ExitCode.BAD_INPUT)))
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            stderr.print("[red]interrupted[/red]")
+            sys.exit(int(ExitCode.INTERRUPTED))
+        if not standalone_mode:
+            return result
+        sys.exit(result if isinstance(result, int) else 0)
+
+
 app = typer.Typer(
     name="mdeploy",
+    cls=OneLineErrors,
     help="Take trained MobileNets to phones: ONNX, TFLite and CoreML, int8 with proven parity.\n\n"
     "Exit codes: 0 ok, 1 parity failed, 2 bad usage or input, 3 conversion or runtime failure, 130 interrupted.",
     no_args_is_help=True,
@@ -136,6 +167,21 @@ def convert(
     threads: ThreadsOpt = 1,
     seed: Annotated[int, typer.Option("--seed", help="sample order seed")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out folder")] = False,
+    tflite_io: Annotated[IOType, typer.Option(
+        "--tflite-io", help="type of the int8 TFLite model's input and output")] = IOType.int8,
+    coreml_precision: Annotated[ComputePrecision | None, typer.Option(
+        "--coreml-precision", help="Core ML compute precision [default: fp32 for fp32, fp16 for int8]")] = None,
+    coreml_input: Annotated[InputKind, typer.Option(
+        "--coreml-input", help="Core ML input: a preprocessed tensor, or an image (normalisation inside)")]
+    = InputKind.tensor,
+    coreml_target: Annotated[DeploymentTarget, typer.Option(
+        "--coreml-target", help="Core ML minimum deployment target (W8A8 needs iOS17)")] = DeploymentTarget.iOS17,
+    coreml_weights_only: Annotated[bool, typer.Option(
+        "--coreml-weights-only", help="int8 Core ML: int8 weights only (W8), activations stay float")] = False,
+    author: Annotated[str, typer.Option("--author", help="written into each artifact's metadata")] = "",
+    license_: Annotated[str, typer.Option("--license", help="licence of the model, into each artifact's metadata")] = "",
+    description: Annotated[str, typer.Option("--description", help="one line on what the model does")] = "",
+    model_version: Annotated[str, typer.Option("--model-version", help="the model's own version string")] = "",
     trust_pickle: TrustPickleOpt = False,
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
@@ -144,21 +190,32 @@ def convert(
     from mdeploy.pipeline import convert as run_convert
 
     def action() -> Any:
+        targets = parse_targets(to)
+        w8a8 = int8 and Target.coreml in targets and not coreml_weights_only
+        if w8a8 and list(DeploymentTarget).index(coreml_target) < list(DeploymentTarget).index(DeploymentTarget.iOS17):
+            raise BadInputError(f"int8 Core ML (W8A8) needs --coreml-target iOS17 or later, not {coreml_target.value}: "
+                                "raise the target or pass --coreml-weights-only")
         recipe = QuantRecipe.default()
         if calib_method is not None:
             recipe = replace(recipe, range_method=calib_method)
         options = ConvertOptions(
             model=ModelSource(model, arch, trust_pickle),
             out=out,
-            targets=parse_targets(to),
+            targets=targets,
             int8=int8,
             data=DataOptions(calib, eval_dir, calib_size, eval_size, seed),
             preprocess=build_preprocess(input_size, mean, std) or Preprocess.imagenet(),
             labels=labels,
+            provenance=Provenance(author, license_, description, model_version),
             recipe=recipe,
             limits=Limits(max_abs_error, min_snr, min_top1),
             overwrite=overwrite,
             threads=threads,
+            converters=(
+                TfliteConverter(io=tflite_io),
+                CoremlConverter(compute_precision=coreml_precision, minimum_target=coreml_target,
+                                image_input=coreml_input is InputKind.image, activations=not coreml_weights_only),
+            ),
         )
         return run_convert(options, ConsoleReporter(quiet=json_output))
 
@@ -264,3 +321,7 @@ def inspect(
 
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
+
+
+if __name__ == "__main__":  # pragma: no cover - python -m mdeploy.cli
+    main()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ import numpy as np
 from calibration.config import QuantRecipe
 from calibration.dataset import SampleSet, disjoint_check
 from calibration.preprocess import Preprocess
-from converters import REGISTRY, Precision, Target
+from converters import REGISTRY, Converter, Precision, Target
 from converters.base import ArtifactInfo, missing_modules
 from mdeploy import __version__
 from mdeploy.bench import Latency, measure_latency
@@ -31,6 +33,7 @@ from mdeploy.ui import Reporter, SilentReporter
 from mdeploy.zoo import Arch
 
 RANDOM_EVAL_SAMPLES = 16
+CALIBRATION_EVAL_SAMPLES = 64  # parity inputs taken from the calibration set when no --eval folder is given
 MIN_CALIBRATION_SAMPLES = 16  # fewer cannot pin down per-tensor ranges
 
 
@@ -51,15 +54,30 @@ class DataOptions:
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """Who made the model and on what terms: written into every artifact's own metadata."""
+
+    author: str = ""
+    license: str = ""
+    description: str = ""
+    version: str = ""
+
+    def entries(self) -> dict[str, str]:
+        return {key: value for key, value in self.__dict__.items() if value}
+
+
+@dataclass(frozen=True)
 class Limits:
-    """User overrides of the per-precision parity thresholds."""
+    """Parity thresholds per precision: ``base`` (a config file's, else the defaults) overridden by flags."""
 
     max_abs_error: float | None = None
     min_snr_db: float | None = None
     min_top1: float | None = None
+    base: Mapping[Precision, Thresholds] | None = None
 
     def thresholds(self, precision: Precision) -> Thresholds:
-        return Thresholds.default(precision).override(
+        start = (self.base or {}).get(precision) or Thresholds.default(precision)
+        return start.override(
             max_abs_error=self.max_abs_error if precision is Precision.fp32 else None,
             min_snr_db=self.min_snr_db if precision is Precision.int8 else None,
             min_top1=self.min_top1 if precision is Precision.int8 else None,
@@ -75,11 +93,17 @@ class ConvertOptions:
     data: DataOptions = DataOptions()
     preprocess: Preprocess = field(default_factory=Preprocess.imagenet)
     labels: Path | None = None
+    provenance: Provenance = Provenance()
     recipe: QuantRecipe = field(default_factory=QuantRecipe.default)
     limits: Limits = Limits()
     overwrite: bool = False
     threads: int = 1
     latency_runs: int = 50
+    # Configured converters (e.g. TfliteConverter(io="uint8")) replacing the registry's defaults for their target.
+    converters: tuple[Converter, ...] = ()
+
+    def converter(self, target: Target) -> Converter:
+        return next((c for c in self.converters if c.target is target), REGISTRY[target])
 
 
 @dataclass
@@ -91,6 +115,8 @@ class Artifact:
     parity: ParityResult
     latency: Latency | None
     seconds_to_export: float
+    settings: dict[str, Any] = field(default_factory=dict)  # the converter's export choices
+    io: dict[str, Any] = field(default_factory=dict)  # the artifact's inputs and outputs, quantisation included
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -98,6 +124,8 @@ class Artifact:
             "precision": self.precision.value,
             "file": str(self.path),
             "runtime": self.runtime,
+            "settings": self.settings,
+            "io": self.io,
             "parity": self.parity.to_dict(),
             "latency": self.latency.to_dict() if self.latency else None,
             "seconds_to_export": round(self.seconds_to_export, 2),
@@ -179,11 +207,18 @@ def prepare_evaluation(options: ConvertOptions, model: LoadedModel, reporter: Re
             disjoint_check(calib, eval_set)
         inputs, description = eval_set.to_array(), f"{len(eval_set)} samples from {data.eval}"
         paths = [str(p) for p in eval_set.paths]
+    elif calib is not None:
+        count = min(CALIBRATION_EVAL_SAMPLES, len(calib))
+        inputs = calib.to_array()[:count]
+        description = (f"{count} calibration samples from {data.calib} (not held out: pass --eval FOLDER for "
+                       "held-out parity)")
+        paths = [str(p) for p in calib.paths[:count]]
+        reporter.step(f"evaluation: {description}")
     else:
         shape = options.preprocess.input_shape(batch=RANDOM_EVAL_SAMPLES)
         inputs = np.random.default_rng(data.seed).standard_normal(shape).astype(np.float32)
-        description = (f"{RANDOM_EVAL_SAMPLES} random inputs (no --eval folder): numeric error is meaningful, "
-                       "top-1 agreement is not")
+        description = (f"{RANDOM_EVAL_SAMPLES} random inputs (no --eval folder): only numeric error "
+                       "is judged (fp32)")
         paths = []
         reporter.step(f"evaluation: {description}")
     with reporter.track("PyTorch reference", len(inputs)) as advance:
@@ -193,7 +228,7 @@ def prepare_evaluation(options: ConvertOptions, model: LoadedModel, reporter: Re
 
 def export_and_check(options: ConvertOptions, graph: Graph, quantized: QuantizedGraph | None, info: ArtifactInfo,
                      target: Target, stage: Path, evaluation: Evaluation, reporter: Reporter) -> Artifact:
-    converter = REGISTRY[target]
+    converter = options.converter(target)
     precision = Precision.int8 if quantized is not None else Precision.fp32
     path = Path(f"{info.model_name}.{precision.value}{converter.suffix}")
     start = time.perf_counter()
@@ -212,46 +247,72 @@ def export_and_check(options: ConvertOptions, graph: Graph, quantized: Quantized
     latency = None
     if options.latency_runs > 0 and converter.times_latency:
         latency = measure_latency(run, evaluation.inputs[0], options.threads, runs=options.latency_runs)
-    return Artifact(target, precision, path, converter.runtime_name, parity, latency, seconds)
+    report = converter.inspect(stage / path)
+    io = {"inputs": report["inputs"], "outputs": report["outputs"]}
+    return Artifact(target, precision, path, converter.runtime_name, parity, latency, seconds,
+                    converter.settings(precision), io)
+
+
+class Stopwatch:
+    """Seconds per pipeline stage, recorded in the manifest (bench/convert_time.py reads them)."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 2)
+
+    def record(self) -> dict[str, float]:
+        return {**self.seconds, "total": round(time.perf_counter() - self.started, 2)}
 
 
 def convert(options: ConvertOptions, reporter: Reporter | None = None) -> ConvertResult:
     reporter = reporter or SilentReporter()
+    clock = Stopwatch()
     check_targets(options.targets)
     check_output_path(options.out, options.overwrite)  # fail before minutes of work, not after
     data = options.data
     if options.int8 and data.calib is None:
         raise BadInputError("--int8 needs calibration data: pass --calib FOLDER (images or .npy/.npz tensors)")
-    model = load_model(options.model.path, arch=options.model.arch, allow_pickle=options.model.trust_pickle)
-    reporter.step(f"loaded {options.model.path} ({model.format.value}, {model.name})")
-    shape = options.preprocess.input_shape(batch=1)
-    graph = graph_from_torch(model.module, shape)
-    check_translation(graph, model, shape)
+    with clock.stage("load_and_trace"):
+        model = load_model(options.model.path, arch=options.model.arch, allow_pickle=options.model.trust_pickle)
+        reporter.step(f"loaded {options.model.path} ({model.format.value}, {model.name})")
+        shape = options.preprocess.input_shape(batch=1)
+        graph = graph_from_torch(model.module, shape)
+        check_translation(graph, model, shape)
     classes = graph.shapes[graph.output_name][-1]
     labels = read_labels(options.labels, classes)
     reporter.step(f"traced {len(graph.nodes)} ops: {graph.op_histogram()}")
     calib = None
-    if options.int8:
-        assert data.calib is not None
-        calib = load_samples(data.calib, options.preprocess, data.calib_size, data.seed, "calibration", reporter,
-                             min_samples=MIN_CALIBRATION_SAMPLES)
-    evaluation, eval_set = prepare_evaluation(options, model, reporter, calib)
+    with clock.stage("data_and_reference"):
+        if options.int8:
+            assert data.calib is not None
+            calib = load_samples(data.calib, options.preprocess, data.calib_size, data.seed, "calibration",
+                                 reporter, min_samples=MIN_CALIBRATION_SAMPLES)
+        evaluation, eval_set = prepare_evaluation(options, model, reporter, calib)
     quantized = None
     if calib is not None:
-        start = time.perf_counter()
-        with reporter.track("int8 calibration", len(graph.nodes)) as advance:
+        with clock.stage("quantize"), reporter.track("int8 calibration", len(graph.nodes)) as advance:
             quantized = quantize(graph, calib.to_array(), options.recipe,
                                  progress=lambda done, total, node: advance(1))
-        reporter.step(f"int8 parameters chosen in {time.perf_counter() - start:.1f} s")
-    info = ArtifactInfo(model.name, options.preprocess.to_dict(), labels, __version__)
+        reporter.step(f"int8 parameters chosen in {clock.seconds['quantize']:.1f} s")
+    info = ArtifactInfo(model.name, options.preprocess.to_dict(), labels, __version__, options.provenance.entries())
     with staged_output(options.out, options.overwrite) as stage:
         artifacts = []
-        for target in options.targets:
-            for q in (None, quantized) if quantized is not None else (None,):
-                artifacts.append(export_and_check(options, graph, q, info, target, stage, evaluation, reporter))
+        with clock.stage("export_parity_latency"):
+            for target in options.targets:
+                for q in (None, quantized) if quantized is not None else (None,):
+                    artifacts.append(export_and_check(options, graph, q, info, target, stage, evaluation, reporter))
         if labels:
             (stage / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-        manifest = write_manifest(stage, options, model, graph, artifacts, evaluation, calib, eval_set, quantized)
+        manifest = write_manifest(stage, options, model, graph, artifacts, evaluation, calib, eval_set, quantized,
+                                  clock.record())
         write_summary(stage, manifest)
     return ConvertResult(options.out, model, artifacts, evaluation, manifest)
 

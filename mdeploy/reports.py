@@ -61,7 +61,8 @@ def sample_set_record(samples: SampleSet | None) -> dict[str, Any] | None:
 
 def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, graph: Graph,
                    artifacts: list[Artifact], evaluation: Evaluation, calib: SampleSet | None,
-                   eval_set: SampleSet | None, quantized: QuantizedGraph | None) -> dict[str, Any]:
+                   eval_set: SampleSet | None, quantized: QuantizedGraph | None,
+                   seconds: dict[str, float]) -> dict[str, Any]:
     config = model.config
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
@@ -96,6 +97,7 @@ def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, gra
             for artifact in artifacts
         ],
         "parity_passed": all(a.parity.passed for a in artifacts),
+        "seconds": seconds,  # wall time per pipeline stage
         "tool_versions": tool_versions(),
     }
     (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")

@@ -141,6 +141,9 @@ def test_inspect_shows_int8_parameters(converted: Path) -> None:
         (["convert", "{model}", "--arch", "mobilenet_v2", "--input-size", "5", "--out", "{tmp}/o"], "--input-size"),
         (["check", "{tmp}/nothing", "--model", "{model}", "--arch", "mobilenet_v2", "--eval", "{tmp}"], "does not exist"),
         (["inspect", "{tmp}/model.txt"], "does not exist"),
+        (["convert", "{model}", "--arch", "mobilenet_v2", "--to", "coreml", "--int8", "--calib", "{tmp}",
+          "--coreml-target", "iOS16", "--out", "{tmp}/o"], "iOS17"),
+        (["convert", "{model}", "--arch", "mobilenet_v2", "--tflite-io", "int16", "--out", "{tmp}/o"], "int16"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args: list[str], message: str, small_model: Path, tmp_path: Path) -> None:
@@ -155,3 +158,53 @@ def test_bad_input_is_one_line_exit_2(args: list[str], message: str, small_model
     assert len(errors) == 1 and result.stderr.strip().splitlines()[-1].startswith("error:")
     assert not (tmp_path / "o").exists()
     assert (tmp_path / "existing" / "keep.txt").read_text() == "keep"
+
+
+def test_without_eval_int8_parity_runs_on_calibration_samples(small_model: Path, data: tuple[Path, Path],
+                                                                tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["convert", str(small_model), "--arch", "mobilenet_v2", "--to", "onnx", "--int8",
+                                 "--calib", str(data[0]), "--input-size", str(SIZE), "--out", str(out),
+                                 "--min-top1", "0", "--min-snr", "0"])
+    assert result.exit_code == 0, result.output
+    parity = json.loads((out / "manifest.json").read_text())["artifacts"][1]["parity"]
+    assert parity["inputs"].startswith("32 calibration samples") and "not held out" in parity["inputs"]
+    assert parity["thresholds"]["min_top1"] == 0
+
+
+
+def test_fp32_without_data_judges_numeric_error_on_random_inputs(small_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["convert", str(small_model), "--arch", "mobilenet_v2", "--input-size", str(SIZE),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    parity = json.loads((out / "manifest.json").read_text())["artifacts"][0]["parity"]
+    assert "random inputs" in parity["inputs"] and parity["thresholds"] == {"max_abs_error": 1e-4}
+
+
+def test_target_options_reach_the_artifacts_and_manifest(small_model: Path, data: tuple[Path, Path],
+                                                         tmp_path: Path) -> None:
+    out = tmp_path / "o"
+    result = runner.invoke(app, [
+        "convert", str(small_model), "--arch", "mobilenet_v2", "--to", "tflite,coreml", "--int8", "--calib",
+        str(data[0]), "--eval-size", "4", "--input-size", str(SIZE), "--out", str(out), "--min-top1", "0",
+        "--min-snr", "0", "--tflite-io", "uint8", "--coreml-input", "image", "--coreml-precision", "fp32",
+        "--coreml-target", "iOS18", "--author", "Vision team", "--license", "Apache-2.0", "--model-version", "3.1",
+    ])
+    assert result.exit_code == 0, result.output
+    artifacts = {a["file"]: a for a in json.loads((out / "manifest.json").read_text())["artifacts"]}
+    tflite = artifacts["mobilenet_v2.int8.tflite"]
+    assert tflite["settings"]["io"] == "uint8"
+    (tensor,) = tflite["io"]["inputs"]
+    assert tensor["dtype"] == "uint8" and tensor["scale"] > 0 and 0 <= tensor["zero_point"] <= 255
+    coreml = artifacts["mobilenet_v2.int8.mlpackage"]
+    assert coreml["settings"] == {"compute_precision": "fp32", "minimum_deployment_target": "iOS18",
+                                  "input": "image", "classifier": "when labels match the classes", "int8": "W8A8"}
+    report = runner.invoke(app, ["inspect", str(out / "mobilenet_v2.int8.mlpackage"), "--json"])
+    inspected = json.loads(report.stdout)
+    assert inspected["minimum_deployment_target"] == "iOS18"
+    assert inspected["inputs"][0]["kind"] == "image"
+    assert (inspected["author"], inspected["license"], inspected["version"]) == ("Vision team", "Apache-2.0", "3.1")
+    tflite_metadata = json.loads(runner.invoke(app, ["inspect", str(out / "mobilenet_v2.int8.tflite"), "--json"]
+                                               ).stdout)["metadata"]
+    assert tflite_metadata["author"] == "Vision team" and tflite_metadata["version"] == "3.1"

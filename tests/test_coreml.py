@@ -334,7 +334,7 @@ def test_image_input_classifier_with_labels(std: tuple[float, ...], int8: bool, 
     converter.export(graph, quantized, path, info)
     report = converter.inspect(path)
     (image,) = report["inputs"]
-    assert image["type"] == "imageType" and image["color_space"] == "RGB" and image["shape"] == [64, 64]
+    assert image["kind"] == "image" and image["color_space"] == "RGB" and image["shape"] == [64, 64]
     reference_std = float(np.exp(np.mean(np.log(std))))  # one ImageType scale; the rest is folded in
     np.testing.assert_allclose(image["preprocessing"]["scale"], 1 / (255 * reference_std), rtol=1e-6)
     np.testing.assert_allclose(image["preprocessing"]["bias"], -np.array(IMAGENET["mean"]) / reference_std, rtol=1e-6)
@@ -382,5 +382,5 @@ def test_mdeploy_inspect_shows_image_scale_bias_and_labels(tmp_path: Path) -> No
     CoremlConverter(image_input=True).export(graph, None, path, info)
     result = CliRunner().invoke(app, ["inspect", str(path)])
     assert result.exit_code == 0, result.output
-    assert "imageType" in result.stdout and "scale" in result.stdout and "bias" in result.stdout
+    assert "\"kind\": \"image\"" in result.stdout and "scale" in result.stdout and "bias" in result.stdout
     assert "class9" in result.stdout

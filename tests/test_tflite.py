@@ -61,7 +61,7 @@ def test_int8_graph_is_one_clean_xnnpack_partition(arch: Arch, width: float, siz
     assert graph_report["xnnpack"]["partitions"] == 1
     assert graph_report["xnnpack"]["ops_outside"] == []
     assert "HARD_SWISH" not in report["ops"] and "QUANTIZE" not in report["ops"]
-    assert report["inputs"][0]["type"] == report["outputs"][0]["type"] == "int8"
+    assert report["inputs"][0]["dtype"] == report["outputs"][0]["dtype"] == "int8"
     assert report["inputs"][0]["shape"] == [1, size, size, 3]
     assert report["int8_weight_tensors"] == len(graph.weighted_nodes)
 
@@ -112,7 +112,7 @@ def test_io_types_carry_their_quantisation(io: IOType, tmp_path: Path) -> None:
     described = json.loads(report["metadata"]["mdeploy.io"])
     expected_type = {"int8": "int8", "uint8": "uint8", "float": "float32"}[io.value]
     for side, tensor in (("input", report["inputs"][0]), ("output", report["outputs"][0])):
-        assert tensor["type"] == described[side]["dtype"] == expected_type
+        assert tensor["dtype"] == described[side]["dtype"] == expected_type
         assert (tensor["name"], tensor.get("scale"), tensor.get("zero_point")) == (
             described[side]["name"], described[side].get("scale"), described[side].get("zero_point"))
     q_in = quantized.activations[graph.input_name]
