@@ -147,7 +147,6 @@ def test_simulate_matches_a_hand_computed_int8_conv() -> None:
 
 def test_float_nodes_use_float_weights_on_dequantised_inputs() -> None:
     graph = _one_conv_graph()
-    node = graph.nodes[0]
     t_in = TensorQuant.from_range(-2.0, 2.0)
     wq = WeightQuant(np.ones(2, np.float32), np.zeros((2, 3, 1, 1), np.int8))  # would zero the output if used
     qgraph = QuantizedGraph(graph, {"input": t_in}, {"conv": wq}, frozenset({"conv"}))

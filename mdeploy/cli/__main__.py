@@ -1,0 +1,5 @@
+"""``python -m mdeploy.cli``."""
+
+from mdeploy.cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""Options shared by several commands, and the parsers of their values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from calibration.preprocess import Preprocess
+from converters import Target
+from mdeploy.errors import BadInputError
+from mdeploy.zoo import Arch
+
+
+def parse_targets(value: str) -> tuple[Target, ...]:
+    targets = []
+    for name in (part.strip() for part in value.split(",") if part.strip()):
+        try:
+            targets.append(Target(name))
+        except ValueError:
+            valid = ", ".join(t.value for t in Target)
+            raise BadInputError(f"unknown target {name!r} in --to: choose from {valid}") from None
+    if not targets:
+        raise BadInputError("--to names no target: for example --to onnx,tflite")
+    return tuple(dict.fromkeys(targets))
+
+
+def parse_triple(value: str | None, flag: str) -> tuple[float, float, float] | None:
+    if value is None:
+        return None
+    try:
+        numbers = tuple(float(part) for part in value.split(","))
+    except ValueError:
+        numbers = ()
+    if len(numbers) != 3:
+        raise BadInputError(f"{flag} takes three comma-separated numbers, e.g. {flag} 0.485,0.456,0.406")
+    return numbers  # type: ignore[return-value]
+
+
+def build_preprocess(input_size: int | None, mean: str | None, std: str | None) -> Preprocess | None:
+    if input_size is None and mean is None and std is None:
+        return None
+    if input_size is not None and not 16 <= input_size <= 4096:
+        raise BadInputError(f"--input-size {input_size} is out of range: use 16..4096 (MobileNets use 96..512)")
+    preprocess = Preprocess.imagenet(input_size or 224)
+    changes: dict[str, Any] = {}
+    if (parsed := parse_triple(mean, "--mean")) is not None:
+        changes["mean"] = parsed
+    if (parsed := parse_triple(std, "--std")) is not None:
+        changes["std"] = parsed
+    return Preprocess(**{**preprocess.__dict__, **changes}) if changes else preprocess
+
+
+ModelArg = Annotated[Path, typer.Argument(help="model.pt: a state dict (with --arch), TorchScript or ExportedProgram")]
+ArchOpt = Annotated[Arch | None, typer.Option("--arch", help="architecture of a state dict")]
+TrustPickleOpt = Annotated[bool, typer.Option("--trust-pickle", help="allow a pickled nn.Module (runs its code)")]
+EvalOpt = Annotated[Path | None, typer.Option("--eval", help="parity inputs, disjoint from --calib")]
+InputSizeOpt = Annotated[int | None, typer.Option("--input-size", help="square input size [default: 224]")]
+MeanOpt = Annotated[str | None, typer.Option("--mean", help="R,G,B mean after /255 [default: ImageNet]")]
+StdOpt = Annotated[str | None, typer.Option("--std", help="R,G,B std after /255 [default: ImageNet]")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="show tracebacks")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="runtime threads for parity and latency")]
+EvalSizeOpt = Annotated[int, typer.Option("--eval-size", min=1, help="at most this many parity inputs")]
+MaxAbsOpt = Annotated[float | None, typer.Option("--max-abs-error", help="fp32 limit [default: 1e-4]")]
+MinSnrOpt = Annotated[float | None, typer.Option("--min-snr", help="int8 limit in dB [default: 15]")]
+MinTop1Opt = Annotated[float | None, typer.Option("--min-top1", help="int8 top-1 agreement limit [default: 0.85]")]
