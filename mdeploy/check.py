@@ -1,19 +1,33 @@
-"""``mdeploy check``: parity of existing artifacts (one file or a whole output folder) against the PyTorch model."""
+"""``mdeploy check``: parity of existing artifacts (one file or a whole output folder) against the PyTorch model,
+agreement between them, a per-layer diagnosis where parity fails (or on request), and a regression gate against
+an earlier report. The result is one JSON-ready report (``CheckReport.to_dict``) that every report format reads.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from calibration.preprocess import Preprocess
 from converters import REGISTRY, Precision, Target
-from mdeploy.errors import BadInputError
-from mdeploy.loading import load_model
+from mdeploy.agreement import AgreementMatrix, agreement
+from mdeploy.baseline import compare_with_baseline
+from mdeploy.bench import BenchOptions, bench_folder
+from mdeploy.config import Tolerances
+from mdeploy.errors import BadInputError, ConversionError
+from mdeploy.graph.ir import Graph
+from mdeploy.loading import LoadedModel, load_model
 from mdeploy.parity import ParityResult, judge, run_batches, torch_runner
 from mdeploy.pipeline import DataOptions, Limits, ModelSource, load_samples
+from mdeploy.quantize.equalize import apply_scales
 from mdeploy.ui import Reporter, SilentReporter
+
+REPORT_VERSION = "1.0"
+DIAGNOSIS_SAMPLES = 8
 
 
 @dataclass(frozen=True)
@@ -24,6 +38,10 @@ class CheckOptions:
     preprocess: Preprocess | None = None  # None: read it from the manifest or the artifact's metadata
     limits: Limits = Limits()
     threads: int = 1
+    explain: bool = False  # diagnose every artifact, not only the failing ones
+    baseline: Path | None = None
+    tolerances: Tolerances = Tolerances()
+    bench: BenchOptions | None = None  # also time the folder's artifacts (into the same report)
 
 
 @dataclass(frozen=True)
@@ -33,10 +51,38 @@ class CheckedArtifact:
     precision: Precision
     runtime: str
     parity: ParityResult
+    diagnosis: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": str(self.path), "target": self.target.value, "precision": self.precision.value,
-                "runtime": self.runtime, "parity": self.parity.to_dict()}
+        return {"file": self.path.name, "target": self.target.value, "precision": self.precision.value,
+                "runtime": self.runtime, "parity": self.parity.to_dict(), "diagnosis": self.diagnosis}
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    model: LoadedModel
+    inputs: str
+    artifacts: list[CheckedArtifact]
+    agreement: AgreementMatrix | None
+    baseline: dict[str, Any] | None = None
+    bench: dict[str, Any] | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(a.parity.passed for a in self.artifacts) and (self.baseline is None or self.baseline["passed"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "report_version": REPORT_VERSION,
+            "kind": "check",
+            "passed": self.passed,
+            "model": {"file": self.model.source.name, "sha256": self.model.source_sha256, "name": self.model.name},
+            "inputs": self.inputs,
+            "artifacts": [a.to_dict() for a in self.artifacts],
+            "agreement": self.agreement.to_dict() if self.agreement else None,
+            "baseline": self.baseline,
+            "bench": self.bench,
+        }
 
 
 def target_of(path: Path) -> Target:
@@ -54,22 +100,28 @@ def precision_of(path: Path) -> Precision:
     raise BadInputError(f"cannot tell the precision of {path.name}: mdeploy names artifacts NAME.fp32.* or NAME.int8.*")
 
 
+def read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        valid = isinstance(manifest, dict) and all(isinstance(entry["file"], str) for entry in manifest["artifacts"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise BadInputError(f"{path} is not a valid mdeploy manifest ({err}): convert again") from None
+    if not valid:
+        raise BadInputError(f"{path} is not a valid mdeploy manifest (artifact entries without a file): convert again")
+    return manifest
+
+
 def artifacts_to_check(artifact: Path) -> tuple[list[Path], dict[str, Any] | None]:
     if artifact.is_dir() and not any(artifact.name.endswith(c.suffix) for c in REGISTRY.values()):
         manifest_path = artifact / "manifest.json"
         if not manifest_path.is_file():
             raise BadInputError(f"{artifact} has no manifest.json: pass an mdeploy output folder or one artifact file")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-            files = [artifact / entry["file"] for entry in manifest["artifacts"]]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise BadInputError(f"{manifest_path} is not a valid mdeploy manifest ({err}): convert again") from err
-        return files, manifest
+        manifest = read_manifest(manifest_path)
+        return [artifact / entry["file"] for entry in manifest["artifacts"]], manifest
     if not artifact.exists():
         raise BadInputError(f"{artifact} does not exist: pass an artifact file or an mdeploy output folder")
     manifest_path = artifact.parent / "manifest.json"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else None
-    return [artifact], manifest
+    return [artifact], read_manifest(manifest_path) if manifest_path.is_file() else None
 
 
 def resolve_preprocess(options: CheckOptions, manifest: dict[str, Any] | None, files: list[Path]) -> Preprocess:
@@ -93,7 +145,50 @@ def embedded_preprocess(path: Path) -> Preprocess | None:
         return None
 
 
-def check(options: CheckOptions, reporter: Reporter | None = None) -> list[CheckedArtifact]:
+def run_artifact(path: Path, inputs: np.ndarray, threads: int, reporter: Reporter) -> np.ndarray:
+    converter = REGISTRY[target_of(path)]
+    try:
+        run = converter.runner(path, threads=threads)
+    except Exception as err:  # the runtime's own error types; the user needs to know the file is unusable
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadInputError(f"{path} cannot be loaded by {converter.runtime_name} ({first_line}): convert again") from err
+    try:
+        with reporter.track(f"{path.name} on {converter.runtime_name}", len(inputs)) as advance:
+            return run_batches(run, inputs, advance)
+    except MemoryError:
+        raise
+    except Exception as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConversionError(f"{path.name} failed while running on {converter.runtime_name}: {first_line}") from err
+
+
+def artifact_graph(graph: Graph, path: Path, manifest: dict[str, Any] | None) -> Graph | None:
+    """For an int8 artifact quantised with equalisation: the rescaled float graph it was written from."""
+    record = (manifest or {}).get("quantization") or {}
+    scales_file = record.get("channel_scales_file")
+    if precision_of(path) is not Precision.int8 or not scales_file or not (path.parent / scales_file).is_file():
+        return None
+    with np.load(path.parent / scales_file) as scales:
+        return apply_scales(graph, {name: scales[name] for name in scales.files})
+
+
+def diagnosis_of(model: LoadedModel, preprocess: Preprocess, path: Path, inputs: np.ndarray,
+                 manifest: dict[str, Any] | None, reporter: Reporter) -> dict[str, Any]:
+    from mdeploy.diagnose import diagnose
+    from mdeploy.graph.from_torch import graph_from_torch
+
+    target = target_of(path)
+    graph = graph_from_torch(model.module, preprocess.input_shape(batch=1))
+    try:
+        found = diagnose(graph, path, target, inputs[:DIAGNOSIS_SAMPLES], REGISTRY[target].runtime_name,
+                         artifact_graph(graph, path, manifest))
+    except BadInputError as err:  # a target without per-layer taps: say so in the report
+        return {"artifact": path.name, "unavailable_reason": str(err)}
+    reporter.step(f"diagnosis of {path.name}: {found.summary()}")
+    return found.to_dict()
+
+
+def check(options: CheckOptions, reporter: Reporter | None = None) -> CheckReport:
     reporter = reporter or SilentReporter()
     if options.data.eval is None:
         raise BadInputError("check needs real inputs: pass --eval FOLDER (images or .npy/.npz tensors)")
@@ -109,17 +204,24 @@ def check(options: CheckOptions, reporter: Reporter | None = None) -> list[Check
     with reporter.track("PyTorch reference", len(inputs)) as advance:
         reference = run_batches(torch_runner(model.module), inputs, advance)
     description = f"{len(inputs)} samples from {options.data.eval}"
+    outputs: dict[str, np.ndarray] = {}
     results = []
     for path in files:
-        target, precision = target_of(path), precision_of(path)
-        converter = REGISTRY[target]
-        try:
-            run = converter.runner(path, threads=options.threads)
-        except Exception as err:  # the runtime's own error types; the user needs to know the file is unusable
-            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise BadInputError(f"{path} cannot be loaded by {converter.runtime_name} ({first_line}): convert again") from err
-        with reporter.track(f"{path.name} on {converter.runtime_name}", len(inputs)) as advance:
-            outputs = run_batches(run, inputs, advance)
-        parity = judge(reference, outputs, options.limits.thresholds(precision), description)
-        results.append(CheckedArtifact(path, target, precision, converter.runtime_name, parity))
-    return results
+        outputs[path.name] = run_artifact(path, inputs, options.threads, reporter)
+        precision = precision_of(path)
+        parity = judge(reference, outputs[path.name], options.limits.thresholds(precision), description)
+        diagnosis = None
+        if options.explain or not parity.passed:
+            diagnosis = diagnosis_of(model, preprocess, path, inputs, manifest, reporter)
+        results.append(CheckedArtifact(path, target_of(path), precision, REGISTRY[target_of(path)].runtime_name,
+                                       parity, diagnosis))
+    bench = None
+    if options.bench is not None:
+        if manifest is None or not options.artifact.is_dir():
+            raise BadInputError("--bench times an output folder: pass the folder mdeploy convert wrote, not one file")
+        bench = bench_folder(options.bench, reporter)
+    report = CheckReport(model, description, results, agreement(outputs), bench=bench)
+    if options.baseline is not None:
+        report = replace(report, baseline=compare_with_baseline(report.to_dict(), options.baseline,
+                                                                options.tolerances))
+    return report

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -33,6 +34,7 @@ from mdeploy.ui import Reporter, SilentReporter
 from mdeploy.zoo import Arch
 
 RANDOM_EVAL_SAMPLES = 16
+CHANNEL_SCALES_FILE = "int8_channel_scales.npz"  # for mdeploy check's per-layer diagnosis; apps do not need it
 CALIBRATION_EVAL_SAMPLES = 64  # parity inputs taken from the calibration set when no --eval folder is given
 MIN_CALIBRATION_SAMPLES = 16  # fewer cannot pin down per-tensor ranges
 
@@ -99,6 +101,7 @@ class ConvertOptions:
     overwrite: bool = False
     threads: int = 1
     latency_runs: int = 50
+    keep_going: bool = False  # a target that fails to convert is recorded in the manifest; the others still ship
     # Configured converters (e.g. TfliteConverter(io="uint8")) replacing the registry's defaults for their target.
     converters: tuple[Converter, ...] = ()
 
@@ -149,6 +152,7 @@ class ConvertResult:
     artifacts: list[Artifact]
     evaluation: Evaluation
     manifest: dict[str, Any]
+    failures: list[dict[str, str]] = field(default_factory=list)  # conversions that failed under keep_going
 
     @property
     def passed(self) -> bool:
@@ -272,6 +276,14 @@ class Stopwatch:
         return {**self.seconds, "total": round(time.perf_counter() - self.started, 2)}
 
 
+def remove_partial(path: Path) -> None:
+    """A failed export must not leave a file that looks like an artifact."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
 def convert(options: ConvertOptions, reporter: Reporter | None = None) -> ConvertResult:
     reporter = reporter or SilentReporter()
     clock = Stopwatch()
@@ -303,18 +315,30 @@ def convert(options: ConvertOptions, reporter: Reporter | None = None) -> Conver
                                  progress=lambda done, total, node: advance(1))
         reporter.step(f"int8 parameters chosen in {clock.seconds['quantize']:.1f} s")
     info = ArtifactInfo(model.name, options.preprocess.to_dict(), labels, __version__, options.provenance.entries())
+    failures: list[dict[str, str]] = []
     with staged_output(options.out, options.overwrite) as stage:
         artifacts = []
         with clock.stage("export_parity_latency"):
             for target in options.targets:
                 for q in (None, quantized) if quantized is not None else (None,):
-                    artifacts.append(export_and_check(options, graph, q, info, target, stage, evaluation, reporter))
+                    try:
+                        artifacts.append(export_and_check(options, graph, q, info, target, stage, evaluation,
+                                                          reporter))
+                    except ConversionError as err:
+                        if not options.keep_going:
+                            raise
+                        precision = Precision.int8 if q is not None else Precision.fp32
+                        remove_partial(stage / f"{info.model_name}.{precision.value}{options.converter(target).suffix}")
+                        reporter.step(f"{target.value} {precision.value} failed: {err}")
+                        failures.append({"target": target.value, "precision": precision.value, "error": str(err)})
+        if quantized is not None and quantized.channel_scales:
+            np.savez_compressed(stage / CHANNEL_SCALES_FILE, **quantized.channel_scales)
         if labels:
             (stage / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
         manifest = write_manifest(stage, options, model, graph, artifacts, evaluation, calib, eval_set, quantized,
-                                  clock.record())
+                                  clock.record(), failures)
         write_summary(stage, manifest)
-    return ConvertResult(options.out, model, artifacts, evaluation, manifest)
+    return ConvertResult(options.out, model, artifacts, evaluation, manifest, failures)
 
 
 def dump_json(value: Any) -> str:

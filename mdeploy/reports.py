@@ -62,7 +62,7 @@ def sample_set_record(samples: SampleSet | None) -> dict[str, Any] | None:
 def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, graph: Graph,
                    artifacts: list[Artifact], evaluation: Evaluation, calib: SampleSet | None,
                    eval_set: SampleSet | None, quantized: QuantizedGraph | None,
-                   seconds: dict[str, float]) -> dict[str, Any]:
+                   seconds: dict[str, float], failures: list[dict[str, str]] | None = None) -> dict[str, Any]:
     config = model.config
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
@@ -89,6 +89,7 @@ def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, gra
             "recipe": {**options.recipe.to_dict(), **quantized.recipe},  # the quantiser adds samples and time
             "float_nodes": sorted(quantized.float_nodes),
             "calibration_set": sample_set_record(calib),
+            "channel_scales_file": "int8_channel_scales.npz" if quantized.channel_scales else None,
         } if quantized is not None else None,
         "evaluation": {"inputs": evaluation.description, "set": sample_set_record(eval_set)},
         "artifacts": [
@@ -96,6 +97,7 @@ def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, gra
              "size_bytes": artifact_size(stage / artifact.path)}
             for artifact in artifacts
         ],
+        "failures": failures or [],  # targets that failed to convert (only with --keep-going)
         "parity_passed": all(a.parity.passed for a in artifacts),
         "seconds": seconds,  # wall time per pipeline stage
         "tool_versions": tool_versions(),

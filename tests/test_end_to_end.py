@@ -6,6 +6,8 @@ Slow (a few minutes): run in CI, skipped with ``-m "not slow"``.
 from __future__ import annotations
 
 import json
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,7 @@ from typer.testing import CliRunner
 from converters import REGISTRY, Target
 from mdeploy.cli import app
 from mdeploy.errors import ExitCode
+from tests.test_gate import corrupt_tflite_layer
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
@@ -70,24 +73,109 @@ def test_manifest_records_the_recipe_and_data(converted: tuple[Path, dict]) -> N
     assert (converted[0] / "labels.txt").read_text().splitlines()[281] == "tabby"
 
 
-def test_check_passes_then_fails_on_a_corrupted_layer(converted: tuple[Path, dict], real_v2_weights: Path,
-                                                      eval_dir: Path, tmp_path: Path) -> None:
+def onnx_and_tflite_folder(out: Path, folder: Path) -> Path:
+    """A copy of the output folder with only its ONNX and TFLite artifacts (the Core ML reference is slow)."""
+    folder.mkdir()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["target"] in ("onnx", "tflite")]
+    for entry in manifest["artifacts"]:
+        shutil.copy(out / entry["file"], folder / entry["file"])
+    shutil.copy(out / manifest["quantization"]["channel_scales_file"], folder)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def test_check_passes_then_a_corrupted_layer_fails_and_is_diagnosed(
+        converted: tuple[Path, dict], real_v2_weights: Path, eval_dir: Path, tmp_path: Path) -> None:
+    """Issue 5: a layer with corrupted weights fails check with exit 1 and the diagnosis names it among the worst
+    three; the Markdown and HTML reports come out of the same run."""
     import onnx
     from onnx import numpy_helper
 
-    out, _ = converted
+    folder = onnx_and_tflite_folder(converted[0], tmp_path / "folder")
     args = ["--model", str(real_v2_weights), "--arch", "mobilenet_v2", "--eval", str(eval_dir), "--eval-size", "64"]
-    assert runner.invoke(app, ["check", str(out), *args]).exit_code == 0
-    model = onnx.load(str(out / "mobilenet_v2.int8.onnx"))
+    clean = runner.invoke(app, ["check", str(folder), *args, "--report", str(tmp_path / "clean")])
+    assert clean.exit_code == 0, clean.output
+    model = onnx.load(str(folder / "mobilenet_v2.int8.onnx"))
     weights = [i for i in model.graph.initializer if i.name.endswith("/weight_q")]
     victim = weights[len(weights) // 2]  # a layer in the middle of the network
     codes = numpy_helper.to_array(victim)
     shuffled = np.random.default_rng(0).permutation(codes.reshape(-1)).reshape(codes.shape)
     victim.CopyFrom(numpy_helper.from_array(shuffled.astype(np.int8), victim.name))
-    broken = tmp_path / "mobilenet_v2.int8.onnx"
-    onnx.save(model, str(broken))
-    result = runner.invoke(app, ["check", str(broken), *args])
+    onnx.save(model, str(folder / "mobilenet_v2.int8.onnx"))
+    node = victim.name.removesuffix("/weight_q")
+    corrupt_tflite_layer(folder / "mobilenet_v2.int8.tflite", node)
+    result = runner.invoke(app, ["check", str(folder), *args, "--report", str(tmp_path / "broken")])
     assert result.exit_code == ExitCode.PARITY_FAILED, result.output
+    report = json.loads((tmp_path / "broken" / "report.json").read_text())
+    for entry in report["artifacts"]:
+        if entry["precision"] == "int8":
+            assert not entry["parity"]["passed"]
+            assert node in [layer["name"] for layer in entry["diagnosis"]["worst"]], entry["diagnosis"]["worst"]
+    source = next(a for a in report["artifacts"] if a["precision"] == "int8")["diagnosis"]["worst"][0]["source"]
+    summary = (tmp_path / "broken" / "summary.md").read_text()
+    assert "FAILED" in summary and source in summary
+    html = (tmp_path / "broken" / "report.html").read_text()
+    assert html.count("<svg") >= 3 and source in html
+    assert "PASSED" in (tmp_path / "clean" / "summary.md").read_text()
+
+
+def test_bench_agrees_with_an_independent_timing(converted: tuple[Path, dict], tmp_path: Path) -> None:
+    """Issue 5: bench prints fp32 and int8 latency for ONNX Runtime and LiteRT with percentiles, within 15% of
+    the same runtime calls timed here (measured before and after bench, so that drift in machine load cancels)."""
+    folder = onnx_and_tflite_folder(converted[0], tmp_path / "folder")
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    before = {name: independent_p50(folder / name, x) for name in BENCHED}
+    result = runner.invoke(app, ["bench", str(folder), "--threads", "1", "--runs", "40", "--json"])
+    after = {name: independent_p50(folder / name, x) for name in BENCHED}
+    assert result.exit_code == 0, result.output
+    rows = {row["file"]: row for row in json.loads(result.stdout)["rows"]}
+    table = runner.invoke(app, ["bench", str(folder), "--threads", "1", "--runs", "5"]).stdout
+    for name in BENCHED:
+        row = rows[name]
+        assert row["status"] == "passed" and row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        independent = (before[name] + after[name]) / 2
+        assert abs(row["p50_ms"] - independent) <= 0.15 * independent, (name, row["p50_ms"], before[name], after[name])
+        assert name in table
+    assert "p99 ms" in table
+
+
+BENCHED = ("mobilenet_v2.fp32.onnx", "mobilenet_v2.int8.onnx", "mobilenet_v2.fp32.tflite", "mobilenet_v2.int8.tflite")
+
+
+def independent_p50(path: Path, x: np.ndarray, runs: int = 40) -> float:
+    """Median ms of the runtime's own call on one input, 1 thread: ORT session.run; LiteRT set/invoke/get."""
+    if path.suffix == ".onnx":
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        call = lambda: session.run(None, {"input": x})  # noqa: E731
+    else:
+        from ai_edge_litert.interpreter import Interpreter
+
+        interpreter = Interpreter(model_path=str(path), num_threads=1)
+        interpreter.allocate_tensors()
+        (detail,) = interpreter.get_input_details()
+        (out,) = interpreter.get_output_details()
+        feed = x.transpose(0, 2, 3, 1)
+        if detail["dtype"] != np.float32:
+            scale, zero_point = detail["quantization"]
+            feed = np.clip(np.round(feed / scale) + zero_point, -128, 127).astype(detail["dtype"])
+
+        def call() -> None:
+            interpreter.set_tensor(detail["index"], feed)
+            interpreter.invoke()
+            interpreter.get_tensor(out["index"])
+    for _ in range(10):
+        call()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return float(np.median(times))
 
 
 def test_real_model_predicts_real_photos(converted: tuple[Path, dict], eval_dir: Path) -> None:

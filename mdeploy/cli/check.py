@@ -1,4 +1,4 @@
-"""``mdeploy check``."""
+"""``mdeploy check``: the CI gate."""
 
 from __future__ import annotations
 
@@ -6,15 +6,71 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 
 from mdeploy.cli.app import app, run_guarded, stdout
 from mdeploy.cli.options import (
-    ArchOpt, DebugOpt, EvalOpt, EvalSizeOpt, InputSizeOpt, JsonOpt, MaxAbsOpt, MeanOpt, MinSnrOpt, MinTop1Opt,
-    StdOpt, ThreadsOpt, TrustPickleOpt, build_preprocess,
+    ArchOpt, BaselineOpt, ConfigOpt, DebugOpt, EvalOpt, EvalSizeOpt, InputSizeOpt, JsonOpt, MaxAbsOpt, MeanOpt,
+    MinSnrOpt, MinTop1Opt, ReportOpt, StdOpt, ThreadsOpt, TrustPickleOpt, build_preprocess, gate_config,
 )
 from mdeploy.errors import ExitCode
 from mdeploy.pipeline import DataOptions, Limits, ModelSource, dump_json
 from mdeploy.ui import ConsoleReporter
+
+
+def parity_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"parity vs PyTorch on {report['inputs']}")
+    for header in ("artifact", "runtime", "max abs err", "SNR dB", "top-1", "top-5", "parity"):
+        table.add_column(header)
+    for artifact in report["artifacts"]:
+        parity, m = artifact["parity"], artifact["parity"]["metrics"]
+        verdict = "pass" if parity["passed"] else "FAIL: " + "; ".join(parity["failures"])
+        table.add_row(artifact["file"], artifact["runtime"], _fmt(m["max_abs_error"], ".2e"), _fmt(m["snr_db"], ".1f"),
+                      _fmt(m["top1_agreement"], ".1%"), _fmt(m["top5_agreement"], ".1%"), verdict,
+                      style=None if parity["passed"] else "red")
+    return table
+
+
+def agreement_table(matrix: dict[str, Any]) -> Table:
+    table = Table(title="cross-runtime top-1 agreement (row vs column, same inputs)")
+    table.add_column("")
+    for name in matrix["artifacts"]:
+        table.add_column(name, justify="right")
+    for name, row in zip(matrix["artifacts"], matrix["top1"], strict=True):
+        table.add_row(name, *(f"{value:.1%}" for value in row))
+    return table
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def print_report(report: dict[str, Any]) -> None:
+    stdout.print(parity_table(report))
+    if report["agreement"]:
+        stdout.print(agreement_table(report["agreement"]))
+    for artifact in report["artifacts"]:
+        diagnosis = artifact["diagnosis"]
+        if diagnosis is None:
+            continue
+        if "unavailable_reason" in diagnosis:
+            stdout.print(f"diagnosis of {artifact['file']}: {diagnosis['unavailable_reason']}", highlight=False)
+            continue
+        jump = diagnosis["first_jump"]
+        worst = ", ".join(layer['source'] for layer in diagnosis['worst'])
+        stdout.print(f"diagnosis of {artifact['file']}: first jump at "
+                     f"{jump['source'] if jump else 'no layer (the error grows smoothly)'}; "
+                     f"worst layers: {worst}", highlight=False, soft_wrap=True)
+    if report["bench"]:
+        from mdeploy.cli.bench import bench_table
+
+        stdout.print(bench_table(report["bench"]))
+    baseline = report["baseline"]
+    if baseline is not None:
+        for regression in baseline["regressions"]:
+            stdout.print(f"[red]regression[/red]: {regression['message']}", highlight=False, soft_wrap=True)
+        if baseline["passed"]:
+            stdout.print(f"no regression against {baseline['file']}", highlight=False)
 
 
 @app.command()
@@ -30,42 +86,52 @@ def check(
     max_abs_error: MaxAbsOpt = None,
     min_snr: MinSnrOpt = None,
     min_top1: MinTop1Opt = None,
+    config: ConfigOpt = None,
+    explain: Annotated[bool, typer.Option(
+        "--explain", help="per-layer diagnosis of every artifact (failing ones always get one)")] = False,
+    baseline: BaselineOpt = None,
+    bench: Annotated[bool, typer.Option(
+        "--bench", help="also time each artifact of the folder (at --threads) into the same report")] = False,
+    report_dir: ReportOpt = None,
     threads: ThreadsOpt = 1,
     trust_pickle: TrustPickleOpt = False,
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Check parity of ARTIFACT (or every artifact of an output folder) against the PyTorch model."""
+    """Check parity of ARTIFACT (or every artifact of an output folder) against the PyTorch model.
+
+    Exit code 1 when a limit is missed or --baseline finds a regression; reports with --report and --json.
+    """
+    from mdeploy.bench import BenchOptions
     from mdeploy.check import CheckOptions
     from mdeploy.check import check as run_check
+    from mdeploy.reporting.folder import write_report_folder
 
-    def action() -> Any:
+    def action() -> dict[str, Any]:
+        gate = gate_config(config)
         options = CheckOptions(
             artifact=artifact,
             model=ModelSource(model, arch, trust_pickle),
             data=DataOptions(eval=eval_dir, eval_size=eval_size),
             preprocess=build_preprocess(input_size, mean, std),
-            limits=Limits(max_abs_error, min_snr, min_top1),
+            limits=Limits(max_abs_error, min_snr, min_top1, gate.thresholds),
             threads=threads,
+            explain=explain,
+            baseline=baseline,
+            tolerances=gate.tolerances,
+            bench=BenchOptions(artifact, (threads,)) if bench else None,
         )
-        return run_check(options, ConsoleReporter(quiet=json_output))
+        report = run_check(options, ConsoleReporter(quiet=json_output)).to_dict()
+        if report_dir is not None:
+            write_report_folder(report, report_dir)
+        return report
 
-    results = run_guarded(debug, action)
-    passed = all(r.parity.passed for r in results)
+    report = run_guarded(debug, action)
     if json_output:
-        print(dump_json({"passed": passed, "artifacts": [r.to_dict() for r in results]}))
+        print(dump_json(report))
     else:
-        from rich.table import Table
-
-        table = Table(title=f"parity vs PyTorch on {results[0].parity.inputs}")
-        for header in ("artifact", "runtime", "max abs err", "SNR dB", "top-1", "top-5", "parity"):
-            table.add_column(header)
-        for r in results:
-            m = r.parity.metrics
-            verdict = "pass" if r.parity.passed else "FAIL: " + "; ".join(r.parity.failures)
-            table.add_row(r.path.name, r.runtime, f"{m.max_abs_error:.2e}", f"{m.snr_db:.1f}",
-                          f"{m.top1_agreement:.1%}", f"{m.top5_agreement:.1%}", verdict,
-                          style=None if r.parity.passed else "red")
-        stdout.print(table)
-    if not passed:
+        print_report(report)
+        if report_dir is not None:
+            stdout.print(f"wrote {report_dir}/ (report.json, junit.xml, summary.md, report.html)", highlight=False)
+    if not report["passed"]:
         raise typer.Exit(int(ExitCode.PARITY_FAILED))

@@ -13,10 +13,10 @@ from calibration.preprocess import Preprocess
 from converters import Target
 from converters.coreml import ComputePrecision, CoremlConverter, DeploymentTarget, InputKind
 from converters.tflite import IOType, TfliteConverter
-from mdeploy.cli.app import app, run_guarded, stdout
+from mdeploy.cli.app import app, run_guarded, stderr, stdout
 from mdeploy.cli.options import (
-    ArchOpt, DebugOpt, EvalOpt, EvalSizeOpt, InputSizeOpt, JsonOpt, MaxAbsOpt, MeanOpt, MinSnrOpt, MinTop1Opt,
-    ModelArg, StdOpt, ThreadsOpt, TrustPickleOpt, build_preprocess, parse_targets,
+    ArchOpt, ConfigOpt, DebugOpt, EvalOpt, EvalSizeOpt, InputSizeOpt, JsonOpt, MaxAbsOpt, MeanOpt, MinSnrOpt, MinTop1Opt,
+    ModelArg, StdOpt, ThreadsOpt, TrustPickleOpt, build_preprocess, gate_config, parse_targets,
 )
 from mdeploy.errors import BadInputError, ExitCode
 from mdeploy.pipeline import ConvertOptions, DataOptions, Limits, ModelSource, Provenance, dump_json
@@ -46,6 +46,9 @@ def convert(
     threads: ThreadsOpt = 1,
     seed: Annotated[int, typer.Option("--seed", help="sample order seed")] = 0,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out folder")] = False,
+    keep_going: Annotated[bool, typer.Option(
+        "--keep-going", help="when a target fails to convert, record it and still write the others (exit 3)")] = False,
+    config: ConfigOpt = None,
     tflite_io: Annotated[IOType, typer.Option(
         "--tflite-io", help="type of the int8 TFLite model's input and output")] = IOType.int8,
     coreml_precision: Annotated[ComputePrecision | None, typer.Option(
@@ -87,8 +90,9 @@ def convert(
             labels=labels,
             provenance=Provenance(author, license_, description, model_version),
             recipe=recipe,
-            limits=Limits(max_abs_error, min_snr, min_top1),
+            limits=Limits(max_abs_error, min_snr, min_top1, gate_config(config).thresholds),
             overwrite=overwrite,
+            keep_going=keep_going,
             threads=threads,
             converters=(
                 TfliteConverter(io=tflite_io),
@@ -104,5 +108,10 @@ def convert(
     else:
         stdout.print(console_table(result.manifest))
         stdout.print(f"wrote {result.out}/ (manifest.json, SUMMARY.md)", highlight=False)
+    for failure in result.failures:
+        stderr.print(f"[red]error:[/red] {failure['target']} {failure['precision']}: {failure['error']}",
+                     highlight=False, soft_wrap=True)
+    if result.failures:
+        raise typer.Exit(int(ExitCode.CONVERSION_FAILED))
     if not result.passed:
         raise typer.Exit(int(ExitCode.PARITY_FAILED))

@@ -9,6 +9,7 @@ import typer
 
 from calibration.preprocess import Preprocess
 from converters import Target
+from mdeploy.config import GateConfig, find_config, load_config
 from mdeploy.errors import BadInputError
 from mdeploy.zoo import Arch
 
@@ -66,3 +67,15 @@ EvalSizeOpt = Annotated[int, typer.Option("--eval-size", min=1, help="at most th
 MaxAbsOpt = Annotated[float | None, typer.Option("--max-abs-error", help="fp32 limit [default: 1e-4]")]
 MinSnrOpt = Annotated[float | None, typer.Option("--min-snr", help="int8 limit in dB [default: 15]")]
 MinTop1Opt = Annotated[float | None, typer.Option("--min-top1", help="int8 top-1 agreement limit [default: 0.85]")]
+ConfigOpt = Annotated[Path | None, typer.Option(
+    "--config", help="thresholds and tolerances: an mdeploy.toml or a pyproject.toml with [tool.mdeploy] "
+    "[default: the one in the current folder, if any]")]
+ReportOpt = Annotated[Path | None, typer.Option(
+    "--report", help="folder for report.json, junit.xml, summary.md and report.html (replaced as a whole)")]
+BaselineOpt = Annotated[Path | None, typer.Option(
+    "--baseline", help="an earlier report.json: fail on accuracy or latency regressions beyond the tolerances")]
+
+
+def gate_config(path: Path | None) -> GateConfig:
+    """The --config file, else mdeploy.toml / pyproject.toml [tool.mdeploy] in the current folder, else defaults."""
+    return load_config(path if path is not None else find_config(Path.cwd()))

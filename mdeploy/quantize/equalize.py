@@ -136,10 +136,19 @@ def equalize(graph: Graph, ranges: dict[str, np.ndarray], alpha: float = 0.35) -
                 s = np.maximum(s, ranges[t] / 6.0)
         for t in group:
             scales[t] = s
-            producer = out.producer(t)
-            if producer is not None and producer.op in (Op.CONV, Op.LINEAR):
-                _scale_output_channels(producer, s)
-            for consumer in out.consumers(t):
-                if consumer.op in (Op.CONV, Op.LINEAR) and consumer.output not in names:
-                    _scale_input_channels(consumer, s)
-    return out, scales
+    return apply_scales(out, scales), scales
+
+
+def apply_scales(graph: Graph, scales: dict[str, np.ndarray]) -> Graph:
+    """A copy of ``graph`` in which each tensor named in ``scales`` is divided by its per-channel scale: its
+    producing CONV/LINEAR computes the scaled tensor and its CONV/LINEAR consumers undo the scale (the channels
+    in between, through pass-through ops, share the scale). The same function as ``graph`` computes."""
+    out = copy.deepcopy(graph)
+    for t, s in scales.items():
+        producer = out.producer(t)
+        if producer is not None and producer.op in (Op.CONV, Op.LINEAR):
+            _scale_output_channels(producer, s)
+        for consumer in out.consumers(t):
+            if consumer.op in (Op.CONV, Op.LINEAR):
+                _scale_input_channels(consumer, s)
+    return out

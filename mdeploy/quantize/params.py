@@ -73,3 +73,6 @@ class QuantizedGraph:
     weights: dict[str, WeightQuant]
     float_nodes: frozenset[str] = frozenset()
     recipe: dict[str, object] = field(default_factory=dict)
+    # Per-channel scales equalisation divided tensors by (``graph`` = equalize.apply_scales(original, these)):
+    # what a per-layer diagnosis needs to compare the artifact's tensors with PyTorch's.
+    channel_scales: dict[str, np.ndarray] = field(default_factory=dict)

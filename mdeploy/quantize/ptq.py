@@ -123,10 +123,12 @@ def quantize(
         raise BadInputError(f"float_nodes not in the graph: {unknown}")
     started = time.perf_counter()
     torch.manual_seed(recipe.seed)
+    scales: dict[str, np.ndarray] = {}
     with torch.no_grad():
         if recipe.equalize:
-            graph, _ = equalize(graph, channel_ranges(graph, calibration), recipe.equalize_alpha)
+            graph, scales = equalize(graph, channel_ranges(graph, calibration), recipe.equalize_alpha)
         qgraph = _calibrate(graph, calibration, recipe, progress)
+    qgraph.channel_scales = scales
     qgraph.recipe["seconds"] = round(time.perf_counter() - started, 2)  # the manifest records it
     return qgraph
 

@@ -1,0 +1,83 @@
+"""``mdeploy bench``: latency, size and peak memory of every artifact in an output folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from mdeploy.cli.app import app, run_guarded, stdout
+from mdeploy.cli.options import BaselineOpt, ConfigOpt, DebugOpt, JsonOpt, ReportOpt, gate_config
+from mdeploy.errors import BadInputError, ExitCode
+from mdeploy.pipeline import dump_json
+from mdeploy.ui import ConsoleReporter
+
+
+def parse_threads(value: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in value.split(",") if part.strip())
+    except ValueError:
+        counts = ()
+    if not counts or min(counts) < 1:
+        raise BadInputError(f"--threads {value!r}: give thread counts >= 1, comma-separated, e.g. --threads 1,2,4")
+    return tuple(dict.fromkeys(counts))
+
+
+def bench_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"latency on {report['machine']['cpu']} ({report['machine']['note']}), batch 1")
+    for header in ("artifact", "runtime", "threads", "p50 ms", "p90 ms", "p99 ms", "size", "peak memory", "status"):
+        table.add_column(header, justify="left" if header in ("artifact", "runtime", "status") else "right")
+    for row in report["rows"]:
+        def ms(key: str, row: dict[str, Any] = row) -> str:
+            return f"{row[key]:.2f}" if row[key] is not None else "-"
+
+        size = f"{row['size_bytes'] / 1e6:.1f} MB" if row["size_bytes"] is not None else "-"
+        memory = f"{row['peak_memory_mb']:.0f} MB" if row["peak_memory_mb"] is not None else "-"
+        status = row["status"] + (f": {row['reason']}" if row["reason"] else "")
+        table.add_row(row["file"], row["runtime"] or "-", str(row["threads"]), ms("p50_ms"), ms("p90_ms"),
+                      ms("p99_ms"), size, memory, status, style=None if row["status"] == "passed" else "yellow")
+    return table
+
+
+@app.command()
+def bench(
+    folder: Annotated[Path, typer.Argument(help="an mdeploy output folder (from mdeploy convert --out)")],
+    threads: Annotated[str, typer.Option("--threads", help="thread counts to sweep, comma-separated")] = "1,2",
+    runs: Annotated[int, typer.Option("--runs", min=5, help="timed runs per artifact and thread count")] = 50,
+    warmup: Annotated[int, typer.Option("--warmup", min=0, help="untimed runs first")] = 10,
+    baseline: BaselineOpt = None,
+    config: ConfigOpt = None,
+    report_dir: ReportOpt = None,
+    json_output: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Time every artifact of FOLDER on its runtime: p50/p90/p99 per thread count, size, peak memory, status.
+
+    Emulated or reference runtimes are never timed (their rows say why). Exit code 1 when --baseline finds a
+    latency regression beyond the tolerance.
+    """
+    from mdeploy.baseline import compare_with_baseline
+    from mdeploy.bench import BenchOptions, bench_folder
+    from mdeploy.reporting.folder import write_report_folder
+
+    def action() -> dict[str, Any]:
+        options = BenchOptions(folder, parse_threads(threads), runs, warmup)
+        tolerances = gate_config(config).tolerances
+        report = bench_folder(options, ConsoleReporter(quiet=json_output))
+        report["baseline"] = compare_with_baseline(report, baseline, tolerances) if baseline else None
+        report["passed"] = report["baseline"] is None or report["baseline"]["passed"]
+        if report_dir is not None:
+            write_report_folder(report, report_dir)
+        return report
+
+    report = run_guarded(debug, action)
+    if json_output:
+        print(dump_json(report))
+    else:
+        stdout.print(bench_table(report))
+        for regression in (report["baseline"] or {}).get("regressions", []):
+            stdout.print(f"[red]regression[/red]: {regression['message']}", highlight=False, soft_wrap=True)
+    if not report["passed"]:
+        raise typer.Exit(int(ExitCode.PARITY_FAILED))
