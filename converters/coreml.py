@@ -25,6 +25,7 @@ import io
 import json
 import platform
 import shutil
+import uuid
 import warnings
 from pathlib import Path
 from enum import Enum
@@ -77,6 +78,30 @@ def _choice(kind: type[E], value: object, what: str) -> E:
     except ValueError:
         raise BadInputError(f"Core ML {what} must be one of {', '.join(m.value for m in kind)}, "
                             f"got {value!r}") from None
+
+
+PACKAGE_NAMESPACE = uuid.UUID("6f1c6a47-5c1e-4a8e-9a57-0d3c3b0d5e11")  # mdeploy's, for package item identifiers
+
+
+def make_reproducible(package: Path) -> None:
+    """The same model saved twice gives the same bytes: coremltools names package items with random UUIDs and
+    serialises protobuf maps (the metadata) in arbitrary order. Identifiers become UUIDs derived from each item's
+    path (any UUID is valid to Core ML) and the specification is re-serialised deterministically."""
+    from coremltools.proto import Model_pb2
+
+    manifest_path = package / "Manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    renamed = {old: str(uuid.uuid5(PACKAGE_NAMESPACE, item["path"])) for old, item in manifest["itemInfoEntries"].items()}
+    manifest["itemInfoEntries"] = {renamed[old]: item for old, item in sorted(manifest["itemInfoEntries"].items(),
+                                                                              key=lambda kv: kv[1]["path"])}
+    manifest["rootModelIdentifier"] = renamed[manifest["rootModelIdentifier"]]
+    manifest_path.write_text(json.dumps(manifest, indent=4, sort_keys=True) + "\n", encoding="utf-8")
+    for item in manifest["itemInfoEntries"].values():
+        spec_path = package / "Data" / item["path"]
+        if spec_path.is_file() and spec_path.suffix == ".mlmodel":
+            spec = Model_pb2.Model()
+            spec.ParseFromString(spec_path.read_bytes())
+            spec_path.write_bytes(spec.SerializeToString(deterministic=True))
 
 
 def core_ml_available() -> bool:
@@ -225,6 +250,7 @@ class CoremlConverter:
         if path.is_dir() and path.suffix == self.suffix:
             shutil.rmtree(path)  # an .mlpackage is a directory: replace it as a file would be replaced
         model.save(str(path))
+        make_reproducible(path)
 
     # -- run ---------------------------------------------------------------------------------------------------
     def runner(self, path: Path, threads: int = 1) -> Runner:

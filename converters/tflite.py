@@ -11,7 +11,9 @@ input and output scale and zero point are on the I/O tensors and in the ``mdeplo
 
 Metadata: ``Model.metadata`` entries (name -> UTF-8 buffer) ``mdeploy.preprocess``, ``mdeploy.labels``,
 ``mdeploy.precision``, ``mdeploy.io``, ``mdeploy.layout`` and the artifact's extra entries, readable with any
-flatbuffer tooling (``tflite_flatbuffer.read_metadata``).
+flatbuffer tooling (``tflite_flatbuffer.read_metadata``). When the preprocessing gives mean and std, also the TFLite
+Support metadata that Android tooling and the Task Library read (``TFLITE_METADATA``, ``converters/tflite_metadata.py``)
+and, with one label per class, ``labels.txt`` zipped after the flatbuffer.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class TfliteConverter:
         return {"io": "float", "layout": "NHWC"}
 
     def to_bytes(self, graph: Graph, quantized: QuantizedGraph | None, info: ArtifactInfo) -> bytes:
+        from converters import tflite_metadata
         from converters.tflite_ops import Translator
 
         builder = Translator(graph, quantized, self.options).translate(INPUT_NAME, OUTPUT_NAME)
@@ -104,7 +107,13 @@ class TfliteConverter:
         if quantized is not None:
             metadata["mdeploy.int8_patterns"] = json.dumps({"hardswish": str(self.options.hardswish)})
         description = f"mdeploy {info.producer_version}".strip()
-        return builder.serialize(info.model_name, metadata, description)
+        support = tflite_metadata.build_metadata(info, io, metadata["mdeploy.precision"])
+        binary = {tflite_metadata.METADATA_NAME: support} if support is not None else {}
+        content = builder.serialize(info.model_name, metadata, description, binary)
+        if support is not None and tflite_metadata.labels_attached(info.labels, io["output"]["shape"][-1]):
+            labels = tflite_metadata.labels_file(info.labels)
+            content = tflite_metadata.pack_associated_files(content, {tflite_metadata.LABELS_FILE: labels})
+        return content
 
     def export(self, graph: Graph, quantized: QuantizedGraph | None, path: Path, info: ArtifactInfo) -> None:
         Path(path).write_bytes(self.to_bytes(graph, quantized, info))
@@ -132,6 +141,7 @@ class TfliteConverter:
         return run
 
     def inspect(self, path: Path) -> dict[str, Any]:
+        from converters import tflite_metadata
         from converters.tflite_flatbuffer import read_metadata, read_model
         from converters.tflite_report import graph_report, tensor_description
 
@@ -159,6 +169,7 @@ class TfliteConverter:
             "activation_quantization": [{"tensor": a["name"], "scale": a["scale"], "zero_point": a["zero_point"]}
                                         for a in activations if "scale" in a],
             "metadata": read_metadata(content),
+            "tflite_support_metadata": tflite_metadata.read_summary(content),
         }
 
 

@@ -140,7 +140,10 @@ class ModelBuilder:
         self.operators.append(operator)
 
     # -- the file --------------------------------------------------------------------------------------------
-    def serialize(self, name: str, metadata: dict[str, str], description: str) -> bytes:
+    def serialize(self, name: str, metadata: dict[str, str], description: str,
+                  binary_metadata: dict[str, bytes] | None = None) -> bytes:
+        """``metadata``: text entries (UTF-8); ``binary_metadata``: entries whose buffers are bytes as given (e.g.
+        ``TFLITE_METADATA``), after the text ones."""
         subgraph = fb.SubGraphT()
         subgraph.name = name
         subgraph.tensors = self.tensors
@@ -149,9 +152,11 @@ class ModelBuilder:
         subgraph.operators = self.operators
         buffers = list(self.buffers)
         entries = []
-        for key, value in metadata.items():
+        payloads = {key: value.encode("utf-8") for key, value in metadata.items()}
+        payloads.update(binary_metadata or {})
+        for key, value in payloads.items():
             buffer = _AlignedBuffer()
-            buffer.data = np.frombuffer(value.encode("utf-8"), np.uint8)
+            buffer.data = np.frombuffer(value, np.uint8)
             buffers.append(buffer)
             entry = fb.MetadataT()
             entry.name = key
@@ -189,15 +194,19 @@ def read_model(data: bytes) -> fb.ModelT:
 
 
 def read_metadata(data: bytes) -> dict[str, str]:
-    """The ``Model.metadata`` entries whose buffers hold text, decoded (the others, e.g. binary, skipped)."""
+    """The ``Model.metadata`` entries whose buffers hold text, decoded. Binary ones (not UTF-8, or holding a NUL
+    byte, which text never has and a flatbuffer such as ``TFLITE_METADATA`` always has) are skipped."""
     model = fb.Model.GetRootAs(data, 0)
     found = {}
     for i in range(model.MetadataLength()):
         entry = model.Metadata(i)
         raw = model.Buffers(entry.Buffer()).DataAsNumpy()
         if isinstance(raw, np.ndarray):
+            payload = raw.tobytes()
+            if b"\x00" in payload:
+                continue
             try:
-                found[entry.Name().decode()] = raw.tobytes().decode("utf-8")
+                found[entry.Name().decode()] = payload.decode("utf-8")
             except UnicodeDecodeError:
                 continue
     return found

@@ -20,6 +20,8 @@ from converters import REGISTRY, Converter, Precision, Target
 from converters.base import ArtifactInfo, missing_modules
 from mdeploy import __version__
 from mdeploy.bench import Latency, measure_latency
+from mdeploy.bundle import CHECKSUMS_FILE, copy_static_files, write_checksums, write_golden, write_readmes
+from mdeploy.bundle.golden import GOLDEN_SAMPLES, GoldenOutput
 from mdeploy.errors import BadInputError, ConversionError
 from mdeploy.graph.execute import GraphRunner
 from mdeploy.graph.from_torch import graph_from_torch
@@ -29,7 +31,7 @@ from mdeploy.outputs import check_output_path, staged_output
 from mdeploy.parity import ParityResult, Thresholds, judge, run_batches, torch_runner
 from mdeploy.quantize.params import QuantizedGraph
 from mdeploy.quantize.ptq import quantize
-from mdeploy.reports import write_manifest, write_summary
+from mdeploy.reports import save_manifest, write_manifest, write_summary
 from mdeploy.ui import Reporter, SilentReporter
 from mdeploy.zoo import Arch
 
@@ -120,6 +122,7 @@ class Artifact:
     seconds_to_export: float
     settings: dict[str, Any] = field(default_factory=dict)  # the converter's export choices
     io: dict[str, Any] = field(default_factory=dict)  # the artifact's inputs and outputs, quantisation included
+    golden: GoldenOutput | None = None  # its outputs on the first evaluation inputs (the bundle's golden vectors)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -253,8 +256,11 @@ def export_and_check(options: ConvertOptions, graph: Graph, quantized: Quantized
         latency = measure_latency(run, evaluation.inputs[0], options.threads, runs=options.latency_runs)
     report = converter.inspect(stage / path)
     io = {"inputs": report["inputs"], "outputs": report["outputs"]}
+    output_scale = quantized.activations[graph.output_name].scale if quantized is not None else None
+    golden = GoldenOutput(str(path), target, precision, converter.runtime_name, outputs[:GOLDEN_SAMPLES],
+                          output_scale)
     return Artifact(target, precision, path, converter.runtime_name, parity, latency, seconds,
-                    converter.settings(precision), io)
+                    converter.settings(precision), io, golden)
 
 
 class Stopwatch:
@@ -335,9 +341,16 @@ def convert(options: ConvertOptions, reporter: Reporter | None = None) -> Conver
             np.savez_compressed(stage / CHANNEL_SCALES_FILE, **quantized.channel_scales)
         if labels:
             (stage / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
+        golden = write_golden(stage, evaluation.inputs, evaluation.reference, evaluation.paths,
+                              [a.golden for a in artifacts if a.golden is not None], options.preprocess.layout.value)
+        static_files = copy_static_files(stage)
         manifest = write_manifest(stage, options, model, graph, artifacts, evaluation, calib, eval_set, quantized,
-                                  clock.record(), failures)
+                                  clock.record(), failures, golden)
+        manifest["bundle"] = {"readmes": write_readmes(stage, manifest), "files": static_files,
+                              "checksums": CHECKSUMS_FILE}
+        save_manifest(stage, manifest)
         write_summary(stage, manifest)
+        write_checksums(stage)
     return ConvertResult(options.out, model, artifacts, evaluation, manifest, failures)
 
 

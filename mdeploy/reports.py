@@ -21,7 +21,18 @@ if TYPE_CHECKING:
     from mdeploy.pipeline import Artifact, ConvertOptions, Evaluation
     from mdeploy.quantize.params import QuantizedGraph
 
-MANIFEST_VERSION = "1.0"
+MANIFEST_VERSION = "1.1"  # manifest.schema.json's version; bump both together
+# What two conversions from the same inputs on the same machine share (tests/test_bundle.py checks it).
+REPRODUCIBILITY = {
+    "identical": "every artifact, labels.txt, golden/, the READMEs and int8_channel_scales.npz are byte-identical "
+                 "when the same model, data, options and tool versions are converted on the same kind of machine",
+    "varies": {
+        "manifest.json": "the seconds, latency and timing fields (and the SHA256SUMS line of this file)",
+        "SUMMARY.md": "the latency column",
+    },
+    "across_machines": "int8 parameters come from float arithmetic on calibration data: another CPU or thread count "
+                       "may round a weight or range differently; parity is rechecked for every artifact",
+}
 VERSIONED_PACKAGES = ("torch", "numpy", "onnx", "onnxruntime", "tensorflow-cpu", "ai-edge-litert", "coremltools")
 
 
@@ -62,9 +73,11 @@ def sample_set_record(samples: SampleSet | None) -> dict[str, Any] | None:
 def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, graph: Graph,
                    artifacts: list[Artifact], evaluation: Evaluation, calib: SampleSet | None,
                    eval_set: SampleSet | None, quantized: QuantizedGraph | None,
-                   seconds: dict[str, float], failures: list[dict[str, str]] | None = None) -> dict[str, Any]:
+                   seconds: dict[str, float], failures: list[dict[str, str]] | None = None,
+                   golden: dict[str, Any] | None = None) -> dict[str, Any]:
     config = model.config
     manifest: dict[str, Any] = {
+        "$schema": "manifest.schema.json",
         "manifest_version": MANIFEST_VERSION,
         "model": {
             "name": model.name,
@@ -99,11 +112,17 @@ def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, gra
         ],
         "failures": failures or [],  # targets that failed to convert (only with --keep-going)
         "parity_passed": all(a.parity.passed for a in artifacts),
+        "golden": golden,
+        "reproducibility": REPRODUCIBILITY,
         "seconds": seconds,  # wall time per pipeline stage
         "tool_versions": tool_versions(),
     }
-    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    save_manifest(stage, manifest)
     return manifest
+
+
+def save_manifest(stage: Path, manifest: dict[str, Any]) -> None:
+    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def _fmt(value: Any, spec: str) -> str:

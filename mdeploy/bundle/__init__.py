@@ -1,0 +1,43 @@
+"""The hand-off bundle: the output folder an Android or iOS engineer can use without asking anyone anything.
+
+Besides the artifacts, ``manifest.json`` and ``labels.txt``: golden vectors (``golden.py``), the manifest's JSON
+Schema, a README per platform with code that matches the preprocessing (``readmes.py``), a verifier that needs only
+NumPy and the runtimes, and ``SHA256SUMS`` over every file (written last).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from importlib import resources
+from pathlib import Path
+
+from mdeploy.bundle.golden import GoldenOutput, write_golden
+from mdeploy.bundle.readmes import write_readmes
+
+SCHEMA_FILE = "manifest.schema.json"
+VERIFIER_FILE = "verify_bundle.py"
+CHECKSUMS_FILE = "SHA256SUMS"
+
+__all__ = ["GoldenOutput", "copy_static_files", "write_checksums", "write_golden", "write_readmes"]
+
+
+def copy_static_files(stage: Path) -> list[str]:
+    """The manifest's schema and the stand-alone verifier, from the package's data."""
+    data = resources.files("mdeploy") / "data"
+    for name in (SCHEMA_FILE, VERIFIER_FILE):
+        with resources.as_file(data / name) as source:
+            shutil.copyfile(source, stage / name)
+    return [SCHEMA_FILE, VERIFIER_FILE]
+
+
+def write_checksums(stage: Path) -> None:
+    """``sha256sum -c``-compatible list of every file in the bundle (package directories file by file)."""
+    lines = []
+    for path in sorted(p for p in stage.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        lines.append(f"{digest.hexdigest()}  {path.relative_to(stage).as_posix()}")
+    (stage / CHECKSUMS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
