@@ -143,6 +143,17 @@ class _Writer:
             Op.SOFTMAX: self.simple("Softmax", axis=-1),
         }
 
+    def io_description(self) -> dict[str, Any]:
+        """Float input and output; for int8, the grids the model quantises them onto inside (QDQ)."""
+        described: dict[str, Any] = {"input": {"name": INPUT_NAME, "dtype": "float32"},
+                                     "output": {"name": OUTPUT_NAME, "dtype": "float32", "meaning": "raw logits"}}
+        if self.quantized is not None:
+            for side, tensor in (("input", self.graph.input_name), ("output", self.graph.output_name)):
+                tq = self.quantized.activations.get(tensor)
+                if tq is not None:
+                    described[side]["int8_grid"] = {"scale": float(tq.scale), "zero_point": int(tq.zero_point)}
+        return described
+
     def write(self, info: ArtifactInfo) -> Any:
         from onnx import TensorProto, helper
 
@@ -184,6 +195,8 @@ class _Writer:
             "mdeploy.preprocess": json.dumps(info.preprocess, sort_keys=True),
             "mdeploy.labels": json.dumps(list(info.labels)),
             "mdeploy.precision": "int8" if quantized is not None else "fp32",
+            "mdeploy.layout": "NCHW",
+            "mdeploy.io": json.dumps(self.io_description(), sort_keys=True),
             **info.extra,
         }
         helper.set_model_props(model, metadata)

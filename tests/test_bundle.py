@@ -120,6 +120,7 @@ def test_labels_and_normalisation_read_back_with_each_formats_own_tools(bundle: 
     meta = ort.InferenceSession(str(bundle / "mobilenet_v2.int8.onnx")).get_modelmeta().custom_metadata_map
     assert json.loads(meta["mdeploy.labels"]) == LABELS
     assert json.loads(meta["mdeploy.preprocess"])["mean"] == [0.485, 0.456, 0.406]
+    assert meta["mdeploy.layout"] == "NCHW" and json.loads(meta["mdeploy.io"])["input"]["int8_grid"]["scale"] > 0
     spec = ct.utils.load_spec(str(bundle / "mobilenet_v2.int8.mlpackage"))
     user = spec.description.metadata.userDefined
     assert json.loads(user["mdeploy.labels"]) == LABELS and json.loads(user["mdeploy.preprocess"])["crop"] == SIZE
