@@ -42,6 +42,7 @@ class CheckOptions:
     baseline: Path | None = None
     tolerances: Tolerances = Tolerances()
     bench: BenchOptions | None = None  # also time the folder's artifacts (into the same report)
+    arm_cpus: tuple[str, ...] = ()  # also run the ONNX/TFLite artifacts on these emulated ARM CPU models
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,16 @@ class CheckReport:
     agreement: AgreementMatrix | None
     baseline: dict[str, Any] | None = None
     bench: dict[str, Any] | None = None
+    arm: dict[str, Any] | None = None
+
+    @property
+    def arm_passed(self) -> bool:
+        return self.arm is None or all(r["parity"]["passed"] for r in self.arm["results"])
 
     @property
     def passed(self) -> bool:
-        return all(a.parity.passed for a in self.artifacts) and (self.baseline is None or self.baseline["passed"])
+        baseline_passed = self.baseline is None or self.baseline["passed"]
+        return all(a.parity.passed for a in self.artifacts) and baseline_passed and self.arm_passed
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -82,6 +89,7 @@ class CheckReport:
             "agreement": self.agreement.to_dict() if self.agreement else None,
             "baseline": self.baseline,
             "bench": self.bench,
+            "arm": self.arm,
         }
 
 
@@ -220,7 +228,16 @@ def check(options: CheckOptions, reporter: Reporter | None = None) -> CheckRepor
         if manifest is None or not options.artifact.is_dir():
             raise BadInputError("--bench times an output folder: pass the folder mdeploy convert wrote, not one file")
         bench = bench_folder(options.bench, reporter)
-    report = CheckReport(model, description, results, agreement(outputs), bench=bench)
+    arm = None
+    if options.arm_cpus:
+        from mdeploy.arm.parity import arm_parity
+
+        def judge_one(path: Path, arm_outputs: np.ndarray, inputs_description: str) -> ParityResult:
+            return judge(reference[: len(arm_outputs)], arm_outputs,
+                         options.limits.thresholds(precision_of(path)), inputs_description)
+
+        arm = arm_parity(files, inputs, options.arm_cpus, judge_one, reporter.step)
+    report = CheckReport(model, description, results, agreement(outputs), bench=bench, arm=arm)
     if options.baseline is not None:
         report = replace(report, baseline=compare_with_baseline(report.to_dict(), options.baseline,
                                                                 options.tolerances))

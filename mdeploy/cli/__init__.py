@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from mdeploy.cli import bench, check, convert, inspect  # noqa: F401  (each registers its command on the app)
+from mdeploy.cli import arm, bench, check, convert, doctor, inspect  # noqa: F401  (each registers its command on the app)
 from mdeploy.cli.app import app, run_guarded, stderr, stdout
 
 __all__ = ["app", "main", "run_guarded", "stderr", "stdout"]

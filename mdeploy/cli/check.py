@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,7 +14,7 @@ from mdeploy.cli.options import (
     ArchOpt, BaselineOpt, ConfigOpt, DebugOpt, EvalOpt, EvalSizeOpt, InputSizeOpt, JsonOpt, MaxAbsOpt, MeanOpt,
     MinSnrOpt, MinTop1Opt, ReportOpt, StdOpt, ThreadsOpt, TrustPickleOpt, build_preprocess, gate_config,
 )
-from mdeploy.errors import ExitCode
+from mdeploy.errors import BadInputError, ExitCode
 from mdeploy.pipeline import DataOptions, Limits, ModelSource, dump_json
 from mdeploy.ui import ConsoleReporter
 
@@ -41,6 +42,34 @@ def agreement_table(matrix: dict[str, Any]) -> Table:
     return table
 
 
+class Platform(str, Enum):
+    host = "host"
+    linux_arm64 = "linux-arm64"
+
+
+def arm_cpus(platform: Platform, cpu: str | None) -> tuple[str, ...]:
+    from mdeploy.arm import DEFAULT_CPUS, parse_cpu_list
+
+    if platform is Platform.host:
+        if cpu is not None:
+            raise BadInputError("--cpu chooses emulated ARM CPUs: add --platform linux-arm64")
+        return ()
+    return tuple(parse_cpu_list(cpu)) if cpu else tuple(DEFAULT_CPUS)
+
+
+def arm_table(arm: dict[str, Any]) -> Table:
+    table = Table(title=f"emulated ARM ({arm['emulator']}, {arm['samples']} samples; parity only, no latency)")
+    for header in ("artifact", "cpu", "SNR dB", "top-1", "int8 codes vs x86", "parity"):
+        table.add_column(header)
+    for row in arm["results"]:
+        m, parity = row["parity"]["metrics"], row["parity"]
+        table.add_row(row["artifact"], row["cpu"], _fmt(m["snr_db"], ".1f"), _fmt(m["top1_agreement"], ".1%"),
+                      row["summary"].split(": ", 1)[1],
+                      "pass" if parity["passed"] else "FAIL: " + "; ".join(parity["failures"]),
+                      style=None if parity["passed"] else "red")
+    return table
+
+
 def _fmt(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
@@ -61,6 +90,8 @@ def print_report(report: dict[str, Any]) -> None:
         stdout.print(f"diagnosis of {artifact['file']}: first jump at "
                      f"{jump['source'] if jump else 'no layer (the error grows smoothly)'}; "
                      f"worst layers: {worst}", highlight=False, soft_wrap=True)
+    if report["arm"]:
+        stdout.print(arm_table(report["arm"]))
     if report["bench"]:
         from mdeploy.cli.bench import bench_table
 
@@ -93,6 +124,12 @@ def check(
     bench: Annotated[bool, typer.Option(
         "--bench", help="also time each artifact of the folder (at --threads) into the same report")] = False,
     report_dir: ReportOpt = None,
+    platform: Annotated[Platform, typer.Option(
+        "--platform", help="also run the ONNX/TFLite artifacts on emulated ARM CPUs (needs `mdeploy arm setup`)")]
+    = Platform.host,
+    cpu: Annotated[str | None, typer.Option(
+        "--cpu", help="emulated ARM CPU models, comma-separated [default: cortex-a53,neoverse-n1,neoverse-v1]")]
+    = None,
     threads: ThreadsOpt = 1,
     trust_pickle: TrustPickleOpt = False,
     json_output: JsonOpt = False,
@@ -120,6 +157,7 @@ def check(
             baseline=baseline,
             tolerances=gate.tolerances,
             bench=BenchOptions(artifact, (threads,)) if bench else None,
+            arm_cpus=arm_cpus(platform, cpu),
         )
         report = run_check(options, ConsoleReporter(quiet=json_output)).to_dict()
         if report_dir is not None:

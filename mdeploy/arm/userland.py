@@ -1,0 +1,138 @@
+"""Builds the arm64 Debian userland of the sandbox from registry packages only: debootstrap's first stage (no
+emulated second stage), the remaining .debs unpacked with dpkg-deb, and aarch64 wheels unzipped into the guest
+Python's site-packages.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from mdeploy.arm.guest import GUEST_SITE_PACKAGES, GUEST_WORK, QEMU_IN_SANDBOX
+from mdeploy.arm.host import Progress, Qemu, debian_mirror, run_host_command
+from mdeploy.errors import BadInputError
+
+GUEST_SUITE = "bookworm"  # its Python 3.11 matches the host's wheels (cp311)
+GUEST_PYTHON_TAG = "3.11"
+GUEST_GLIBC_MINOR = 36  # bookworm's glibc 2.36: every manylinux_2_17 .. manylinux_2_36 aarch64 wheel runs
+GUEST_PACKAGES = ("onnxruntime", "ai-edge-litert", "numpy")
+# The tested versions (requirements.lock), used when the host has no copy of a runtime to match.
+PINNED_VERSIONS = {"onnxruntime": "1.32.0", "ai-edge-litert": "2.3.0", "numpy": "2.4.6"}
+
+
+def wanted_versions() -> dict[str, str]:
+    """The host's own versions of the guest's runtimes, so that ARM and x86 differ only in their kernels."""
+    wanted = {}
+    for name in GUEST_PACKAGES:
+        try:
+            wanted[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            wanted[name] = PINNED_VERSIONS[name]
+    return wanted
+
+
+def debootstrap_first_stage(target: Path, deb_cache: Path, progress: Progress) -> None:
+    progress(f"debootstrap --foreign arm64 {GUEST_SUITE} with python3 (~30 s)")
+    deb_cache.mkdir(parents=True, exist_ok=True)
+    run_host_command(
+        ["debootstrap", "--foreign", "--arch=arm64", "--variant=minbase", "--include=python3",
+         f"--cache-dir={deb_cache.resolve()}", GUEST_SUITE, str(target), debian_mirror()],
+        "debootstrap (arm64 userland)", f"check network access to {debian_mirror()} (or set MDEPLOY_ARM_MIRROR)")
+
+
+def unpack_remaining_packages(target: Path, progress: Progress) -> None:
+    """Unpacks what the first stage only downloaded (python3 and its libraries), instead of running the second
+    stage under emulation. ``--keep-directory-symlink`` keeps the merged-/usr links (/lib -> usr/lib) intact."""
+    debootstrap_dir = target / "debootstrap"
+    base = (debootstrap_dir / "base").read_text(encoding="utf-8").split()
+    paths = dict(line.split(" ", 1) for line in (debootstrap_dir / "debpaths").read_text(encoding="utf-8").splitlines()
+                 if " " in line)
+    progress(f"unpacking {len(base)} arm64 packages")
+    for package in base:
+        deb = target / paths[package].lstrip("/")
+        unpack = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+        extract = subprocess.run(["tar", "-x", "--keep-directory-symlink", "-C", str(target)], check=False,
+                                 stdin=unpack.stdout, capture_output=True, text=True)
+        assert unpack.stdout is not None
+        unpack.stdout.close()
+        if unpack.wait() != 0 or extract.returncode != 0:
+            raise BadInputError(f"cannot unpack {deb.name} ({extract.stderr.strip() or 'dpkg-deb failed'}): "
+                                "delete the sandbox's download cache and rerun `mdeploy arm setup`")
+
+
+def download_wheels(folder: Path, versions: dict[str, str], progress: Progress) -> list[Path]:
+    """aarch64 wheels of the runtimes and their dependencies (pip's own cache makes a rebuild fast). Dependencies
+    are held at the host's versions where the host has them."""
+    progress("pip download aarch64 wheels: " + ", ".join(f"{n}=={v}" for n, v in versions.items()))
+    folder.mkdir(parents=True, exist_ok=True)
+    constraints = folder / "host-versions.txt"
+    constraints.write_text("\n".join(host_constraints(set(versions))) + "\n", encoding="utf-8")
+    platforms = [f"manylinux_2_{minor}_aarch64" for minor in range(GUEST_GLIBC_MINOR, 16, -1)]
+    platforms += ["manylinux2014_aarch64", "linux_aarch64"]
+    command = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check",
+               "--only-binary=:all:", "--python-version", GUEST_PYTHON_TAG, "--implementation", "cp",
+               "--abi", "cp" + GUEST_PYTHON_TAG.replace(".", ""), "-d", str(folder), "-c", str(constraints)]
+    for tag in platforms:
+        command += ["--platform", tag]
+    command += [f"{name}=={version}" for name, version in versions.items()]
+    run_host_command(command, "pip download of the aarch64 wheels",
+                     "check network access to PyPI and that these versions publish manylinux aarch64 wheels")
+    return sorted(folder.glob("*.whl"))
+
+
+def host_constraints(excluded: set[str]) -> list[str]:
+    pins: dict[str, str] = {}
+    for dist in importlib.metadata.distributions():  # in sys.path order: the first copy of a name is the live one
+        name, version = dist.metadata["Name"], dist.version
+        if not name or not version or not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            continue
+        key = re.sub(r"[-_.]+", "-", name).lower()
+        if key not in excluded and key not in pins:
+            pins[key] = f"{name}=={version}"
+    return sorted(pins.values())
+
+
+def install_wheels(wheels: list[Path], target: Path, progress: Progress) -> None:
+    site = target / GUEST_SITE_PACKAGES
+    site.mkdir(parents=True, exist_ok=True)
+    progress(f"unzipping {len(wheels)} wheels into the guest's site-packages")
+    for wheel in wheels:
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(site)
+    for data in site.glob("*.data"):  # a wheel's purelib/platlib belong in site-packages; scripts are not needed
+        for scheme in ("purelib", "platlib"):
+            if (data / scheme).is_dir():
+                shutil.copytree(data / scheme, site, dirs_exist_ok=True)
+        shutil.rmtree(data)
+
+
+def finish_layout(target: Path, qemu: Qemu) -> None:
+    """What the guest needs besides packages: qemu inside the chroot, a private /proc (qemu answers
+    /proc/cpuinfo and /proc/self/* itself, with the -cpu model's description), the CPU lists the runtimes'
+    cpuinfo library reads from /sys, and the folder the host drops work into."""
+    shutil.rmtree(target / "debootstrap")
+    for deb in (target / "var/cache/apt/archives").glob("*.deb"):
+        deb.unlink()
+    proc = target / "proc"
+    if proc.is_symlink() or proc.is_file():  # debootstrap links proc -> /proc for its second stage
+        proc.unlink()
+    proc.mkdir(exist_ok=True)
+    cpu_dir = target / "sys/devices/system/cpu"
+    cpu_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("possible", "present", "online"):  # one CPU: the runtimes run one thread here anyway
+        (cpu_dir / name).write_text("0\n", encoding="utf-8")
+    (target / GUEST_WORK).mkdir(exist_ok=True)
+    shutil.copy2(qemu.path, target / QEMU_IN_SANDBOX)
+
+
+def folder_size_mb(folder: Path) -> float:
+    total = 0
+    for root, _, files in os.walk(folder):  # never follows symlinks out of the sandbox
+        total += sum(os.lstat(os.path.join(root, name)).st_size for name in files)
+    return round(total / 1e6, 1)

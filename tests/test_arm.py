@@ -1,0 +1,296 @@
+"""ARM kernels under emulation (mdeploy.arm): the sandbox, int8 parity of ONNX Runtime and LiteRT on emulated
+ARM CPU models against the same artifacts on x86, and the guest's isolation from the host.
+
+Needs root and a Debian-like host (chroot, apt); the first run builds the sandbox (~40 s, ~400 MB, cached in
+MDEPLOY_ARM_SANDBOX or ~/.cache/mdeploy/arm64-sandbox).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from converters import REGISTRY, Target
+from converters.tflite import _decoder, _encoder
+from mdeploy.arm import (
+    CPU_MODELS, SandboxState, codes_on_host, compare_codes, default_sandbox_dir, guest_runner, guest_sees,
+    parse_cpu_list, run_on_arm, sandbox_status, setup_sandbox,
+)
+from mdeploy.arm.sandbox import STAMP
+from mdeploy.arm.userland import wanted_versions
+from mdeploy.errors import BadInputError, ConversionError
+from mdeploy.graph.from_torch import graph_from_torch
+from mdeploy.zoo import Arch, ModelConfig, build_model
+from tests.test_converters import INFO, nearest_int8
+from tests.test_graph import randomize_batch_norm
+
+pytestmark = pytest.mark.arm
+
+ARM_CPUS = ["cortex-a53", "neoverse-n1"]
+IMAGES = 4
+
+
+def require_root_on_debian() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("the ARM sandbox needs root (chroot)")
+    if not Path("/etc/debian_version").is_file() or shutil.which("apt-get") is None:
+        pytest.skip("the ARM sandbox is built with apt and dpkg: not a Debian-like host")
+
+
+@pytest.fixture(scope="module")
+def sandbox() -> SandboxState:
+    require_root_on_debian()
+    state = setup_sandbox(default_sandbox_dir(), progress=print)
+    assert state.ready, state.reason
+    return state
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], np.ndarray]:
+    """int8 ONNX and TFLite of MobileNetV2 width 0.5 at 96 px, and a few preprocessed inputs."""
+    torch.manual_seed(0)
+    model = randomize_batch_norm(build_model(ModelConfig(Arch.mobilenet_v2, 0.5, 10, 0.2)))
+    graph = graph_from_torch(model, (1, 3, 96, 96))
+    calibration = np.random.default_rng(1).standard_normal((8, 3, 96, 96)).astype(np.float32)
+    quantized = nearest_int8(graph, calibration)
+    folder = tmp_path_factory.mktemp("arm-artifacts")
+    paths = []
+    for target in (Target.onnx, Target.tflite):
+        path = folder / f"model.int8{REGISTRY[target].suffix}"
+        REGISTRY[target].export(graph, quantized, path, INFO)
+        paths.append(path)
+    inputs = np.random.default_rng(2).standard_normal((IMAGES, 3, 96, 96)).astype(np.float32)
+    return paths, inputs
+
+
+def test_setup_is_idempotent(sandbox: SandboxState) -> None:
+    stamp = sandbox.path / STAMP
+    before = (stamp.read_bytes(), stamp.stat().st_mtime_ns)
+    start = time.monotonic()
+    again = setup_sandbox(sandbox.path)
+    assert time.monotonic() - start < 5
+    assert again == sandbox
+    assert (stamp.read_bytes(), stamp.stat().st_mtime_ns) == before
+
+
+def test_status_reports_ready(sandbox: SandboxState) -> None:
+    state = sandbox_status(sandbox.path)
+    assert state.ready, state.reason
+    assert state.packages == wanted_versions()  # the guest runs the host's runtime versions
+    assert state.python_version is not None and state.python_version.startswith("3.11")
+    assert state.qemu_version is not None and int(state.qemu_version.split(".")[0]) >= 10
+    assert state.size_mb is not None and 100 < state.size_mb < 1000
+    assert json.loads(json.dumps(state.to_dict()))["ready"] is True
+
+
+@pytest.mark.parametrize("cpu", ARM_CPUS)
+def test_int8_outputs_on_arm_match_x86(sandbox: SandboxState, artifacts: tuple[list[Path], np.ndarray],
+                                       cpu: str) -> None:
+    paths, inputs = artifacts
+    runs = run_on_arm(paths, inputs, cpu, sandbox.path)
+    assert set(runs) == {str(path) for path in paths}
+    for path in paths:
+        arm, host = runs[str(path)], codes_on_host(path, inputs)
+        difference = compare_codes(arm, host)
+        print(f"{path.name} on {arm.runtime}: {difference.summary()} ({arm.seconds:.1f} s emulated, not a latency)")
+        assert arm.emulated and arm.cpu == cpu
+        assert arm.outputs.shape == (IMAGES, 10) and arm.outputs.dtype == np.float32
+        assert arm.codes is not None and arm.codes.dtype == np.int8  # ONNX: recovered from its DequantizeLinear
+        assert difference.unit == "int8 output codes" and difference.total == IMAGES * 10
+        assert difference.identical, difference.summary()  # ORT and XNNPACK int8 kernels are exact
+        np.testing.assert_array_equal(arm.outputs, host.outputs)
+    features = runs[str(paths[0])].cpu_features
+    assert ("asimddp" in features) == (cpu == "neoverse-n1")  # the -cpu model picks the kernel family
+
+
+def test_litert_builtin_kernels_within_one_lsb(sandbox: SandboxState,
+                                               artifacts: tuple[list[Path], np.ndarray]) -> None:
+    tflite = artifacts[0][1]
+    inputs = artifacts[1]
+    arm = run_on_arm([tflite], inputs, "cortex-a53", sandbox.path, kernels="builtin")[str(tflite)]
+    difference = compare_codes(arm, codes_on_host(tflite, inputs, kernels="builtin"))
+    print(f"builtin kernels: {difference.summary()}")
+    assert arm.runtime.endswith("(builtin)")
+    assert difference.max_lsb is not None and difference.max_lsb <= 1
+
+
+def directory_state(root: Path) -> dict[str, int]:
+    """mtime of every directory under ``root``: any file created or removed anywhere below changes one."""
+    state = {}
+    for folder, _, _ in os.walk(root):
+        try:
+            state[folder] = os.stat(folder).st_mtime_ns
+        except OSError:
+            pass
+    return state
+
+
+def host_python_folders() -> list[Path]:
+    names = {sysconfig.get_paths()[key] for key in ("stdlib", "purelib", "platlib")}
+    names |= {"/usr/lib/python3.11", "/usr/lib/python3/dist-packages", "/usr/local/lib/python3.11"}
+    return sorted(Path(name) for name in names if Path(name).is_dir())
+
+
+GUEST_FILE_NAMES = re.compile(r"^(a\d+\.(onnx|tflite)|inputs\.npy|re(quest|sult)\.json|guest_runner\.py|.*\.npy|"
+                              r".*\.load\.log|__pycache__|[0-9a-f]{32})$")
+
+
+def test_guest_is_isolated_from_the_host(sandbox: SandboxState, artifacts: tuple[list[Path], np.ndarray],
+                                         tmp_path: Path) -> None:
+    paths, inputs = artifacts
+    marker = tmp_path / "host-marker.txt"
+    marker.write_text("outside the sandbox", encoding="utf-8")
+    codes_on_host(paths[0], inputs[:1])  # the host's own lazy imports happen now, not during the guest run
+    watched = [*host_python_folders(), paths[0].parent]
+    before = {str(root): directory_state(root) for root in watched}
+    tmp_before = set(os.listdir("/tmp"))
+    start = time.time()
+
+    run_on_arm(paths, inputs[:1], "cortex-a53", sandbox.path)
+    seen = guest_sees([str(marker), str(sandbox.path / STAMP), "/etc/debian_version", f"/{STAMP}"],
+                      "cortex-a53", sandbox.path)
+
+    assert seen["readable"] == {str(marker): False, str(sandbox.path / STAMP): False,
+                                "/etc/debian_version": True, f"/{STAMP}": True}  # it sees the sandbox as /
+    assert seen["guest"]["machine"] == "aarch64" and seen["guest"]["cpu_part"] == "0xd03"  # a Cortex-A53
+    for root in watched:
+        assert directory_state(root) == before[str(root)], f"something was written under {root}"
+    new_in_tmp = sorted(name for name in set(os.listdir("/tmp")) - tmp_before if GUEST_FILE_NAMES.match(name))
+    assert new_in_tmp == []
+    assert list((sandbox.path / "work").iterdir()) == []  # the run's work folder is gone
+    written_bytecode = [p for p in sandbox.path.rglob("*.pyc") if p.stat().st_mtime >= start]
+    assert written_bytecode == []  # PYTHONDONTWRITEBYTECODE holds inside the guest too
+
+
+def test_unknown_cpu_is_refused_with_the_known_ones(artifacts: tuple[list[Path], np.ndarray]) -> None:
+    with pytest.raises(BadInputError, match="cortex-a53.*neoverse-n1.*neoverse-v1.*max"):
+        run_on_arm(artifacts[0], artifacts[1], "pentium-4")
+    assert parse_cpu_list("cortex-a53, neoverse-n1,cortex-a53") == ["cortex-a53", "neoverse-n1"]
+    assert {"cortex-a53", "neoverse-n1", "neoverse-v1", "max"} <= set(CPU_MODELS)
+
+
+def test_guest_crash_is_a_conversion_error(sandbox: SandboxState, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.int8.tflite"
+    broken.write_bytes(b"not a flatbuffer" * 64)
+    with pytest.raises(ConversionError, match="cortex-a53"):
+        run_on_arm([broken], np.zeros((1, 3, 8, 8), np.float32), "cortex-a53", sandbox.path)
+    assert list((sandbox.path / "work").iterdir()) == []
+
+
+def test_guest_runner_codes_int8_io_like_the_converter() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 8, 8, 3)).astype(np.float32) * 3
+    for dtype, quantization in ((np.int8, (0.02, -3)), (np.uint8, (0.03, 128)), (np.float32, (0.0, 0))):
+        detail = {"dtype": dtype, "quantization": quantization}
+        np.testing.assert_array_equal(guest_runner.encoder(detail)(x), _encoder(detail)(x))
+        codes = _encoder(detail)(x)
+        np.testing.assert_array_equal(guest_runner.decoder(detail)(codes), _decoder(detail)(codes))
+
+
+def test_status_and_setup_refuse_folders_that_are_not_sandboxes(tmp_path: Path) -> None:
+    assert sandbox_status(tmp_path / "missing").reason.startswith("not set up")
+    foreign = tmp_path / "someone-elses"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me", encoding="utf-8")
+    assert not sandbox_status(foreign).ready
+    require_root_on_debian()
+    with pytest.raises(BadInputError, match="not an mdeploy sandbox"):
+        setup_sandbox(foreign)
+    assert (foreign / "precious.txt").read_text(encoding="utf-8") == "keep me"
+
+
+def test_failed_setup_leaves_nothing_that_looks_complete(sandbox: SandboxState, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from mdeploy.arm import sandbox as sandbox_module
+
+    def interrupted_build(staging: Path, *args: object) -> dict[str, object]:
+        (staging / "usr").mkdir(parents=True)
+        raise KeyboardInterrupt  # as if the user pressed Ctrl-C halfway
+
+    monkeypatch.setattr(sandbox_module, "build", interrupted_build)
+    folder = tmp_path / "arm64-sandbox"
+    with pytest.raises(KeyboardInterrupt):
+        setup_sandbox(folder)
+    assert not folder.exists()
+    assert not sandbox_status(folder).ready
+    assert [p.name for p in tmp_path.iterdir() if ".staging-" in p.name] == []
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ("geteuid", "needs root"),
+    ("machine", "needs an x86_64 host"),
+    ("os_release", "use a Debian or Ubuntu host"),
+])
+def test_setup_explains_hosts_it_cannot_use(patch: str, message: str, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from mdeploy.arm import host
+
+    if patch == "geteuid":
+        monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
+    elif patch == "machine":
+        monkeypatch.setattr(host.platform, "machine", lambda: "aarch64")
+    else:
+        monkeypatch.setattr(host, "_os_release", lambda: {"ID": "fedora", "PRETTY_NAME": "Fedora Linux 41"})
+    with pytest.raises(BadInputError, match=message) as raised:
+        setup_sandbox(tmp_path / "arm64-sandbox")
+    assert "\n" not in str(raised.value)
+    assert not (tmp_path / "arm64-sandbox").exists()
+
+
+def test_setup_without_the_mirror_is_a_one_line_error(sandbox: SandboxState, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MDEPLOY_ARM_MIRROR", "http://127.0.0.1:9/debian")  # nothing listens on the discard port
+    folder = tmp_path / "arm64-sandbox"
+    with pytest.raises(BadInputError, match="check network access to http://127.0.0.1:9/debian") as raised:
+        setup_sandbox(folder)
+    assert "\n" not in str(raised.value)
+    assert not folder.exists() and not sandbox_status(folder).ready
+    assert [p.name for p in tmp_path.iterdir() if ".staging-" in p.name] == []
+
+
+def test_check_on_emulated_arm_through_the_cli(sandbox: SandboxState, tmp_path: Path) -> None:
+    """What CI runs: convert a small model, then `check --platform linux-arm64` reports parity vs PyTorch and int8
+    codes vs x86 per CPU model, labelled emulated, without any latency."""
+    from typer.testing import CliRunner
+
+    from mdeploy.cli import app
+
+    runner = CliRunner()
+    torch.manual_seed(0)
+    torch.save(randomize_batch_norm(build_model(ModelConfig(Arch.mobilenet_v2, 0.5, 10, 0.2))).state_dict(),
+               tmp_path / "model.pt")
+    for name, count, seed in (("calib", 32, 0), ("eval", 8, 1)):
+        (tmp_path / name).mkdir()
+        np.save(tmp_path / name / "x.npy", np.random.default_rng(seed).standard_normal((count, 3, 96, 96))
+                .astype(np.float32))
+    common = ["--arch", "mobilenet_v2", "--input-size", "96", "--min-top1", "0"]
+    converted = runner.invoke(app, ["convert", str(tmp_path / "model.pt"), *common, "--to", "onnx,tflite", "--int8",
+                                    "--calib", str(tmp_path / "calib"), "--out", str(tmp_path / "out")])
+    assert converted.exit_code == 0, converted.output
+    result = runner.invoke(app, ["check", str(tmp_path / "out"), "--model", str(tmp_path / "model.pt"),
+                                 "--eval", str(tmp_path / "eval"), *common[:2], "--min-top1", "0",
+                                 "--platform", "linux-arm64", "--cpu", "cortex-a53", "--json"])
+    assert result.exit_code == 0, result.output
+    arm = json.loads(result.stdout)["arm"]
+    assert arm["emulated"] and arm["cpus"] == ["cortex-a53"] and len(arm["results"]) == 4
+    for row in arm["results"]:
+        assert row["emulated"] and row["parity"]["passed"] and "latency" not in json.dumps(row).replace(
+            "no latency", "")
+        if ".int8." in row["artifact"]:
+            assert row["vs_x86"]["unit"] == "int8 output codes" and row["vs_x86"]["max_lsb"] <= 1
+    status = json.loads(runner.invoke(app, ["arm", "status", "--json"]).stdout)
+    assert status["ready"]
+    doctor = json.loads(runner.invoke(app, ["doctor", "--json"]).stdout)
+    assert doctor["arm_sandbox"]["ready"] and {t["target"] for t in doctor["targets"]} == {"onnx", "tflite", "coreml"}
+    refused = runner.invoke(app, ["check", str(tmp_path / "out"), "--model", str(tmp_path / "model.pt"), "--eval",
+                                  str(tmp_path / "eval"), *common[:2], "--cpu", "cortex-a53"])
+    assert refused.exit_code == 2 and "--platform linux-arm64" in refused.stderr
