@@ -352,6 +352,15 @@ def _write_crops(photos_dir: Path, photos: list[Photo], total: int, destination:
             crop.save(destination / f"{photo.stem}_{crop_index:04d}.jpg", "JPEG", quality=JPEG_QUALITY)
 
 
+def write_extra_eval_crops(assets: DemoAssets, total: int, destination: Path) -> Path:
+    """``total`` more crops of the evaluation photos (their own seed stream, none equal to ``eval/``'s) into a new
+    ``destination`` folder: for statistics 320 crops cannot resolve, such as two int8 runtimes whose top-1
+    agreement differs by less than a point."""
+    photos = [photo for photo in EVAL_PHOTOS if photo.name in assets.photos_eval]
+    _write_crops(assets.photos_dir, photos, total, destination, split="eval-extra")
+    return destination
+
+
 def _random_crop_box(rng: random.Random, width: int, height: int) -> tuple[int, int, int, int]:
     """torchvision's RandomResizedCrop sampling: a random area and aspect ratio, centre crop as fallback."""
     area = width * height
