@@ -11,7 +11,7 @@ import typer
 from calibration.config import QuantRecipe, RangeMethod
 from calibration.preprocess import Preprocess
 from converters import Target
-from converters.coreml import ComputePrecision, CoremlConverter, DeploymentTarget, InputKind
+from converters.coreml import ComputePrecision, ComputeUnits, CoremlConverter, DeploymentTarget, InputKind
 from converters.tflite import IOType, TfliteConverter
 from mdeploy.cli.app import app, run_guarded, stderr, stdout
 from mdeploy.cli.options import (
@@ -58,6 +58,9 @@ def convert(
     = InputKind.tensor,
     coreml_target: Annotated[DeploymentTarget, typer.Option(
         "--coreml-target", help="Core ML minimum deployment target (W8A8 needs iOS17)")] = DeploymentTarget.iOS17,
+    coreml_compute_units: Annotated[ComputeUnits, typer.Option(
+        "--coreml-compute-units", help="Core ML compute units for parity runs on macOS (elsewhere the MIL reference "
+        "runs)")] = ComputeUnits.ALL,
     coreml_weights_only: Annotated[bool, typer.Option(
         "--coreml-weights-only", help="int8 Core ML: int8 weights only (W8), activations stay float")] = False,
     author: Annotated[str, typer.Option("--author", help="written into each artifact's metadata")] = "",
@@ -97,7 +100,8 @@ def convert(
             converters=(
                 TfliteConverter(io=tflite_io),
                 CoremlConverter(compute_precision=coreml_precision, minimum_target=coreml_target,
-                                image_input=coreml_input is InputKind.image, activations=not coreml_weights_only),
+                                image_input=coreml_input is InputKind.image, activations=not coreml_weights_only,
+                                compute_units=coreml_compute_units),
             ),
         )
         return run_convert(options, ConsoleReporter(quiet=json_output))
