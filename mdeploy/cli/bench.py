@@ -9,9 +9,9 @@ import typer
 from rich.table import Table
 
 from mdeploy.cli.app import app, run_guarded, stdout
+from mdeploy.cli.output import finish
 from mdeploy.cli.options import BaselineOpt, ConfigOpt, DebugOpt, JsonOpt, ReportOpt, gate_config
-from mdeploy.errors import BadInputError, ExitCode
-from mdeploy.pipeline import dump_json
+from mdeploy.errors import BadInputError
 from mdeploy.ui import ConsoleReporter
 
 
@@ -72,12 +72,4 @@ def bench(
             write_report_folder(report, report_dir)
         return report
 
-    report = run_guarded(debug, action)
-    if json_output:
-        print(dump_json(report))
-    else:
-        stdout.print(bench_table(report))
-        for regression in (report["baseline"] or {}).get("regressions", []):
-            stdout.print(f"[red]regression[/red]: {regression['message']}", highlight=False, soft_wrap=True)
-    if not report["passed"]:
-        raise typer.Exit(int(ExitCode.PARITY_FAILED))
+    finish(run_guarded(debug, action), json_output, report_dir, lambda report: stdout.print(bench_table(report)))

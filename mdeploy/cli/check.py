@@ -10,12 +10,13 @@ import typer
 from rich.table import Table
 
 from mdeploy.cli.app import app, run_guarded, stdout
+from mdeploy.cli.output import finish
 from mdeploy.cli.options import (
     ArchOpt, BaselineOpt, ConfigOpt, DebugOpt, EvalOpt, EvalSizeOpt, InputSizeOpt, JsonOpt, MaxAbsOpt, MeanOpt,
     MinSnrOpt, MinTop1Opt, ReportOpt, StdOpt, ThreadsOpt, TrustPickleOpt, build_preprocess, gate_config,
 )
-from mdeploy.errors import BadInputError, ExitCode
-from mdeploy.pipeline import DataOptions, Limits, ModelSource, dump_json
+from mdeploy.errors import BadInputError
+from mdeploy.pipeline import DataOptions, Limits, ModelSource
 from mdeploy.ui import ConsoleReporter
 
 
@@ -97,11 +98,8 @@ def print_report(report: dict[str, Any]) -> None:
 
         stdout.print(bench_table(report["bench"]))
     baseline = report["baseline"]
-    if baseline is not None:
-        for regression in baseline["regressions"]:
-            stdout.print(f"[red]regression[/red]: {regression['message']}", highlight=False, soft_wrap=True)
-        if baseline["passed"]:
-            stdout.print(f"no regression against {baseline['file']}", highlight=False)
+    if baseline is not None and baseline["passed"]:
+        stdout.print(f"no regression against {baseline['file']}", highlight=False)
 
 
 @app.command()
@@ -164,12 +162,4 @@ def check(
             write_report_folder(report, report_dir)
         return report
 
-    report = run_guarded(debug, action)
-    if json_output:
-        print(dump_json(report))
-    else:
-        print_report(report)
-        if report_dir is not None:
-            stdout.print(f"wrote {report_dir}/ (report.json, junit.xml, summary.md, report.html)", highlight=False)
-    if not report["passed"]:
-        raise typer.Exit(int(ExitCode.PARITY_FAILED))
+    finish(run_guarded(debug, action), json_output, report_dir, print_report)
