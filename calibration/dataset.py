@@ -10,14 +10,21 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import random
+import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from calibration.preprocess import Layout, Preprocess, UnreadableImageError, decode_image
+from calibration.preprocess import (
+    Layout,
+    Preprocess,
+    UnreadableImageError,
+    decode_image,
+)
 from mdeploy.errors import BadInputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -224,19 +231,44 @@ def _read_samples(path: Path, data: bytes, preprocess: Preprocess) -> list[np.nd
     if not data.startswith(magic):
         raise _Unusable(f"not a {suffix} file (its first bytes are not {magic!r})")
     try:
-        loaded = np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle: files may come from anywhere
-        if isinstance(loaded, np.lib.npyio.NpzFile):
-            with loaded:
-                arrays = [(f"[{key}]", loaded[key]) for key in loaded.files]
+        if suffix == ".npy":
+            arrays = [("", _load_npy(data))]
         else:
-            arrays = [("", loaded)]
-    # numpy raises ValueError, EOFError, zipfile.BadZipFile, ... on damaged files.
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                arrays = []
+                for member in archive.namelist():
+                    key = member.removesuffix(".npy")
+                    arrays.append((f"[{key}]", _load_npy(archive.read(member), f"member {key} ")))
+    except _Unusable:
+        raise
+    # numpy raises ValueError, EOFError, ...; zipfile BadZipFile, zlib.error, UnicodeDecodeError, ... on damaged files.
     except Exception as err:  # noqa: BLE001
-        raise _Unusable(f"not a readable {suffix} file ({type(err).__name__}: {err})") from None
+        raise _Unusable(f"not a readable {suffix} file ({type(err).__name__}: {_short(err)})") from None
     samples: list[np.ndarray] = []
     for key, array in arrays:
         samples.extend(_tensor_samples(array, f"{path}{key}", preprocess))
     return samples
+
+
+def _load_npy(data: bytes, what: str = "") -> np.ndarray:
+    """One .npy array from its bytes, never unpickling (files may come from anywhere), and checking first that the
+    file holds the bytes its header announces: a damaged header must not make NumPy allocate gigabytes."""
+    if not data.startswith(_NPY_MAGIC):
+        raise _Unusable(f"{what}is not .npy data (its first bytes are not {_NPY_MAGIC!r})")
+    stream = io.BytesIO(data)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    if dtype.hasobject:
+        raise _Unusable(f"{what}holds Python objects, which are never unpickled; save a float array")
+    needed = math.prod(shape) * dtype.itemsize
+    available = len(data) - stream.tell()
+    if needed > available:
+        raise _Unusable(f"{what}is truncated: its header announces {needed} bytes of data, the file holds {available}")
+    stream.seek(0)
+    return np.load(stream, allow_pickle=False)
 
 
 def _tensor_samples(array: np.ndarray, name: str, preprocess: Preprocess) -> list[np.ndarray]:
@@ -261,6 +293,11 @@ def _tensor_samples(array: np.ndarray, name: str, preprocess: Preprocess) -> lis
     if not all(np.isfinite(sample).all() for sample in samples):
         raise BadInputError(f"{name} contains NaN or infinite values: fix the code that produced it.")
     return samples
+
+
+def _short(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0][:200] if lines else type(err).__name__
 
 
 def _layout_hint(shape: tuple[int, ...], preprocess: Preprocess) -> str:

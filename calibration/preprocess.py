@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mdeploy.errors import BadInputError
 
@@ -233,9 +233,13 @@ def decode_image(data: bytes, path: str | Path = "<bytes>") -> Image.Image:
                 return to_rgb8(image, path)
     except UnreadableImageError:
         raise
-    # PIL's decoders raise many exception types (OSError, SyntaxError, ValueError, struct.error, ...).
+    except UnidentifiedImageError:  # its message names a BytesIO object, which tells the user nothing
+        raise UnreadableImageError(path, "UnidentifiedImageError: not a known image format, or a damaged header") \
+            from None
+    # PIL's decoders raise many exception types (OSError, SyntaxError, ValueError, struct.error, MemoryError, ...).
     except Exception as err:  # noqa: BLE001
-        raise UnreadableImageError(path, f"{type(err).__name__}: {err}") from None
+        lines = str(err).strip().splitlines()
+        raise UnreadableImageError(path, f"{type(err).__name__}: {lines[0][:200] if lines else ''}") from None
 
 
 def _upright(image: Image.Image) -> Image.Image:

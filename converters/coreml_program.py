@@ -10,6 +10,7 @@ output, the same places as the ONNX QDQ graph. Ops are spelled as coremltools' o
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,9 @@ OUTPUT_NAME = "logits"
 def import_coremltools() -> Any:
     """``import coremltools`` without importing TensorFlow when nothing else has: coremltools imports it eagerly
     for its TF frontend (2 s, hundreds of MB), which mdeploy never uses. ``import tensorflow`` works again right
-    after."""
+    after. Its import-time warnings (untested torch version, no native Core ML on this OS) are silenced: mdeploy
+    says what runs where in its own reports, and errors must stay one line."""
+    logging.getLogger("coremltools").setLevel(logging.ERROR)
     if "coremltools" in sys.modules or "tensorflow" in sys.modules:
         import coremltools
 

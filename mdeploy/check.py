@@ -146,8 +146,13 @@ def resolve_preprocess(options: CheckOptions, manifest: dict[str, Any] | None, f
 
 def embedded_preprocess(path: Path) -> Preprocess | None:
     """The preprocessing mdeploy writes into every artifact's own metadata."""
+    target = target_of(path)
     try:
-        metadata = REGISTRY[target_of(path)].inspect(path).get("metadata", {})
+        metadata = REGISTRY[target].inspect(path).get("metadata", {})
+    except Exception as err:  # the format library's own parse errors
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BadInputError(f"{path} cannot be read as {target.value} ({first_line}): is it corrupt?") from err
+    try:
         return Preprocess.from_dict(json.loads(metadata["mdeploy.preprocess"]))
     except (KeyError, ValueError, TypeError, BadInputError):
         return None

@@ -6,7 +6,12 @@ from enum import IntEnum
 
 
 class ExitCode(IntEnum):
-    """Process exit codes of every mdeploy command (documented in the README)."""
+    """Process exit codes of every mdeploy command (documented in the README).
+
+    ``INTERRUPTED`` (130) is used for Ctrl-C (SIGINT) and for SIGTERM alike: both stop the run the same way (the
+    staging folder is removed, a previous output folder is left intact, one ``interrupted`` line on stderr), so
+    scripts and CI see one code for "stopped before the end", not 143 for SIGTERM.
+    """
 
     OK = 0
     PARITY_FAILED = 1
@@ -35,3 +40,12 @@ class ConversionError(MdeployError):
 
 class UnsupportedOpError(ConversionError):
     """The model uses an operator that a target (or the translator) does not support."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A termination signal (SIGTERM) turned into the same clean stop as Ctrl-C: every ``except KeyboardInterrupt``
+    and clean-up path runs, and the command exits with ``ExitCode.INTERRUPTED``."""
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name

@@ -9,10 +9,7 @@ ops, Python expressions evaluated at load time, arbitrary Python call targets) a
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import io
-import json
 import pickle
 import re
 import types
@@ -27,6 +24,7 @@ import torch
 from torch import nn
 
 from .errors import BadInputError
+from .model_archive import SAVE_FIX, check_records, first_line, pt2_code_risk, sniff_format
 from .zoo import Arch, ModelConfig, build_model, guess_arch, infer_config, parse_arch
 
 __all__ = ["ModelFormat", "LoadedModel", "load_model"]
@@ -36,10 +34,6 @@ TRUST_FLAG = "--trust-pickle"
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "module", "ema", "model_ema")
 # Prefixes added by DataParallel/DistributedDataParallel and torch.compile.
 STRIP_PREFIXES = ("module.", "_orig_mod.")
-_SAVE_FIX = (
-    "save a state dict (torch.save(model.state_dict(), PATH)), TorchScript (torch.jit.save) "
-    "or an ExportedProgram (torch.export.save)"
-)
 
 
 class ModelFormat(str, Enum):
@@ -67,9 +61,11 @@ def load_model(path: str | Path, arch: Arch | str | None = None, allow_pickle: b
     path = Path(path)
     _check_file(path)
     sha256 = _sha256(path)
-    kind = _sniff(path)
+    kind = sniff_format(path)
     config: ModelConfig | None = None
     name = path.stem
+    if kind in ("torchscript", "torch_zip"):
+        check_records(path)
     if kind == "torchscript":
         fmt = ModelFormat.torchscript
         module = _load_torchscript(path, allow_pickle)
@@ -91,8 +87,24 @@ def load_model(path: str | Path, arch: Arch | str | None = None, allow_pickle: b
     except Exception:  # noqa: BLE001 - some archives cannot be cast; the finite check below still runs
         pass
     module = module.eval()
-    _check_finite(module.state_dict(), path)
+    _check_finite(dict(_all_tensors(module)), path)
     return LoadedModel(module, fmt, path.resolve(), sha256, config, name)
+
+
+def _all_tensors(module: nn.Module) -> list[tuple[str, Any]]:
+    """Parameters, buffers and plain tensor attributes (an ExportedProgram's lifted constants) of every submodule."""
+    found: dict[int, tuple[str, Any]] = {}
+    try:
+        items = list(module.state_dict(keep_vars=True).items())
+    except Exception:  # noqa: BLE001
+        items = []
+    for prefix, sub in module.named_modules():
+        for attr, value in list(vars(sub).items()):
+            if isinstance(value, torch.Tensor):
+                items.append((f"{prefix}.{attr}" if prefix else attr, value))
+    for name, value in items:
+        found.setdefault(id(value), (name, value))
+    return list(found.values())
 
 
 # ---------------------------------------------------------------------------------------------------- files
@@ -120,49 +132,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sniff(path: Path) -> str:
-    """'torchscript', 'exported_program', 'torch_zip' or 'other' (legacy torch.save, or not a torch file)."""
-    with path.open("rb") as f:
-        head = f.read(8)
-    if head[4:8] == b"TFL3":
-        raise BadInputError(
-            f"{path} is a TFLite model: mdeploy takes the trained PyTorch "
-            "model (state dict, TorchScript or .pt2) and produces those formats itself"
-        )
-    if not head.startswith(b"PK"):
-        return "other"
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-            archive_format = _read_member(zf, names, "archive_format")
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise BadInputError(
-            f"{path} is a truncated or corrupt zip archive ({err}): copy or save the model again"
-        ) from None
-    if any(re.match(r"[^/]+/code/", n) for n in names) and any(n.endswith("/constants.pkl") for n in names):
-        return "torchscript"
-    if archive_format is not None and archive_format.strip() == b"pt2":
-        return "exported_program"
-    if any(n.endswith("data.pkl") for n in names):
-        return "torch_zip"
-    raise BadInputError(
-        f"{path} is a zip archive but not a PyTorch model (no data.pkl, TorchScript code or .pt2 model): "
-        + _SAVE_FIX
-    )
-
-
-def _read_member(zf: zipfile.ZipFile, names: list[str], suffix: str) -> bytes | None:
-    for n in names:
-        if n == suffix or n.endswith("/" + suffix):
-            return zf.read(n)
-    return None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:200]
-
-
 # ------------------------------------------------------------------------------------ torch.save payloads
 
 
@@ -171,14 +140,14 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         message = str(err)
-        if "Weights only load failed" not in message:
-            raise _not_torch(path, err) from None
+        if "Weights only load failed" not in message or not _refused_object(message):
+            raise _not_torch(path, err) from None  # a damaged pickle stream, not a Python object
         if not allow_pickle:
             found = re.search(r"GLOBAL ([\w.]+)", message)
             what = f" ({found.group(1)})" if found else ""
             raise BadInputError(
                 f"{path} holds a pickled Python object{what}, which mdeploy does not unpickle by default "
-                f"because that runs code from the file: {_SAVE_FIX}, or pass {TRUST_FLAG} if you trust the file"
+                f"because that runs code from the file: {SAVE_FIX}, or pass {TRUST_FLAG} if you trust the file"
             ) from None
     except Exception as err:  # noqa: BLE001 - every torch.load failure here means an unusable file
         raise _not_torch(path, err) from None
@@ -186,15 +155,33 @@ def _torch_load(path: Path, allow_pickle: bool) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # noqa: BLE001
         raise BadInputError(
-            f"could not unpickle {path} ({type(err).__name__}: {_first_line(err)}): load it in the Python "
-            f"environment that saved it and {_SAVE_FIX}"
+            f"could not unpickle {path} ({type(err).__name__}: {first_line(err)}): load it in the Python "
+            f"environment that saved it and {SAVE_FIX}"
         ) from None
+
+
+def _refused_object(message: str) -> bool:
+    """Whether torch's weights-only unpickler refused a Python object (a class or function the file names), as
+    opposed to failing on bytes that are no valid pickle at all ("Unsupported operand 95", ...)."""
+    cause = message.split("WeightsUnpickler error:", 1)[-1]
+    return bool(re.search(r"GLOBAL|allowlisted|add_safe_globals|call reduce|new object|Can only build", cause))
+
+
+def _torch_reason(err: BaseException) -> str:
+    """The useful part of a torch.load error: torch wraps its cause in paragraphs of advice."""
+    text = str(err)
+    found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    if found:
+        text = found.group(1)
+    text = re.split(r"\. This is an internal miniz error|\. The file might be corrupted| Please use `torch", text)[0]
+    lines = text.strip().splitlines()
+    return lines[0][:200] if lines else first_line(err)
 
 
 def _not_torch(path: Path, err: BaseException) -> BadInputError:
     return BadInputError(
         f"{path} is not a PyTorch model file, or is damaged (torch.load failed with {type(err).__name__}: "
-        f"{_first_line(err)}): {_SAVE_FIX}"
+        f"{_torch_reason(err)}): copy it again, or {SAVE_FIX}"
     )
 
 
@@ -230,7 +217,7 @@ def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             what = f"a dict without a state dict in it (keys: {keys})" if obj else "an empty dict"
         else:
             what = f"a {type(obj).__name__}"
-        raise BadInputError(f"{path} holds {what}, not a model: {_SAVE_FIX}")
+        raise BadInputError(f"{path} holds {what}, not a model: {SAVE_FIX}")
     state_dict = dict(obj)
     for prefix in STRIP_PREFIXES:
         if all(k.startswith(prefix) for k in state_dict):
@@ -260,7 +247,7 @@ def _load_state_dict(
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError as err:
-        raise BadInputError(f"{path} does not load into {config.describe()}: {_first_line(err)}") from None
+        raise BadInputError(f"{path} does not load into {config.describe()}: {first_line(err)}") from None
     return model, config
 
 
@@ -283,21 +270,28 @@ _TS_DANGEROUS = re.compile(r"\b(from_file|save)\b")
 
 def _load_torchscript(path: Path, allow_pickle: bool) -> nn.Module:
     if not allow_pickle:
-        with zipfile.ZipFile(path) as zf:
-            for name in zf.namelist():
-                if re.match(r"[^/]+/code/.*\.py$", name):
-                    found = _TS_DANGEROUS.search(zf.read(name).decode("utf-8", "replace"))
-                    if found:
-                        raise BadInputError(
-                            f"TorchScript archive {path} calls {found.group(1)}(), which reads or writes files; "
-                            f"mdeploy refuses it by default: script only the model, or pass {TRUST_FLAG} if "
-                            "you trust the file"
-                        )
+        found = None
+        try:
+            with zipfile.ZipFile(path) as zf:
+                for name in zf.namelist():
+                    if re.match(r"[^/]+/code/.*\.py$", name):
+                        found = _TS_DANGEROUS.search(zf.read(name).decode("utf-8", "replace"))
+                        if found:
+                            break
+        except Exception as err:  # noqa: BLE001 - a member that cannot be read (bad CRC, bad deflate stream, ...)
+            raise BadInputError(
+                f"TorchScript archive {path} is corrupt ({first_line(err)}): copy or save the model again"
+            ) from None
+        if found:
+            raise BadInputError(
+                f"TorchScript archive {path} calls {found.group(1)}(), which reads or writes files; mdeploy "
+                f"refuses it by default: script only the model, or pass {TRUST_FLAG} if you trust the file"
+            )
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as err:  # noqa: BLE001
         raise BadInputError(
-            f"could not load TorchScript archive {path} ({_first_line(err)}): it may be corrupt or need "
+            f"could not load TorchScript archive {path} ({first_line(err)}): it may be corrupt or need "
             "custom ops; save it again with torch.jit.save"
         ) from None
 
@@ -307,7 +301,7 @@ def _load_torchscript(path: Path, allow_pickle: bool) -> nn.Module:
 
 def _load_exported(path: Path, allow_pickle: bool) -> nn.Module:
     if not allow_pickle:
-        problem = _pt2_code_risk(path)
+        problem = pt2_code_risk(path)
         if problem is not None:
             raise BadInputError(
                 f".pt2 archive {path} {problem}, which torch.export.load would run as code; mdeploy refuses "
@@ -318,7 +312,7 @@ def _load_exported(path: Path, allow_pickle: bool) -> nn.Module:
         module = torch.export.load(str(path)).module()
     except Exception as err:  # noqa: BLE001
         raise BadInputError(
-            f"could not load ExportedProgram {path} ({_first_line(err)}): it may be corrupt or come from "
+            f"could not load ExportedProgram {path} ({first_line(err)}): it may be corrupt or come from "
             "another PyTorch version; export it again with torch.export.save"
         ) from None
     for node in module.graph.nodes:
@@ -347,87 +341,3 @@ def _inference_only_train(self: nn.Module, mode: bool = True) -> nn.Module:
     if mode:
         raise NotImplementedError("this ExportedProgram was exported for inference: train() is not supported")
     return nn.Module.train(self, False)
-
-
-# Call targets a model graph needs; anything else (e.g. torch.os.system) is refused.
-_SAFE_TARGET = re.compile(
-    r"(torch\.ops\.(aten|prims|prim|quantized_decomposed|higher_order)\.\w+(\.\w+)?"
-    r"|torch\.sym_\w+|torch\._check\w*|_operator\.(getitem|add|sub|mul|truediv|floordiv|mod|neg|pow|"
-    r"eq|ne|lt|le|gt|ge|and_|or_|not_)|math\.(ceil|floor|sqrt|trunc))"
-)
-_SYMBOL = re.compile(r"[a-z]+\d+")
-_SYMPY_NAMES = frozenset(
-    "Symbol Integer Rational Float Add Mul Pow Max Min Mod floor ceiling Abs Eq Ne Lt Le Gt Ge And Or Not "
-    "true false oo zoo nan True False FloorDiv ModularIndexing Where PythonMod CleanDiv CeilToInt FloorToInt "
-    "CeilDiv IntTrueDiv FloatTrueDiv ToFloat TruncToInt TruncToFloat RoundToInt RoundDecimal LShift RShift "
-    "PowByNatural FloatPow Identity IsNonOverlappingAndDenseIndicator OpaqueUnaryFn_sqrt BitwiseFn_bitwise_and "
-    "BitwiseFn_bitwise_or".split()
-)
-_SYMPY_NODES = (
-    ast.Expression, ast.Call, ast.Name, ast.Load, ast.Constant, ast.keyword, ast.BinOp, ast.UnaryOp,
-    ast.Compare, ast.BoolOp, ast.Tuple, ast.operator, ast.unaryop, ast.cmpop, ast.boolop,
-)  # fmt: skip
-
-
-def _safe_sympy(expr: str) -> bool:
-    """Whether ``expr`` (evaluated by sympy.sympify on load) is plain arithmetic on symbols."""
-    try:
-        tree = ast.parse(expr, mode="eval")
-    except SyntaxError:
-        return False
-    for node in ast.walk(tree):
-        if not isinstance(node, _SYMPY_NODES):
-            return False
-        if isinstance(node, ast.Name) and node.id not in _SYMPY_NAMES and not _SYMBOL.fullmatch(node.id):
-            return False
-        if isinstance(node, ast.Call) and not (isinstance(node.func, ast.Name) and node.func.id in _SYMPY_NAMES):
-            return False
-        if isinstance(node, ast.keyword) and node.arg is None:
-            return False
-    return True
-
-
-def _walk_json(obj: Any, key: str) -> list[Any]:
-    found, stack = [], [obj]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for k, v in item.items():
-                if k == key:
-                    found.append(v)
-                stack.append(v)
-        elif isinstance(item, list):
-            stack.extend(item)
-    return found
-
-
-def _pt2_code_risk(path: Path) -> str | None:
-    """A description of the first part of a .pt2 archive that torch.export.load would run as code, or None."""
-    try:
-        with zipfile.ZipFile(path) as zf:
-            for name in zf.namelist():
-                rel = name.split("/", 1)[1] if "/" in name else name
-                if rel.startswith("data/") and rel.endswith(".pt"):  # sample inputs, legacy weights
-                    try:
-                        torch.load(io.BytesIO(zf.read(name)), map_location="cpu", weights_only=True)
-                    except Exception:  # noqa: BLE001
-                        return f"holds a pickled Python object in {rel}"
-                elif rel.startswith(("data/weights/", "data/constants/")) and rel.endswith("_config.json"):
-                    for fqn, meta in json.loads(zf.read(name)).get("config", {}).items():
-                        if meta.get("use_pickle") or str(meta.get("path_name", "")).startswith(
-                            ("custom_obj_", "opaque_obj_")
-                        ):
-                            return f"holds a pickled object for {fqn}"
-                elif rel.startswith("models/") and rel.endswith(".json"):
-                    program = json.loads(zf.read(name))
-                    if program.get("guards_code"):
-                        return "carries Python guard code"
-                    for target in _walk_json(program, "target"):
-                        if isinstance(target, str) and not _SAFE_TARGET.fullmatch(target):
-                            return f"calls {target[:80]}"
-                    for expr in _walk_json(program, "expr_str"):
-                        if not isinstance(expr, str) or not _safe_sympy(expr):
-                            return f"holds a shape expression that is not plain arithmetic ({str(expr)[:60]})"
-    except (zipfile.BadZipFile, OSError, ValueError, AttributeError) as err:
-        raise BadInputError(f".pt2 archive {path} is corrupt ({_first_line(err)}): export it again") from None
-    return None

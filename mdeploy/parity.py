@@ -37,8 +37,11 @@ class Thresholds:
         return replace(self, **{key: value for key, value in limits.items() if value is not None})
 
     def failures(self, metrics: ParityMetrics) -> list[str]:
-        """Every limit the metrics miss, each as a readable sentence."""
+        """Every limit the metrics miss, each as a readable sentence. Non-finite outputs always fail, whatever the
+        limits (a gate with every limit unset must still not pass NaN)."""
         found = []
+        if not math.isfinite(metrics.max_abs_error):
+            found.append("the outputs hold NaN or Inf")
         if self.max_abs_error is not None and not metrics.max_abs_error <= self.max_abs_error:
             found.append(f"max |error| {metrics.max_abs_error:.3g} > {self.max_abs_error:.3g}")
         if self.min_snr_db is not None and not metrics.snr_db >= self.min_snr_db:

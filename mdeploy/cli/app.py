@@ -2,23 +2,73 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-from mdeploy.errors import ExitCode, MdeployError
+from mdeploy.errors import ExitCode, Interrupted, MdeployError
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # already stopping: a second SIGTERM must not cut the clean-up short
+    raise Interrupted(signal.Signals(signum).name)
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (``kill``, ``timeout``, a CI runner cancelling a job) stops the command like Ctrl-C: it raises
+    ``Interrupted`` (a KeyboardInterrupt), so the staging folder is removed, a previous output folder stays intact,
+    one ``interrupted`` line is printed and the exit code is 130 (ExitCode.INTERRUPTED, not 143)."""
+    if threading.current_thread() is not threading.main_thread():  # signals are only handled on the main thread
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    try:
+        yield
+    finally:
+        if previous is _raise_interrupted and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN:
+            pass  # nested, and a SIGTERM is being handled: stay deaf to repeats until the outermost guard exits
+        else:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _interrupted_line(err: KeyboardInterrupt, during_work: bool = True) -> str:
+    via = f" ({err.signal_name})" if isinstance(err, Interrupted) else ""
+    published = getattr(err, "output_published", None)  # set by mdeploy.outputs.staged_output
+    if published is not None:
+        return f"[red]interrupted[/red]{via} just after {published} was written in full"
+    if not during_work:  # outside run_guarded: before the work started, or while its result was printed
+        return f"[red]interrupted[/red]{via}"
+    return f"[red]interrupted[/red]{via}: nothing was written to the output folder"
 
 
 class OneLineErrors(TyperGroup):
     """Usage errors (unknown option, invalid choice, missing argument) as one ``error:`` line with exit code 2,
-    like every other error of the tool, instead of a usage block (or a boxed panel with rich installed)."""
+    like every other error of the tool, instead of a usage block (or a boxed panel with rich installed).
+    SIGTERM is handled like Ctrl-C while a command runs (see ``sigterm_interrupts``)."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        with sigterm_interrupts():
+            return self._main(*args, standalone_mode=standalone_mode, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        # A Ctrl-C outside run_guarded (parsing, imports, printing the result): typer would exit 130 silently.
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as err:
+            stderr.print(_interrupted_line(err, during_work=False), highlight=False)
+            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+
+    def _main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         try:
             result = super().main(*args, standalone_mode=False, **kwargs)
         except typer.TyperException as err:  # click's ClickException and its usage errors derive from it
@@ -57,16 +107,20 @@ T = TypeVar("T")
 
 
 def run_guarded(debug: bool, action: Callable[[], T]) -> T:
-    """Turns every failure into one line on stderr and its exit code (the traceback only with --debug)."""
+    """Turns every failure into one line on stderr and its exit code (the traceback only with --debug). SIGTERM
+    stops ``action`` like Ctrl-C, also for callers outside the typer app (``python -m mdeploy.demo``)."""
     try:
-        return action()
+        with sigterm_interrupts():
+            return action()
     except MdeployError as err:
         if debug:
             traceback.print_exc()
         stderr.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(int(err.exit_code)) from None
-    except KeyboardInterrupt:
-        stderr.print("[red]interrupted[/red]: nothing was written to the output folder")
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Interrupted): the staging folder is gone by now
+        if debug:
+            traceback.print_exc()
+        stderr.print(_interrupted_line(err), highlight=False)
         raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     except typer.Exit:
         raise

@@ -118,4 +118,7 @@ def convert(
     if result.failures:
         raise typer.Exit(int(ExitCode.CONVERSION_FAILED))
     if not result.passed:
+        failed = "; ".join(f"{a.path}: {', '.join(a.parity.failures)}" for a in result.artifacts if not a.parity.passed)
+        stderr.print(f"[red]error:[/red] parity failed: {failed} (artifacts written, marked failed in manifest.json)",
+                     highlight=False, soft_wrap=True)
         raise typer.Exit(int(ExitCode.PARITY_FAILED))

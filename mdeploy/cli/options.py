@@ -49,6 +49,9 @@ def build_preprocess(input_size: int | None, mean: str | None, std: str | None) 
     if (parsed := parse_triple(mean, "--mean")) is not None:
         changes["mean"] = parsed
     if (parsed := parse_triple(std, "--std")) is not None:
+        if not all(value > 0 for value in parsed):
+            raise BadInputError(f"--std {std} must be three positive numbers (they divide the pixels), "
+                                "e.g. --std 0.229,0.224,0.225")
         changes["std"] = parsed
     return Preprocess(**{**preprocess.__dict__, **changes}) if changes else preprocess
 

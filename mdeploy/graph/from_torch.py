@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from mdeploy.errors import ConversionError, UnsupportedOpError
+from mdeploy.errors import BadInputError, ConversionError, UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 
 INPUT_NAME = "input"
@@ -31,7 +31,8 @@ class _Builder:
 
     def tensor(self, arg: object) -> str:
         if not isinstance(arg, fx.Node) or arg.name not in self.tensor_of:
-            raise ConversionError(f"expected an activation tensor, got {arg!r}")
+            what = "a constant tensor" if isinstance(arg, fx.Node) and arg.name in self.constants else "a constant"
+            raise ConversionError(f"takes {what} ({arg}) where a feature map is expected")
         return self.tensor_of[arg.name]
 
     def constant(self, arg: object) -> np.ndarray | None:
@@ -39,7 +40,7 @@ class _Builder:
             return None
         if isinstance(arg, fx.Node) and arg.name in self.constants:
             return self.constants[arg.name]
-        raise ConversionError(f"expected a parameter, got {arg!r}")
+        raise ConversionError(f"takes a computed tensor ({arg}) where a weight (a parameter or buffer) is expected")
 
     def producer(self, tensor: str) -> Node | None:
         return next((n for n in reversed(self.nodes) if n.output == tensor), None)
@@ -142,7 +143,13 @@ def _batch_norm_scale_shift(b: _Builder, args: list[object], eps: float) -> tupl
         raise UnsupportedOpError("BatchNorm without running statistics cannot be folded: export the model in eval mode")
     gamma_v = b.constant(gamma)
     beta_v = b.constant(beta)
-    scale = (gamma_v if gamma_v is not None else 1.0) / np.sqrt(var_v.astype(np.float64) + eps)
+    variance = var_v.astype(np.float64) + eps
+    if not np.all(variance > 0):  # its square root would be NaN: a damaged checkpoint, not a conversion problem
+        raise BadInputError(
+            f"BatchNorm statistics {var} hold {int(np.sum(~(variance > 0)))} negative variance(s), whose square "
+            "root folding needs: the checkpoint is damaged; fix the trained weights or use an earlier checkpoint"
+        )
+    scale = (gamma_v if gamma_v is not None else 1.0) / np.sqrt(variance)
     shift = (beta_v if beta_v is not None else 0.0) - mean_v * scale
     return scale, shift
 
@@ -364,7 +371,10 @@ def graph_from_torch(module: torch.nn.Module, input_shape: tuple[int, ...]) -> G
     constants: dict[str, np.ndarray] = {}
     for spec in signature.input_specs:
         if spec.target is not None and spec.target in state:
-            constants[spec.arg.name] = state[spec.target].detach().float().numpy()
+            value = state[spec.target]
+            if value.is_floating_point():
+                _check_finite(spec.target, value)
+            constants[spec.arg.name] = value.detach().float().numpy()
     builder = _Builder(constants)
     user_inputs = [spec.arg.name for spec in signature.input_specs if spec.target is None]
     if len(user_inputs) != 1:
@@ -378,24 +388,52 @@ def graph_from_torch(module: torch.nn.Module, input_shape: tuple[int, ...]) -> G
             outputs = fx_node.args[0]
             if len(outputs) != 1:
                 raise UnsupportedOpError(f"the model returns {len(outputs)} outputs; mdeploy converts one output")
+            if not (isinstance(outputs[0], fx.Node) and outputs[0].name in builder.tensor_of):
+                raise UnsupportedOpError("the model's output does not depend on its input: export the model itself")
             output = builder.tensor(outputs[0])
             continue
         name = _op_name(fx_node.target)
         if name in IGNORED:
             continue
         handler = HANDLERS.get(name)
+        where = _source(fx_node) or "the model's forward()"
         if handler is None:
-            where = _source(fx_node) or "the model's forward()"
-            supported = ", ".join(sorted(HANDLERS))
-            raise UnsupportedOpError(f"operator aten.{name} (from {where}) is not supported; supported: {supported}")
-        handler(builder, fx_node)
+            supported = ", ".join(sorted(h for h in HANDLERS if not h.endswith("_") and not h.startswith("_")))
+            raise UnsupportedOpError(
+                f"operator aten.{name} (from {where}) is not supported by any mdeploy target: rewrite that part "
+                "of forward() with supported operators, or leave it out of the exported model and apply it in the "
+                f"app; supported: {supported}"
+            )
+        try:
+            handler(builder, fx_node)
+        except UnsupportedOpError:
+            raise
+        except ConversionError as err:  # a supported op used in an unsupported way: say where
+            raise UnsupportedOpError(
+                f"operator aten.{name} (from {where}) {err}, which mdeploy does not support: compute it from "
+                "the layers' outputs and weights only (registered parameters and buffers)"
+            ) from None
     graph = Graph(builder.nodes, INPUT_NAME, tuple(input_shape), output, builder.shapes)
     _check_graph(graph)
     return graph
 
 
+def _check_finite(name: str, value: torch.Tensor) -> None:
+    bad = ~torch.isfinite(value.detach())
+    if bool(bad.any()):
+        raise BadInputError(
+            f"weight {name} holds {int(bad.sum())} NaN/Inf values: the training diverged or the file is damaged; "
+            "use an earlier checkpoint"
+        )
+
+
 def _check_graph(graph: Graph) -> None:
+    """Folding BatchNorm can turn finite but absurd statistics (e.g. a negative running_var) into NaN or Inf."""
     for node in graph.weighted_nodes:
         for key, value in node.params.items():
             if not np.all(np.isfinite(value)):
-                raise ConversionError(f"{key} of {node.source or node.name} holds NaN or Inf: fix the trained weights")
+                raise BadInputError(
+                    f"the folded {key} of {node.source or node.name} holds NaN or Inf (from its weights or "
+                    "BatchNorm statistics, e.g. a negative running_var): fix the trained weights or use an "
+                    "earlier checkpoint"
+                )
