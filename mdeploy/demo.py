@@ -66,7 +66,8 @@ def main(out: Path = Path("out/demo"), targets: str = "onnx,tflite") -> int:
     console.print(console_table(result.manifest))
     labels = assets.labels.read_text(encoding="utf-8").splitlines()
     console.print(predictions_table(result, labels))
-    console.print(f"artifacts, manifest.json and SUMMARY.md in {out}/")
+    console.print(f"hand-off bundle in {out}/: artifacts, manifest.json, golden/, README_android.md, SHA256SUMS; "
+                  f"check it with the runtimes alone: .venv/bin/python {out}/verify_bundle.py")
     return 0 if result.passed else 1
 
 
