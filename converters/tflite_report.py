@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from converters.tflite_flatbuffer import OP_NAMES, TYPE_NAMES, fb, read_model
+from mdeploy.errors import first_line
 
 T = TypeVar("T")
 BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")
@@ -143,7 +144,7 @@ def graph_report(content: bytes) -> dict[str, Any]:
     try:
         report["xnnpack"] = xnnpack_partitions(content)
     except (ImportError, RuntimeError, ValueError) as err:
-        report["xnnpack"] = {"error": str(err).splitlines()[0] if str(err) else type(err).__name__}
+        report["xnnpack"] = {"error": first_line(err)}
     return report
 
 

@@ -7,13 +7,13 @@ differs from PyTorch points at a runtime's kernels rather than at quantisation.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from mdeploy.metrics import snr_db
+from mdeploy.parity import json_number
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,8 @@ class AgreementMatrix:
     snr_db: tuple[tuple[float | None, ...], ...]  # of the column's outputs against the row's; None on the diagonal
 
     def to_dict(self) -> dict[str, Any]:
-        def finite(value: float | None) -> float | str | None:
-            return value if value is None or math.isfinite(value) else str(value)
-
         return {"artifacts": list(self.artifacts), "top1": [list(row) for row in self.top1],
-                "snr_db": [[finite(v) for v in row] for row in self.snr_db]}
+                "snr_db": [[json_number(v) for v in row] for row in self.snr_db]}
 
 
 def agreement(outputs: dict[str, np.ndarray]) -> AgreementMatrix | None:

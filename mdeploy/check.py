@@ -18,7 +18,7 @@ from mdeploy.agreement import AgreementMatrix, agreement
 from mdeploy.baseline import compare_with_baseline
 from mdeploy.bench import BenchOptions, bench_folder
 from mdeploy.config import Tolerances
-from mdeploy.errors import BadInputError, ConversionError
+from mdeploy.errors import BadInputError, ConversionError, first_line
 from mdeploy.graph.ir import Graph
 from mdeploy.loading import LoadedModel, load_model
 from mdeploy.parity import ParityResult, judge, run_batches, torch_runner
@@ -150,8 +150,7 @@ def embedded_preprocess(path: Path) -> Preprocess | None:
     try:
         metadata = REGISTRY[target].inspect(path).get("metadata", {})
     except Exception as err:  # the format library's own parse errors
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BadInputError(f"{path} cannot be read as {target.value} ({first_line}): is it corrupt?") from err
+        raise BadInputError(f"{path} cannot be read as {target.value} ({first_line(err)}): is it corrupt?") from err
     try:
         return Preprocess.from_dict(json.loads(metadata["mdeploy.preprocess"]))
     except (KeyError, ValueError, TypeError, BadInputError):
@@ -163,16 +162,16 @@ def run_artifact(path: Path, inputs: np.ndarray, threads: int, reporter: Reporte
     try:
         run = converter.runner(path, threads=threads)
     except Exception as err:  # the runtime's own error types; the user needs to know the file is unusable
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BadInputError(f"{path} cannot be loaded by {converter.runtime_name} ({first_line}): convert again") from err
+        raise BadInputError(f"{path} cannot be loaded by {converter.runtime_name} ({first_line(err)}): convert again") \
+            from err
     try:
         with reporter.track(f"{path.name} on {converter.runtime_name}", len(inputs)) as advance:
             return run_batches(run, inputs, advance)
     except MemoryError:
         raise
     except Exception as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConversionError(f"{path.name} failed while running on {converter.runtime_name}: {first_line}") from err
+        raise ConversionError(f"{path.name} failed while running on {converter.runtime_name}: {first_line(err)}") \
+            from err
 
 
 def artifact_graph(graph: Graph, path: Path, manifest: dict[str, Any] | None) -> Graph | None:
@@ -185,13 +184,12 @@ def artifact_graph(graph: Graph, path: Path, manifest: dict[str, Any] | None) ->
         return apply_scales(graph, {name: scales[name] for name in scales.files})
 
 
-def diagnosis_of(model: LoadedModel, preprocess: Preprocess, path: Path, inputs: np.ndarray,
-                 manifest: dict[str, Any] | None, reporter: Reporter) -> dict[str, Any]:
+def diagnosis_of(graph: Graph, path: Path, inputs: np.ndarray, manifest: dict[str, Any] | None,
+                 reporter: Reporter) -> dict[str, Any]:
+    """``graph``: the PyTorch model's IR, the float reference every layer is compared with."""
     from mdeploy.diagnose import diagnose
-    from mdeploy.graph.from_torch import graph_from_torch
 
     target = target_of(path)
-    graph = graph_from_torch(model.module, preprocess.input_shape(batch=1))
     try:
         found = diagnose(graph, path, target, inputs[:DIAGNOSIS_SAMPLES], REGISTRY[target].runtime_name,
                          artifact_graph(graph, path, manifest))
@@ -209,6 +207,8 @@ def check(options: CheckOptions, reporter: Reporter | None = None) -> CheckRepor
     for path in files:
         if not path.exists():
             raise BadInputError(f"{path} is listed in the manifest but missing: convert again")
+    if options.bench is not None and (manifest is None or not options.artifact.is_dir()):
+        raise BadInputError("--bench times an output folder: pass the folder mdeploy convert wrote, not one file")
     preprocess = resolve_preprocess(options, manifest, files)
     model = load_model(options.model.path, arch=options.model.arch, allow_pickle=options.model.trust_pickle)
     samples = load_samples(options.data.eval, preprocess, options.data.eval_size, options.data.seed, "evaluation",
@@ -219,19 +219,22 @@ def check(options: CheckOptions, reporter: Reporter | None = None) -> CheckRepor
     description = f"{len(inputs)} samples from {options.data.eval}"
     outputs: dict[str, np.ndarray] = {}
     results = []
+    graph: Graph | None = None  # the model's IR, traced once and only if a diagnosis needs it
     for path in files:
         outputs[path.name] = run_artifact(path, inputs, options.threads, reporter)
         precision = precision_of(path)
         parity = judge(reference, outputs[path.name], options.limits.thresholds(precision), description)
         diagnosis = None
         if options.explain or not parity.passed:
-            diagnosis = diagnosis_of(model, preprocess, path, inputs, manifest, reporter)
+            if graph is None:
+                from mdeploy.graph.from_torch import graph_from_torch
+
+                graph = graph_from_torch(model.module, preprocess.input_shape(batch=1))
+            diagnosis = diagnosis_of(graph, path, inputs, manifest, reporter)
         results.append(CheckedArtifact(path, target_of(path), precision, REGISTRY[target_of(path)].runtime_name,
                                        parity, diagnosis))
     bench = None
     if options.bench is not None:
-        if manifest is None or not options.artifact.is_dir():
-            raise BadInputError("--bench times an output folder: pass the folder mdeploy convert wrote, not one file")
         bench = bench_folder(options.bench, reporter)
     arm = None
     if options.arm_cpus:

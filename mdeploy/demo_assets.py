@@ -9,7 +9,6 @@ calibration and evaluation. Later runs reuse the cache without touching the netw
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -22,7 +21,6 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
 from importlib import resources
@@ -32,6 +30,7 @@ from PIL import Image
 
 from calibration.preprocess import load_image
 from mdeploy.errors import MdeployError
+from mdeploy.outputs import exclusive_lock
 
 # Bump when anything below changes the produced files, so existing caches are rebuilt.
 RECIPE_VERSION = 1
@@ -132,7 +131,7 @@ def prepare_demo_assets(cache_dir: Path) -> DemoAssets:
     """Fetch (once) and return the demo weights, calibration and evaluation crops under ``cache_dir``."""
     cache_dir = Path(cache_dir).absolute()
     cache_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(cache_dir / ".lock"):
+    with exclusive_lock(cache_dir / ".lock"):
         cached = _load_cached(cache_dir)
         if cached is not None:
             return cached
@@ -391,22 +390,6 @@ def _write_json_atomically(path: Path, record: dict) -> None:
     partial = path.with_name(path.name + ".partial")
     partial.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(partial, path)
-
-
-@contextlib.contextmanager
-def _exclusive_lock(path: Path) -> Iterator[None]:
-    """Serialise concurrent preparations of one cache (e.g. parallel test workers)."""
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory locks; concurrent first runs are unlikely there
-        yield
-        return
-    with path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _last_line(text: str) -> str:

@@ -31,7 +31,7 @@ from converters.base import Target
 from mdeploy.errors import BadInputError
 from mdeploy.graph.execute import OPS, GraphRunner
 from mdeploy.graph.ir import Graph, Op
-from mdeploy.parity import _finite
+from mdeploy.parity import json_numbers
 
 JUMP_DB = 10.0  # a layer whose own error is 10x the typical layer's (in power) is where the artifact breaks
 SNR_CEILING_DB = 60.0  # SNRs are capped here when compared: float32 rounding (110-150 dB) counts as exact
@@ -65,7 +65,7 @@ class LayerError:
     max_abs_error: float  # against PyTorch
 
     def to_dict(self) -> dict[str, Any]:
-        return _finite(asdict(self))
+        return json_numbers(asdict(self))
 
     def describe(self) -> str:
         return f"{self.source} ({self.op}, own SNR {self.local_snr_db:.1f} dB, {self.snr_db:.1f} dB vs PyTorch)"
@@ -84,7 +84,7 @@ class Diagnosis:
 
     def to_dict(self) -> dict[str, Any]:
         return {"artifact": self.artifact, "runtime": self.runtime, "samples": self.samples,
-                **_finite({"typical_local_snr_db": self.typical_local_snr_db, "jump_threshold_db": JUMP_DB}),
+                **json_numbers({"typical_local_snr_db": self.typical_local_snr_db, "jump_threshold_db": JUMP_DB}),
                 "first_jump": self.first_jump.to_dict() if self.first_jump else None,
                 "worst": [layer.to_dict() for layer in self.worst],
                 "layers": [layer.to_dict() for layer in self.layers], "unavailable": list(self.unavailable)}

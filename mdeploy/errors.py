@@ -20,6 +20,13 @@ class ExitCode(IntEnum):
     INTERRUPTED = 130
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error from a library (its type when it says nothing), short enough for a one-line
+    message."""
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
+
+
 class MdeployError(Exception):
     """A failure the user can act on: ``str(err)`` names the problem and the fix."""
 

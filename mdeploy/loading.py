@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BadInputError
-from .model_archive import SAVE_FIX, check_records, first_line, pt2_code_risk, sniff_format
+from .errors import BadInputError, first_line
+from .model_archive import SAVE_FIX, check_records, pt2_code_risk, sniff_format
 from .zoo import Arch, ModelConfig, build_model, guess_arch, infer_config, parse_arch
 
 __all__ = ["ModelFormat", "LoadedModel", "load_model"]

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import BadInputError
+from .errors import BadInputError, first_line
 
 SAVE_FIX = (
     "save a state dict (torch.save(model.state_dict(), PATH)), TorchScript (torch.jit.save) "
@@ -150,11 +150,6 @@ def read_member(zf: zipfile.ZipFile, names: list[str], suffix: str) -> bytes | N
         if n == suffix or n.endswith("/" + suffix):
             return zf.read(n)
     return None
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:200]
 
 
 # Call targets a model graph needs; anything else (e.g. torch.os.system) is refused.

@@ -22,6 +22,23 @@ STAGING_INFIX = ".staging-"  # staging folders are named .NAME.staging-XXXXXXXX 
 _HELD_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+@contextmanager
+def exclusive_lock(path: Path) -> Iterator[None]:
+    """Serialise processes that prepare the same cache or folder (parallel test workers, two CI jobs): the second
+    waits for the first, then usually finds the work done. ``path`` is the lock file."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; concurrent first runs are unlikely there
+        yield
+        return
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def check_output_path(out: Path, overwrite: bool) -> None:
     """BadInputError with the fix when ``out`` cannot become the output folder (checked before any work)."""
     if out.exists() and not out.is_dir():

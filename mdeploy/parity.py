@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,16 +72,19 @@ class ParityResult:
         return {
             "passed": self.passed,
             "inputs": self.inputs,
-            "metrics": _finite(self.metrics.to_dict()),
+            "metrics": json_numbers(self.metrics.to_dict()),
             "thresholds": self.thresholds.to_dict(),
             "failures": list(self.failures),
         }
 
 
-def _finite(values: dict[str, float | int]) -> dict[str, float | int | str]:
-    """JSON has no NaN or infinity: spell them out."""
-    return {key: (str(value) if isinstance(value, float) and not math.isfinite(value) else value)
-            for key, value in values.items()}
+def json_number(value: Any) -> Any:
+    """JSON has no NaN or infinity: spell them out ("nan", "inf"); anything else passes as it is."""
+    return str(value) if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def json_numbers(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: json_number(value) for key, value in values.items()}
 
 
 def run_batches(run: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray,

@@ -125,7 +125,8 @@ def save_manifest(stage: Path, manifest: dict[str, Any]) -> None:
     (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
-def _fmt(value: Any, spec: str) -> str:
+def fmt(value: Any, spec: str) -> str:
+    """A metric formatted with ``spec``, or as given when JSON spelled it out ("inf", "nan")."""
     return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
@@ -137,11 +138,11 @@ def summary_rows(manifest: dict[str, Any]) -> list[list[str]]:
         rows.append([
             artifact["file"],
             artifact["runtime"],
-            _fmt(metrics["max_abs_error"], ".2e"),
-            _fmt(metrics["snr_db"], ".1f"),
-            _fmt(metrics["top1_agreement"] * 100, ".1f") + "%",
-            _fmt(metrics["top5_agreement"] * 100, ".1f") + "%",
-            _fmt(latency.get("p50_ms", "n/a (reference executor)" if not latency else "-"), ".2f"),
+            fmt(metrics["max_abs_error"], ".2e"),
+            fmt(metrics["snr_db"], ".1f"),
+            fmt(metrics["top1_agreement"] * 100, ".1f") + "%",
+            fmt(metrics["top5_agreement"] * 100, ".1f") + "%",
+            fmt(latency.get("p50_ms", "n/a (reference executor)" if not latency else "-"), ".2f"),
             f"{artifact['size_bytes'] / 1e6:.1f} MB",
             "pass" if artifact["parity"]["passed"] else "FAIL: " + "; ".join(artifact["parity"]["failures"]),
         ])

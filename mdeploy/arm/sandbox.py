@@ -10,13 +10,10 @@ remains.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,6 +26,7 @@ from mdeploy.arm.userland import (
     unpack_remaining_packages, wanted_versions,
 )
 from mdeploy.errors import BadInputError
+from mdeploy.outputs import exclusive_lock
 
 LAYOUT_VERSION = 1  # bump when the sandbox's layout changes: older sandboxes then report stale and get rebuilt
 STAMP = "mdeploy-sandbox.json"
@@ -122,7 +120,7 @@ def setup_sandbox(folder: Path | None = None, progress: Progress | None = None) 
         return state
     codename = require_supported_host()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(folder):
+    with exclusive_lock(folder.parent / f".{folder.name}.lock"):  # a second setup waits, then finds it ready
         state = sandbox_status(folder)  # another process may have finished it while we waited
         if state.ready:
             return state
@@ -171,17 +169,6 @@ def verify_guest(root: Path, progress: Progress) -> dict[str, Any]:
     if found.get("machine") != "aarch64":
         raise BadInputError(f"the guest reports machine {found.get('machine')}, not aarch64: rerun setup")
     return found
-
-
-@contextmanager
-def exclusive_lock(folder: Path) -> Iterator[None]:
-    """One setup at a time per sandbox folder (a second one waits, then finds the sandbox ready)."""
-    with open(folder.parent / f".{folder.name}.lock", "w", encoding="utf-8") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def refuse_foreign_folder(folder: Path) -> None:

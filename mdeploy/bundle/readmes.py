@@ -50,11 +50,6 @@ def _golden(manifest: dict[str, Any]) -> str:
             f"LiteRT and needs nothing else.\n\n")
 
 
-def _tflite_io(artifact: dict[str, Any]) -> tuple[str, str]:
-    (inp,), (out,) = artifact["io"]["inputs"], artifact["io"]["outputs"]
-    return inp["dtype"], out["dtype"]
-
-
 def android_readme(manifest: dict[str, Any]) -> str:
     artifact = _artifact(manifest, "tflite", "int8") or _artifact(manifest, "tflite", "fp32")
     if artifact is None:

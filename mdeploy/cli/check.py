@@ -17,6 +17,7 @@ from mdeploy.cli.options import (
 )
 from mdeploy.errors import BadInputError
 from mdeploy.pipeline import DataOptions, Limits, ModelSource
+from mdeploy.reports import fmt
 from mdeploy.ui import ConsoleReporter
 
 
@@ -27,8 +28,8 @@ def parity_table(report: dict[str, Any]) -> Table:
     for artifact in report["artifacts"]:
         parity, m = artifact["parity"], artifact["parity"]["metrics"]
         verdict = "pass" if parity["passed"] else "FAIL: " + "; ".join(parity["failures"])
-        table.add_row(artifact["file"], artifact["runtime"], _fmt(m["max_abs_error"], ".2e"), _fmt(m["snr_db"], ".1f"),
-                      _fmt(m["top1_agreement"], ".1%"), _fmt(m["top5_agreement"], ".1%"), verdict,
+        table.add_row(artifact["file"], artifact["runtime"], fmt(m["max_abs_error"], ".2e"), fmt(m["snr_db"], ".1f"),
+                      fmt(m["top1_agreement"], ".1%"), fmt(m["top5_agreement"], ".1%"), verdict,
                       style=None if parity["passed"] else "red")
     return table
 
@@ -64,15 +65,11 @@ def arm_table(arm: dict[str, Any]) -> Table:
         table.add_column(header)
     for row in arm["results"]:
         m, parity = row["parity"]["metrics"], row["parity"]
-        table.add_row(row["artifact"], row["cpu"], _fmt(m["snr_db"], ".1f"), _fmt(m["top1_agreement"], ".1%"),
+        table.add_row(row["artifact"], row["cpu"], fmt(m["snr_db"], ".1f"), fmt(m["top1_agreement"], ".1%"),
                       row["summary"].split(": ", 1)[1],
                       "pass" if parity["passed"] else "FAIL: " + "; ".join(parity["failures"]),
                       style=None if parity["passed"] else "red")
     return table
-
-
-def _fmt(value: Any, spec: str) -> str:
-    return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
 def print_report(report: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from mdeploy.errors import BadInputError, ConversionError, UnsupportedOpError
+from mdeploy.errors import BadInputError, ConversionError, UnsupportedOpError, first_line
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 
 INPUT_NAME = "input"
@@ -358,8 +358,7 @@ def _export(module: torch.nn.Module, example: torch.Tensor) -> torch.export.Expo
     try:
         return torch.export.export(module, (example,), strict=False)
     except Exception as err:  # torch raises many types here; the user needs the first line only
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConversionError(f"torch.export could not trace the model: {first_line}") from err
+        raise ConversionError(f"torch.export could not trace the model: {first_line(err)}") from err
 
 
 def graph_from_torch(module: torch.nn.Module, input_shape: tuple[int, ...]) -> Graph:
