@@ -12,6 +12,7 @@ import io
 import json
 import math
 import random
+import stat
 import zipfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ TENSOR_SUFFIXES = (".npy", ".npz")
 _NPY_MAGIC = b"\x93NUMPY"
 _NPZ_MAGIC = b"PK"  # .npz files are zip archives
 _SHOWN_IN_ERRORS = 3  # skipped files named in a one-line error; the report lists them all
+SMALL_IMAGE_FRACTION = 0.5  # images whose short side is under this fraction of the crop are reported as small
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,17 @@ class DatasetReport:
     skipped: list[SkippedFile] = field(default_factory=list)
     ignored_files: int = 0  # files whose suffix is neither an image nor a tensor
     files_beyond_limit: int = 0
+    small_images: int = 0  # images whose short side is under SMALL_IMAGE_FRACTION of the crop: upscaled a lot
+
+    def small_images_warning(self, crop: int) -> str | None:
+        """A warning when images are much smaller than the model's input (upscaled, they look unlike real
+        inputs, so ranges calibrated on them fit real inputs badly), else None."""
+        if not self.small_images:
+            return None
+        images = f"{self.small_images} of {self.files_used} files used"
+        return (f"{images} are images whose short side is under {int(crop * SMALL_IMAGE_FRACTION)} px, much smaller "
+                f"than the {crop} px input: they are upscaled, so they may not represent real inputs; use images "
+                "at least as large as the input")
 
     def summary(self) -> str:
         text = f"{self.used} samples from {self.files_used} of {self.total_files} files in {self.folder}"
@@ -106,10 +119,14 @@ class SampleSet:
                 f"raise the limit to {min_samples} or more."
             )
 
-        files = sorted((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.relative_to(folder).as_posix())
+        entries = sorted((p for p in folder.rglob("*") if not p.is_dir()), key=lambda p: p.relative_to(folder).as_posix())
+        files = [p for p in entries if p.is_file()]
         candidates = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES + TENSOR_SUFFIXES]
         random.Random(seed).shuffle(candidates)
-        report = DatasetReport(folder, total_files=len(candidates), ignored_files=len(files) - len(candidates))
+        # FIFOs, sockets, devices and broken links: never opened (reading a FIFO would wait forever), but listed.
+        special = [SkippedFile(p, _not_regular(p)) for p in entries if not p.is_file()]
+        report = DatasetReport(folder, total_files=len(candidates) + len(special),
+                               ignored_files=len(files) - len(candidates), skipped=special)
 
         samples: list[np.ndarray] = []
         paths: list[Path] = []
@@ -122,7 +139,7 @@ class SampleSet:
                 data = path.read_bytes()
                 if not data:
                     raise _Unusable("empty file")
-                file_samples = _read_samples(path, data, preprocess)
+                file_samples = _read_samples(path, data, preprocess, report)
             except _Unusable as err:
                 report.skipped.append(SkippedFile(path, str(err)))
                 continue
@@ -220,13 +237,27 @@ class _Unusable(Exception):
     """A file that is skipped and reported (corrupt, empty), as opposed to one that stops the run."""
 
 
-def _read_samples(path: Path, data: bytes, preprocess: Preprocess) -> list[np.ndarray]:
+def _not_regular(path: Path) -> str:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return "a broken link: never read"
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"))
+    kind = next((name for test, name in kinds if test(mode)), "a special file")
+    return f"not a regular file ({kind}): never read"
+
+
+def _read_samples(path: Path, data: bytes, preprocess: Preprocess, report: DatasetReport) -> list[np.ndarray]:
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         try:
-            return [preprocess.resize_and_crop(decode_image(data, path))]
+            image = decode_image(data, path)
         except UnreadableImageError as err:
             raise _Unusable(err.reason) from None
+        if min(image.size) < preprocess.crop * SMALL_IMAGE_FRACTION:
+            report.small_images += 1
+        return [preprocess.resize_and_crop(image)]
     magic = _NPY_MAGIC if suffix == ".npy" else _NPZ_MAGIC
     if not data.startswith(magic):
         raise _Unusable(f"not a {suffix} file (its first bytes are not {magic!r})")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import IntEnum
 
 
@@ -25,6 +28,36 @@ def first_line(err: BaseException) -> str:
     message."""
     text = str(err).strip().splitlines()
     return (text[0] if text else type(err).__name__)[:200]
+
+
+@contextmanager
+def captured_logs(prefix: str) -> Iterator[list[logging.LogRecord]]:
+    """Keep the log records of a library's loggers (``prefix`` and its children) from the user's terminal and hand
+    them to the caller instead: PyTorch logs whole tracebacks as warnings before raising a generic error."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep, saved = Keep(), {}
+    loggers = [logging.getLogger(prefix)] + [
+        logger for name, logger in list(logging.root.manager.loggerDict.items())
+        if name.startswith(prefix + ".") and isinstance(logger, logging.Logger) and logger.handlers
+    ]
+    for logger in loggers:
+        saved[logger] = (logger.handlers[:], logger.propagate)
+        logger.handlers, logger.propagate = [keep], False
+    try:
+        yield records
+    finally:
+        for logger, (handlers, propagate) in saved.items():
+            logger.handlers, logger.propagate = handlers, propagate
+
+
+def logged_cause(records: list[logging.LogRecord]) -> BaseException | None:
+    """The last exception a library logged (see ``captured_logs``), if any."""
+    return next((r.exc_info[1] for r in reversed(records) if r.exc_info and r.exc_info[1] is not None), None)
 
 
 class MdeployError(Exception):

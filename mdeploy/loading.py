@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import BadInputError, first_line
+from .errors import BadInputError, captured_logs, first_line, logged_cause
 from .model_archive import SAVE_FIX, check_records, pt2_code_risk, sniff_format
 from .zoo import Arch, ModelConfig, build_model, guess_arch, infer_config, parse_arch
 
@@ -288,7 +288,8 @@ def _load_torchscript(path: Path, allow_pickle: bool) -> nn.Module:
                 f"refuses it by default: script only the model, or pass {TRUST_FLAG} if you trust the file"
             )
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        with captured_logs("torch"):
+            return torch.jit.load(str(path), map_location="cpu")
     except Exception as err:  # noqa: BLE001
         raise BadInputError(
             f"could not load TorchScript archive {path} ({first_line(err)}): it may be corrupt or need "
@@ -308,13 +309,15 @@ def _load_exported(path: Path, allow_pickle: bool) -> nn.Module:
                 f"that by default: export a plain model with torch.export, or pass {TRUST_FLAG} if you "
                 "trust the file"
             )
-    try:
-        module = torch.export.load(str(path)).module()
-    except Exception as err:  # noqa: BLE001
-        raise BadInputError(
-            f"could not load ExportedProgram {path} ({first_line(err)}): it may be corrupt or come from "
-            "another PyTorch version; export it again with torch.export.save"
-        ) from None
+    with captured_logs("torch") as logged:
+        try:
+            module = torch.export.load(str(path)).module()
+        except Exception as err:  # noqa: BLE001
+            cause = logged_cause(logged) or err  # torch logs the real error, then raises "check the warnings above"
+            raise BadInputError(
+                f"could not load ExportedProgram {path} ({first_line(cause)}): it may be corrupt or come from "
+                "another PyTorch version; export it again with torch.export.save"
+            ) from None
     for node in module.graph.nodes:
         target = str(node.target)
         training = (

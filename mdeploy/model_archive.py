@@ -47,9 +47,20 @@ def sniff_format(path: Path) -> str:
         raise BadInputError(
             f"{path} is a truncated or corrupt zip archive ({first_line(err)}): copy or save the model again"
         ) from None
-    if len(set(names)) != len(names):
-        # Readers disagree on which of two same-named members counts: what was checked might not be what loads.
-        raise BadInputError(f"{path} is a damaged or crafted zip archive (duplicate member names): save it again")
+    unsafe = next((n for n in names if unsafe_member_name(n)), None)
+    if unsafe is not None:
+        # PyTorch's own readers differ on such names (one refuses them, another joins them to a folder): refuse
+        # them here, before any of them reads the archive.
+        raise BadInputError(
+            f"{path} is a damaged or crafted zip archive (member {unsafe[:80]!r} points outside the archive): "
+            "save the model again"
+        )
+    if len({n.casefold() for n in names}) != len(names):
+        # Readers disagree on which of two same-named members counts (and on case-insensitive file systems two
+        # names may be one file): what was checked might not be what loads.
+        raise BadInputError(
+            f"{path} is a damaged or crafted zip archive (duplicate member names, up to case): save it again"
+        )
     if any(re.match(r"[^/]+/code/", n) for n in names) and any(n.endswith("/constants.pkl") for n in names):
         return "torchscript"
     if archive_format is not None and archive_format.strip() == b"pt2":
@@ -60,6 +71,13 @@ def sniff_format(path: Path) -> str:
         f"{path} is a zip archive but not a PyTorch model (no data.pkl, TorchScript code or .pt2 model): "
         + SAVE_FIX
     )
+
+
+def unsafe_member_name(name: str) -> bool:
+    """Whether a zip member name is absolute, climbs out with ``..``, or uses backslashes or drive letters (which
+    some readers take as separators: ``a\\..\\x``)."""
+    return (name.startswith("/") or "\\" in name or re.match(r"[A-Za-z]:", name) is not None
+            or ".." in name.split("/") or "\x00" in name)
 
 
 # Bytes per element of the storage types a torch pickle names in its persistent ids.

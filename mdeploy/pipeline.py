@@ -27,11 +27,11 @@ from mdeploy.graph.execute import GraphRunner
 from mdeploy.graph.from_torch import graph_from_torch
 from mdeploy.graph.ir import Graph
 from mdeploy.loading import LoadedModel, load_model
-from mdeploy.outputs import check_output_path, staged_output
+from mdeploy.outputs import OutputRules, check_output_path, staged_output
 from mdeploy.parity import ParityResult, Thresholds, judge, run_batches, torch_runner
 from mdeploy.quantize.params import QuantizedGraph
 from mdeploy.quantize.ptq import quantize
-from mdeploy.reports import save_manifest, write_manifest, write_summary
+from mdeploy.reports import is_mdeploy_output, save_manifest, write_manifest, write_summary
 from mdeploy.ui import Reporter, SilentReporter
 from mdeploy.zoo import Arch
 
@@ -101,6 +101,7 @@ class ConvertOptions:
     recipe: QuantRecipe = field(default_factory=QuantRecipe.default)
     limits: Limits = Limits()
     overwrite: bool = False
+    overwrite_any: bool = False  # replace --out even if mdeploy did not write it (never if it holds an input)
     threads: int = 1
     latency_runs: int = 50
     keep_going: bool = False  # a target that fails to convert is recorded in the manifest; the others still ship
@@ -162,6 +163,12 @@ class ConvertResult:
         return all(a.parity.passed for a in self.artifacts)
 
 
+def input_paths(options: ConvertOptions) -> tuple[Path, ...]:
+    """The user's files and folders a run reads: the output folder must hold none of them."""
+    data = options.data
+    return tuple(p for p in (options.model.path, data.calib, data.eval, options.labels) if p is not None)
+
+
 def read_labels(path: Path | None, classes: int) -> tuple[str, ...]:
     if path is None:
         return ()
@@ -201,6 +208,9 @@ def load_samples(folder: Path, preprocess: Preprocess, limit: int, seed: int, ro
     skipped = len(samples.report.skipped)
     note = f", {skipped} unreadable files skipped (listed in manifest.json)" if skipped else ""
     reporter.step(f"{role}: {len(samples)} samples from {folder}{note}")
+    warning = samples.report.small_images_warning(preprocess.crop)
+    if warning:
+        reporter.warn(f"{role} data {folder}: {warning}")
     return samples
 
 
@@ -294,7 +304,9 @@ def convert(options: ConvertOptions, reporter: Reporter | None = None) -> Conver
     reporter = reporter or SilentReporter()
     clock = Stopwatch()
     check_targets(options.targets)
-    check_output_path(options.out, options.overwrite)  # fail before minutes of work, not after
+    output = OutputRules(input_paths(options), is_mdeploy_output, "output (manifest.json)", "--overwrite-any",
+                         options.overwrite_any)
+    check_output_path(options.out, options.overwrite, output)  # fail before minutes of work, not after
     data = options.data
     if options.int8 and data.calib is None:
         raise BadInputError("--int8 needs calibration data: pass --calib FOLDER (images or .npy/.npz tensors)")
@@ -322,7 +334,7 @@ def convert(options: ConvertOptions, reporter: Reporter | None = None) -> Conver
         reporter.step(f"int8 parameters chosen in {clock.seconds['quantize']:.1f} s")
     info = ArtifactInfo(model.name, options.preprocess.to_dict(), labels, __version__, options.provenance.entries())
     failures: list[dict[str, str]] = []
-    with staged_output(options.out, options.overwrite) as stage:
+    with staged_output(options.out, options.overwrite, output) as stage:
         artifacts = []
         with clock.stage("export_parity_latency"):
             for target in options.targets:

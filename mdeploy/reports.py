@@ -67,6 +67,7 @@ def sample_set_record(samples: SampleSet | None) -> dict[str, Any] | None:
         "sha256": samples.sha256,
         "files_seen": report.total_files,
         "skipped": [{"file": str(item.path), "reason": item.reason} for item in report.skipped],
+        "small_images": report.small_images,
     }
 
 
@@ -123,6 +124,18 @@ def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, gra
 
 def save_manifest(stage: Path, manifest: dict[str, Any]) -> None:
     (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+
+
+def is_mdeploy_output(folder: Path) -> bool:
+    """Whether ``folder`` is an output folder mdeploy wrote (its manifest.json says so): only such a folder is
+    replaced by ``convert --overwrite``."""
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and manifest.get("$schema") == "manifest.schema.json"
+            and "manifest_version" in manifest and isinstance(manifest.get("tool_versions"), dict)
+            and "mdeploy" in manifest["tool_versions"])
 
 
 def fmt(value: Any, spec: str) -> str:

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from typing import Protocol
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 Advance = Callable[[int], None]
@@ -15,6 +16,8 @@ Advance = Callable[[int], None]
 
 class Reporter(Protocol):
     def step(self, message: str) -> None: ...
+
+    def warn(self, message: str) -> None: ...
 
     def track(self, description: str, total: int) -> Iterator[Advance]: ...
 
@@ -28,7 +31,11 @@ class ConsoleReporter:
 
     def step(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(f"[dim]·[/dim] {message}", highlight=False)
+            self.console.print(f"[dim]·[/dim] {escape(message)}", highlight=False)
+
+    def warn(self, message: str) -> None:
+        """Shown even when quiet (``--json`` keeps stdout for JSON; warnings go to stderr)."""
+        self.console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
 
     @contextmanager
     def track(self, description: str, total: int) -> Iterator[Advance]:
@@ -37,13 +44,16 @@ class ConsoleReporter:
             return
         columns = (TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         with Progress(*columns, console=self.console, transient=True) as progress:
-            task = progress.add_task(description, total=total)
+            task = progress.add_task(escape(description), total=total)
             yield lambda n: progress.advance(task, n)
-        self.console.print(f"[dim]·[/dim] {description}: {total} done", highlight=False)
+        self.console.print(f"[dim]·[/dim] {escape(description)}: {total} done", highlight=False)
 
 
 class SilentReporter:
     def step(self, message: str) -> None:
+        pass
+
+    def warn(self, message: str) -> None:
         pass
 
     @contextmanager

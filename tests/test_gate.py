@@ -215,5 +215,5 @@ def test_report_folder_never_replaces_a_foreign_folder(project: dict[str, Path],
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
     result = runner.invoke(app, check_args(project, project["out"], "--report", str(foreign)))
-    assert result.exit_code == ExitCode.BAD_INPUT and "no earlier mdeploy report" in result.stderr
+    assert result.exit_code == ExitCode.BAD_INPUT and "holds no earlier mdeploy report" in result.stderr
     assert (foreign / "notes.txt").read_text() == "keep"

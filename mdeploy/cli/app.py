@@ -12,9 +12,10 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
-from mdeploy.errors import ExitCode, Interrupted, MdeployError
+from mdeploy.errors import ExitCode, Interrupted, MdeployError, first_line
 
 
 def _raise_interrupted(signum: int, frame: object) -> None:
@@ -45,7 +46,7 @@ def _interrupted_line(err: KeyboardInterrupt, during_work: bool = True) -> str:
     via = f" ({err.signal_name})" if isinstance(err, Interrupted) else ""
     published = getattr(err, "output_published", None)  # set by mdeploy.outputs.staged_output
     if published is not None:
-        return f"[red]interrupted[/red]{via} just after {published} was written in full"
+        return f"[red]interrupted[/red]{via} just after {escape(str(published))} was written in full"
     if not during_work:  # outside run_guarded: before the work started, or while its result was printed
         return f"[red]interrupted[/red]{via}"
     return f"[red]interrupted[/red]{via}: nothing was written to the output folder"
@@ -57,8 +58,16 @@ class OneLineErrors(TyperGroup):
     SIGTERM is handled like Ctrl-C while a command runs (see ``sigterm_interrupts``)."""
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
-        with sigterm_interrupts():
-            return self._main(*args, standalone_mode=standalone_mode, **kwargs)
+        try:
+            with sigterm_interrupts():
+                return self._main(*args, standalone_mode=standalone_mode, **kwargs)
+        except SystemExit:
+            # The command is over and its exit code chosen (an error line may be printed already): a signal during
+            # the interpreter's shutdown must not turn it into 143 or a KeyboardInterrupt traceback.
+            if threading.current_thread() is threading.main_thread():
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(sig, signal.SIG_IGN)
+            raise
 
     def invoke(self, ctx: Any) -> Any:
         # A Ctrl-C outside run_guarded (parsing, imports, printing the result): typer would exit 130 silently.
@@ -79,7 +88,7 @@ class OneLineErrors(TyperGroup):
                 print(err.format_message(), file=sys.stderr)
                 sys.exit(int(ExitCode.BAD_INPUT))
             hint = f" (see {context.command_path} --help)" if context is not None else ""
-            stderr.print(f"[red]error:[/red] {err.format_message()}{hint}", highlight=False, soft_wrap=True)
+            print_error(f"{err.format_message()}{hint}")
             sys.exit(int(getattr(err, "exit_code", ExitCode.BAD_INPUT)))
         except typer.Abort:
             if not standalone_mode:
@@ -106,6 +115,12 @@ stderr = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 T = TypeVar("T")
 
 
+def print_error(message: str) -> None:
+    """The one ``error:`` line; the message is printed as it is (a path or library text with [brackets] is not
+    markup)."""
+    stderr.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def run_guarded(debug: bool, action: Callable[[], T]) -> T:
     """Turns every failure into one line on stderr and its exit code (the traceback only with --debug). SIGTERM
     stops ``action`` like Ctrl-C, also for callers outside the typer app (``python -m mdeploy.demo``)."""
@@ -115,7 +130,7 @@ def run_guarded(debug: bool, action: Callable[[], T]) -> T:
     except MdeployError as err:
         if debug:
             traceback.print_exc()
-        stderr.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        print_error(str(err))
         raise typer.Exit(int(err.exit_code)) from None
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Interrupted): the staging folder is gone by now
         if debug:
@@ -127,7 +142,5 @@ def run_guarded(debug: bool, action: Callable[[], T]) -> T:
     except Exception as err:  # a bug or a library failure: still one line, and a way to see more
         if debug:
             traceback.print_exc()
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        stderr.print(f"[red]error:[/red] {type(err).__name__}: {first_line} (run with --debug for the traceback)",
-                     highlight=False, soft_wrap=True)
+        print_error(f"{type(err).__name__}: {first_line(err)} (run with --debug for the traceback)")
         raise typer.Exit(int(ExitCode.CONVERSION_FAILED)) from None

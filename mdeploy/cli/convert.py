@@ -13,7 +13,7 @@ from calibration.preprocess import Preprocess
 from converters import Target
 from converters.coreml import ComputePrecision, ComputeUnits, CoremlConverter, DeploymentTarget, InputKind
 from converters.tflite import IOType, TfliteConverter
-from mdeploy.cli.app import app, run_guarded, stderr, stdout
+from mdeploy.cli.app import app, print_error, run_guarded, stdout
 from mdeploy.cli.options import (
     ArchOpt, ConfigOpt, DebugOpt, EvalOpt, EvalSizeOpt, InputSizeOpt, JsonOpt, MaxAbsOpt, MeanOpt, MinSnrOpt, MinTop1Opt,
     ModelArg, StdOpt, ThreadsOpt, TrustPickleOpt, build_preprocess, gate_config, parse_targets,
@@ -45,7 +45,11 @@ def convert(
     min_top1: MinTop1Opt = None,
     threads: ThreadsOpt = 1,
     seed: Annotated[int, typer.Option("--seed", help="sample order seed")] = 0,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty --out folder")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="replace a non-empty --out folder that an earlier mdeploy run wrote")] = False,
+    overwrite_any: Annotated[bool, typer.Option(
+        "--overwrite-any", help="replace --out even if mdeploy did not write it (never if it holds an input)")]
+    = False,
     keep_going: Annotated[bool, typer.Option(
         "--keep-going", help="when a target fails to convert, record it and still write the others (exit 3)")] = False,
     config: ConfigOpt = None,
@@ -95,6 +99,7 @@ def convert(
             recipe=recipe,
             limits=Limits(max_abs_error, min_snr, min_top1, gate_config(config).thresholds),
             overwrite=overwrite,
+            overwrite_any=overwrite_any,
             keep_going=keep_going,
             threads=threads,
             converters=(
@@ -113,12 +118,10 @@ def convert(
         stdout.print(console_table(result.manifest))
         stdout.print(f"wrote {result.out}/ (manifest.json, SUMMARY.md)", highlight=False)
     for failure in result.failures:
-        stderr.print(f"[red]error:[/red] {failure['target']} {failure['precision']}: {failure['error']}",
-                     highlight=False, soft_wrap=True)
+        print_error(f"{failure['target']} {failure['precision']}: {failure['error']}")
     if result.failures:
         raise typer.Exit(int(ExitCode.CONVERSION_FAILED))
     if not result.passed:
         failed = "; ".join(f"{a.path}: {', '.join(a.parity.failures)}" for a in result.artifacts if not a.parity.passed)
-        stderr.print(f"[red]error:[/red] parity failed: {failed} (artifacts written, marked failed in manifest.json)",
-                     highlight=False, soft_wrap=True)
+        print_error(f"parity failed: {failed} (artifacts written, marked failed in manifest.json)")
         raise typer.Exit(int(ExitCode.PARITY_FAILED))

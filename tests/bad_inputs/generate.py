@@ -7,6 +7,8 @@ Nothing here is committed as a binary: ``build_corpus(root)`` makes every file f
 from __future__ import annotations
 
 import io
+import json
+import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ CONFIG = ModelConfig(Arch.mobilenet_v3_small, width_mult=0.25, num_classes=10)
 EXIF_ORIENTATION = 0x0112
 MIN_CALIBRATION = 16  # mdeploy.pipeline.MIN_CALIBRATION_SAMPLES
 MIXED_USABLE, MIXED_SKIPPED = 16, 3  # the images of data/mixed_images that load, and those skipped
+TINY_IMAGES = 3  # 1x1 images in data/odd_files
 
 
 @dataclass
@@ -63,6 +66,20 @@ def rewrite_zip(data: bytes, edit) -> bytes:
             if new is not None:
                 zout.writestr(item, new)
     return out.getvalue()
+
+
+def add_member(data: bytes, name: str, content: bytes) -> bytes:
+    """A copy of zip ``data`` with one more member, named as given (no checks: crafted archives are the point)."""
+    out = io.BytesIO(data)
+    with zipfile.ZipFile(out, "a") as archive:
+        archive.writestr(zipfile.ZipInfo(name), content)
+    return out.getvalue()
+
+
+def mark_as_mdeploy_output(folder: Path) -> None:
+    """Give ``folder`` the manifest.json an earlier mdeploy run writes (what ``convert --overwrite`` looks for)."""
+    (folder / "manifest.json").write_text(json.dumps({
+        "$schema": "manifest.schema.json", "manifest_version": "1.1", "tool_versions": {"mdeploy": "0.1.0"}}))
 
 
 class Cumsum(nn.Module):
@@ -186,6 +203,15 @@ def write_models(corpus: Corpus) -> None:
     corpus.add("two_outputs_pt2", folder / "two_outputs.pt2")
     torch.export.save(torch.export.export(TwoOutputs(small_model()), (x,)), corpus.paths["two_outputs_pt2"])
 
+    # Zip members that point outside the archive (zip-slip), or that two readers may take for one file.
+    good_pt2 = corpus.paths["good_pt2"].read_bytes()
+    prefix = zipfile.ZipFile(io.BytesIO(good_pt2)).namelist()[0].split("/")[0]
+    for key, member in {"slip_pt2": "../../x", "absolute_pt2": "/tmp/x", "backslash_pt2": f"{prefix}\\..\\..\\x",
+                        "case_twin_pt2": f"{prefix.upper()}/archive_format"}.items():
+        corpus.add(key, folder / f"{key}.pt2").write_bytes(add_member(good_pt2, member, b"pt2"))
+    corpus.add("slip_ts", folder / "slip_script.pt").write_bytes(
+        add_member(corpus.paths["good_ts"].read_bytes(), "../../x", b"x"))
+
 
 def write_data(corpus: Corpus) -> None:
     folder = corpus.root / "data"
@@ -261,6 +287,7 @@ def write_data(corpus: Corpus) -> None:
 
     labels = corpus.add("labels_wrong", folder / "labels_wrong.txt")
     labels.write_text("cat\ndog\n")
+    corpus.add("labels_right", folder / "labels.txt").write_text("".join(f"class {i}\n" for i in range(10)))
 
 
 def write_outputs(corpus: Corpus) -> None:
@@ -274,11 +301,26 @@ def write_outputs(corpus: Corpus) -> None:
     previous = corpus.add("previous", folder / "previous")
     previous.mkdir()
     (previous / "marker.txt").write_text("the previous output")
-    (previous / "manifest.json").write_text("{}")
+    mark_as_mdeploy_output(previous)
     corpus.add("out_file", folder / "out.txt").write_text("a file, not a folder")
     corpus.add("under_file", corpus.paths["out_file"] / "out")
     corpus.add("no_parent", folder / "missing" / "deeper" / "out")
     corpus.add("unwritable", Path("/proc/mdeploy-bad-inputs-out"))
+    # Output paths that are, or hold, or lie inside the inputs: --overwrite must not delete the user's files.
+    corpus.add("models_dir", corpus.paths["good_pt"].parent)
+    corpus.add("root", corpus.root)
+    corpus.add("data_dir", corpus.paths["calib"].parent)
+    corpus.add("inside_calib", corpus.paths["calib"] / "out")
+    corpus.add("labels_out", corpus.paths["labels_right"])
+    # A data folder with a FIFO (reading it would wait forever) and images far smaller than the input.
+    odd = corpus.add("odd_files", corpus.root / "data" / "odd_files")
+    odd.mkdir()
+    for seed in range(MIN_CALIBRATION):
+        noise_image(seed, (SIZE, SIZE)).save(odd / f"{seed}.png")
+    for seed in range(TINY_IMAGES):
+        noise_image(seed, (1, 1)).save(odd / f"tiny{seed}.png")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(odd / "pipe.png")
 
 
 def build_corpus(root: Path) -> Corpus:
