@@ -1,31 +1,181 @@
 #!/usr/bin/env python3
 """Checks an mdeploy bundle with nothing but NumPy and the runtimes (no mdeploy needed):
 
-1. every file matches SHA256SUMS;
+1. every file matches SHA256SUMS, and every file of the bundle is listed there;
 2. each ONNX (onnxruntime) and TFLite (ai-edge-litert or tflite-runtime) artifact reproduces its golden outputs
    from the golden inputs within the tolerance manifest.json gives. Core ML needs macOS: it is reported as skipped.
 
     python3 verify_bundle.py [BUNDLE_DIR]      exit 0: all good; 1: an output is off; 2: a file is corrupt
+
+Every problem is printed on one line; a path read from SHA256SUMS or manifest.json must stay inside the bundle.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import re
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Callable
 
 import numpy as np
 
+CHECKSUMS = "SHA256SUMS"
+IGNORED = {".DS_Store"}  # written by macOS Finder into any folder it shows: never part of a bundle
+SUM_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")  # sha256sum's text and binary modes
 
-def corrupt_files(root: Path) -> list[str]:
-    bad = []
-    for line in (root / "SHA256SUMS").read_text(encoding="utf-8").splitlines():
-        digest, name = line.split("  ", 1)
-        path = root / name
-        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
-            bad.append(name)
+
+class Corrupt(Exception):
+    """An integrity problem: the message is the line to print, without the CORRUPT: prefix."""
+
+
+def show(name: str) -> str:
+    """A name as printed: on one line, whatever it holds."""
+    return name if name.isprintable() else repr(name)
+
+
+def inside(root: Path, name: str, source: str) -> Path:
+    """``root / name``; Corrupt naming ``source`` unless it is relative and stays in the bundle, symlinks resolved."""
+    pure, windows = PurePosixPath(name), PureWindowsPath(name)
+    if not name or "\0" in name:
+        reason = "not a file name"
+    elif pure.is_absolute() or windows.drive or windows.root:
+        reason = "an absolute path, not one inside the bundle"
+    elif ".." in pure.parts or ".." in windows.parts:
+        reason = "contains '..', leaving the bundle"
+    else:
+        try:
+            (root / name).resolve().relative_to(root)
+            return root / name
+        except (ValueError, OSError, RuntimeError):  # RuntimeError: a symlink loop
+            reason = "resolves outside the bundle"
+    raise Corrupt(f"{source}: {show(name)}: {reason}")
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_sums(root: Path, problems: list[str]) -> dict[str, str] | None:
+    """SHA256SUMS as {name: digest} (None if unreadable); each malformed or unsafe line is one problem."""
+    try:
+        lines = (root / CHECKSUMS).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        problems.append(f"{CHECKSUMS}: missing")
+        return None
+    except (OSError, ValueError) as err:
+        problems.append(f"{CHECKSUMS}: unreadable ({first_line(err)})")
+        return None
+    sums: dict[str, str] = {}
+    for number, line in enumerate(lines, 1):
+        match = SUM_LINE.fullmatch(line)
+        where = f"{CHECKSUMS} line {number}"
+        try:
+            if match is None:
+                raise Corrupt(f'{where}: not "<64 hex digits>  <file>": {show(line[:80])}')
+            digest, name = match.groups()
+            name = PurePosixPath(name).as_posix()  # ./a//b is a/b
+            if name in sums:
+                raise Corrupt(f"{where}: {show(name)}: listed twice")
+            inside(root, name, where)
+            sums[name] = digest.lower()
+        except Corrupt as err:
+            problems.append(str(err))
+    return sums
+
+
+def check_sums(root: Path, sums: dict[str, str], problems: list[str]) -> set[str]:
+    """Each listed file against its digest; returns the names that failed."""
+    bad = set()
+    for name, digest in sums.items():
+        try:
+            if (root / name).is_file() and sha256(root / name) == digest:
+                continue
+            problem = "does not match SHA256SUMS" if (root / name).exists() else "listed in SHA256SUMS but missing"
+        except OSError as err:
+            problem = f"unreadable ({first_line(err)})"
+        problems.append(f"{show(name)}: {problem}")
+        bad.add(name)
     return bad
+
+
+def bundle_files(root: Path, problems: list[str]) -> set[str]:
+    """Every file of the bundle (and every symlinked folder) as a relative POSIX name."""
+    found = set()
+
+    def unreadable(err: OSError) -> None:
+        problems.append(f"{show(str(err.filename))}: unreadable folder ({err.strerror})")
+
+    for folder, dirs, files in os.walk(root, onerror=unreadable):
+        links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]
+        for name in files + links:
+            if name not in IGNORED:
+                found.add(Path(folder, name).relative_to(root).as_posix())
+    found.discard(CHECKSUMS)
+    return found
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
+
+
+def field(record: Any, key: str, kind: type, where: str) -> Any:
+    value = record.get(key) if isinstance(record, dict) else None
+    if not isinstance(value, kind):
+        raise Corrupt(f"manifest.json: {where}.{key} missing or not {'an object' if kind is dict else 'a string'}")
+    return value
+
+
+def read_golden(root: Path, problems: list[str]) -> dict[str, Any]:
+    """The manifest's golden section; each artifact's record is checked where it is used (verify_artifact)."""
+    try:
+        manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Corrupt("manifest.json: missing") from None
+    except (OSError, ValueError, RecursionError) as err:
+        raise Corrupt(f"manifest.json: not readable JSON ({first_line(err)})") from None
+    golden = field(manifest, "golden", dict, "manifest")
+    field(field(golden, "inputs", dict, "golden"), "npy", str, "golden.inputs")
+    field(golden, "artifacts", dict, "golden")
+    images = golden.get("images") if isinstance(golden.get("images"), list) else []
+    records = [golden["inputs"], golden.get("pytorch_outputs")]
+    for path in [*images, *(r.get(k) for r in records if isinstance(r, dict) for k in ("npy", "f32"))]:
+        try:
+            if isinstance(path, str):
+                inside(root, path, "manifest.json")
+        except Corrupt as err:  # not read by this script: the artifacts can still be checked
+            problems.append(str(err))
+    return golden
+
+
+def tolerance_of(tolerance: dict[str, Any], where: str) -> tuple[str, float]:
+    for key in ("max_abs_error", "min_snr_db"):
+        if key in tolerance:
+            value = tolerance[key]
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+                    and (key == "min_snr_db" or value >= 0):
+                return key, float(value)
+            raise Corrupt(f"manifest.json: {where}.tolerance.{key} is not a valid number: {json.dumps(value)[:40]}")
+    raise Corrupt(f"manifest.json: {where}.tolerance has neither max_abs_error nor min_snr_db")
+
+
+def load_array(root: Path, name: str) -> np.ndarray:
+    try:
+        array = np.load(inside(root, name, "manifest.json"), allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise Corrupt(f"{show(name)}: not a readable .npy file ({first_line(err)})") from None
+    if not isinstance(array, np.ndarray) or not (np.issubdtype(array.dtype, np.integer)
+                                                 or np.issubdtype(array.dtype, np.floating)):
+        raise Corrupt(f"{show(name)}: holds {getattr(array, 'dtype', 'no array')}, not numbers")
+    return array.astype(np.float32)
 
 
 def run_onnx(path: Path, inputs: np.ndarray) -> np.ndarray:
@@ -38,18 +188,13 @@ def run_onnx(path: Path, inputs: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run(None, {name: x[None]})[0] for x in inputs])
 
 
-def tflite_interpreter(path: Path):  # noqa: ANN201 - either runtime's Interpreter
+def run_tflite(path: Path, inputs: np.ndarray) -> np.ndarray:
     try:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         from tflite_runtime.interpreter import Interpreter
     interpreter = Interpreter(model_path=str(path), num_threads=1)
     interpreter.allocate_tensors()
-    return interpreter
-
-
-def run_tflite(path: Path, inputs: np.ndarray) -> np.ndarray:
-    interpreter = tflite_interpreter(path)
     (feed,), (fetch,) = interpreter.get_input_details(), interpreter.get_output_details()
     outputs = []
     for x in inputs:
@@ -68,42 +213,83 @@ def run_tflite(path: Path, inputs: np.ndarray) -> np.ndarray:
     return np.concatenate(outputs).astype(np.float32)
 
 
-RUNNERS = {".onnx": run_onnx, ".tflite": run_tflite}
+RUNNERS: dict[str, tuple[str, Callable[[Path, np.ndarray], np.ndarray]]] = {
+    ".onnx": ("onnxruntime", run_onnx), ".tflite": ("LiteRT", run_tflite)}
 
 
-def within(expected: np.ndarray, actual: np.ndarray, tolerance: dict) -> tuple[bool, str]:
-    if "max_abs_error" in tolerance:
-        error = float(np.abs(expected - actual).max())
-        return error <= tolerance["max_abs_error"], f"max |diff| {error:.3g} (tolerance {tolerance['max_abs_error']:.3g})"
+def within(expected: np.ndarray, actual: np.ndarray, tolerance: tuple[str, float]) -> tuple[bool, str]:
+    key, limit = tolerance
+    if key == "max_abs_error":
+        error = float(np.abs(expected - actual).max(initial=0.0))
+        return error <= limit, f"max |diff| {error:.3g} (tolerance {limit:.3g})"
     noise = float(np.sum((expected.astype(np.float64) - actual) ** 2))
     snr = float("inf") if noise == 0 else 10 * np.log10(np.sum(expected.astype(np.float64) ** 2) / noise)
-    return snr >= tolerance["min_snr_db"], f"SNR {snr:.1f} dB (tolerance {tolerance['min_snr_db']} dB)"
+    return snr >= limit, f"SNR {snr:.1f} dB (tolerance {limit:g} dB)"
+
+
+def verify_artifact(root: Path, file: str, record: Any, inputs: np.ndarray | None, bad: set[str]) -> bool | None:
+    """Prints the artifact's line; True if it reproduces its golden outputs, None if it was not run.
+    Corrupt if its manifest record is malformed or names a path outside the bundle, or if its runtime cannot load it."""
+    where = f"golden.artifacts[{json.dumps(file)}]"
+    npy = field(record, "npy", str, where)
+    tolerance = tolerance_of(field(record, "tolerance", dict, where), where)
+    for name in (file, npy, record.get("f32")):
+        if isinstance(name, str):
+            inside(root, name, "manifest.json")
+    if inputs is None or bad & {file, npy}:
+        return None  # what is wrong with its files is already reported: running it would only repeat that
+    if Path(file).suffix not in RUNNERS:
+        print(f"skipped  {show(file)}: runs on Apple platforms only")
+        return None
+    runtime, runner = RUNNERS[Path(file).suffix]
+    expected = load_array(root, npy)
+    try:
+        actual = runner(root / file, inputs)
+    except ImportError as err:  # the runners import their runtime first: nothing was read yet
+        print(f"skipped  {show(file)}: runtime not installed ({err.name or first_line(err)})")
+        return None
+    except Exception as err:  # noqa: BLE001 - whatever the runtime raises on a file it cannot read
+        raise Corrupt(f"{show(file)}: {runtime} cannot load or run it ({first_line(err)})") from None
+    if expected.shape != actual.shape:
+        raise Corrupt(f"{show(npy)}: shape {expected.shape}, but {show(file)} answers {actual.shape}")
+    ok, detail = within(expected, actual, tolerance)
+    print(f"{'ok     ' if ok else 'MISMATCH'} {show(file)}: {detail}")
+    return ok
 
 
 def main(root: Path) -> int:
-    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
-    bad = corrupt_files(root)
-    if bad:
-        print(f"CORRUPT: {', '.join(bad)} do not match SHA256SUMS")
+    if not root.is_dir():
+        print(f"CORRUPT: {show(str(root))}: not a bundle folder")
         return 2
-    golden = manifest["golden"]
-    inputs = np.load(root / golden["inputs"]["npy"])
-    failed = False
+    root, problems = root.resolve(), []
+    sums = read_sums(root, problems)
+    bad = check_sums(root, sums or {}, problems)
+    for name in sorted(bundle_files(root, problems) - set(sums)) if sums is not None else []:
+        problems.append(f"{show(name)}: not listed in SHA256SUMS")
+    failed, golden, inputs = False, {"artifacts": {}}, None
+    try:
+        golden = read_golden(root, problems)
+        inputs = None if golden["inputs"]["npy"] in bad else load_array(root, golden["inputs"]["npy"])
+    except Corrupt as err:
+        problems.append(str(err))
     for file, record in golden["artifacts"].items():
-        runner = RUNNERS.get(Path(file).suffix)
-        if runner is None:
-            print(f"skipped  {file}: runs on Apple platforms only")
-            continue
         try:
-            actual = runner(root / file, inputs)
-        except ImportError as err:
-            print(f"skipped  {file}: runtime not installed ({err.name})")
-            continue
-        ok, detail = within(np.load(root / record["npy"]), actual, record["tolerance"])
-        failed |= not ok
-        print(f"{'ok     ' if ok else 'MISMATCH'} {file}: {detail}")
-    return 1 if failed else 0
+            failed |= verify_artifact(root, file, record, inputs, bad) is False
+        except Corrupt as err:
+            problems.append(str(err))
+    for problem in problems:
+        print(f"CORRUPT: {problem}")
+    return 2 if problems else 1 if failed else 0
+
+
+def guarded_main(argv: list[str]) -> int:
+    try:
+        sys.stdout.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        return main(Path(argv[1]) if len(argv) > 1 else Path(__file__).resolve().parent)
+    except Exception as err:  # noqa: BLE001 - last resort: one line and the documented code, never a traceback
+        print(f"CORRUPT: could not check the bundle: {type(err).__name__}: {first_line(err)}")
+        return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent))
+    sys.exit(guarded_main(sys.argv))
