@@ -68,6 +68,15 @@ class Converter(Protocol):
         """The export choices an artifact of this precision is written with (recorded in the manifest)."""
 
 
+def require_content(path: Path, what: str) -> None:
+    """A zero-byte artifact (an interrupted write or copy) gets its own message, not the parser's."""
+    from mdeploy.errors import BadInputError
+
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise BadInputError(f"{path} is empty (0 bytes), not {what}: the conversion or the copy was interrupted; "
+                            "convert again")
+
+
 def artifact_files(path: Path) -> list[Path]:
     """The files of an artifact: itself, or every file of a package directory (.mlpackage), in a stable order."""
     return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())

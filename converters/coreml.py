@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from converters.base import ArtifactInfo, Precision, Runner, Target
-from converters.coreml_mil_reference import RUNTIME_NAME, MilExecutor, load_program
+from converters.coreml_mil_reference import RUNTIME_NAME, MilExecutor, load_program, package_items
 from converters.coreml_program import OUTPUT_NAME, ImageNormalization, ProgramOptions, build_program, import_coremltools
 from mdeploy.errors import BadInputError
 from mdeploy.graph.ir import Graph
@@ -289,6 +289,7 @@ class CoremlConverter:
         ct = import_coremltools()
         from PIL import Image
 
+        package_items(path)  # Core ML follows Manifest.json's item paths: they must stay inside the package
         model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, self.compute_units))
         spec = model.get_spec()
         image = self._image_input(spec)

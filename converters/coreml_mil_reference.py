@@ -15,6 +15,7 @@ like coremltools' own op registry. It is a reference of the MIL op definitions, 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mdeploy.errors import UnsupportedOpError
+from mdeploy.errors import BadInputError, UnsupportedOpError, first_line
 
 RUNTIME_NAME = "MIL reference (not Core ML)"
 MilOpFn = Callable[..., Any]
@@ -356,16 +357,104 @@ class MilExecutor:
         return None
 
 
+WEIGHTS_ITEM = ("weights", "com.apple.CoreML")  # (name, author) of the weights folder item in Manifest.json
+
+
+@dataclass(frozen=True)
+class PackageItems:
+    """What an .mlpackage's ``Manifest.json`` points at, every path checked to stay inside the package."""
+
+    spec: Path  # the root model's specification (model.mlmodel)
+    weights: Path | None  # the folder of weight blobs, None for a program without one
+
+
+def package_items(path: Path) -> PackageItems:
+    """Reads ``path/Manifest.json`` (as coremltools' ModelPackage would, but refusing what it follows blindly): every
+    item path must resolve inside the package's ``Data`` folder, no symlink in the package may lead outside it."""
+    from mdeploy.paths import check_tree_inside, resolve_inside
+
+    fix = "the package is damaged or half-written: convert again"
+    if not path.is_dir():
+        raise BadInputError(f"{path} is not an .mlpackage folder: {fix}")
+    manifest_path = path / "Manifest.json"
+    if not manifest_path.is_file():
+        raise BadInputError(f"{path} has no Manifest.json: {fix}")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise BadInputError(f"{manifest_path} is not valid JSON ({err.msg} at line {err.lineno}, column "
+                            f"{err.colno}): {fix}") from None
+    except UnicodeDecodeError:
+        raise BadInputError(f"{manifest_path} is not UTF-8 text: {fix}") from None
+    entries = manifest.get("itemInfoEntries") if isinstance(manifest, dict) else None
+    root_id = manifest.get("rootModelIdentifier") if isinstance(manifest, dict) else None
+    if not isinstance(entries, dict) or not all(isinstance(item, dict) for item in entries.values()):
+        raise BadInputError(f"{manifest_path} has no valid itemInfoEntries: {fix}")
+    check_tree_inside(path, str(path))
+    data = path / "Data"
+    items = {identifier: resolve_inside(data, item.get("path"), f"the path of item {identifier} in {manifest_path}")
+             for identifier, item in entries.items()}
+    if root_id not in items:
+        raise BadInputError(f"{manifest_path}: rootModelIdentifier {root_id!r} names no item of itemInfoEntries: {fix}")
+    if not items[root_id].is_file():
+        raise BadInputError(f"{manifest_path}: the root model {entries[root_id]['path']!r} is missing from {data}: "
+                            f"{fix}")
+    weights = next((items[identifier] for identifier, item in entries.items()
+                    if (item.get("name"), item.get("author")) == WEIGHTS_ITEM), None)
+    return PackageItems(items[root_id], weights)
+
+
+def _blob_files(message: Any) -> list[str]:
+    """Every ``blobFileValue.fileName`` in a protobuf message (the weight files a program reads)."""
+    from google.protobuf.message import Message
+
+    found = []
+    for field_descriptor, value in message.ListFields():
+        if field_descriptor.message_type is None:
+            continue
+        if isinstance(value, Message):
+            values = [value]
+        elif hasattr(value, "values"):  # a map field
+            values = list(value.values())
+        else:  # a repeated field
+            values = list(value)
+        for item in values:
+            if field_descriptor.name == "blobFileValue":
+                found.append(item.fileName)
+            elif isinstance(item, Message):
+                found += _blob_files(item)
+    return found
+
+
 def load_program(path: Path) -> tuple[Any, Any]:
-    """(the model spec, the MIL program) of a saved .mlpackage, through coremltools' MIL proto loader."""
+    """(the model spec, the MIL program) of a saved .mlpackage, through coremltools' MIL proto loader. The package's
+    Manifest.json and the program's weight file names are checked first: nothing outside the package is read."""
+    from google.protobuf.message import DecodeError
+
     from converters.coreml_program import import_coremltools
+    from mdeploy.paths import resolve_inside
 
-    ct = import_coremltools()
+    items = package_items(path)
+    import_coremltools()
     from coremltools.converters.mil.frontend.milproto import load as milproto  # private: pinned by a test
+    from coremltools.proto import Model_pb2
 
-    model = ct.models.MLModel(str(path), skip_model_load=True)
-    spec = model.get_spec()
+    spec = Model_pb2.Model()
+    try:
+        spec.ParseFromString(items.spec.read_bytes())
+    except DecodeError as err:
+        raise BadInputError(f"{items.spec} is not a Core ML model specification ({first_line(err)}): the package "
+                            f"{path} is damaged; convert again") from None
     if spec.WhichOneof("Type") != "mlProgram":
         raise UnsupportedOpError(f"{path} is a Core ML {spec.WhichOneof('Type')} model, not an ML program: the "
                                  f"{RUNTIME_NAME} runs ML programs only")
-    return spec, milproto.load(spec, spec.specificationVersion, model.weights_dir)
+    for name in sorted(set(_blob_files(spec.mlProgram))):
+        if items.weights is None:
+            raise BadInputError(f"{path}: the program reads weights from {name!r} but Manifest.json lists no weights "
+                                f"item: the package is damaged; convert again")
+        # coremltools reads WEIGHTS_FOLDER/<last part of the name>
+        blob = resolve_inside(items.weights, name.split("/")[-1], f"weight file {name!r} of {items.spec}")
+        if not blob.is_file():
+            raise BadInputError(f"{path}: weight file {name!r} is missing from {items.weights}: the package is "
+                                f"damaged; convert again")
+    return spec, milproto.load(spec, spec.specificationVersion, str(items.weights) if items.weights else "")

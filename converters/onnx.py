@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from converters.base import ArtifactInfo, Precision, Runner, Target
+from converters.base import ArtifactInfo, Precision, Runner, Target, require_content
+from mdeploy.errors import BadInputError
 from mdeploy.graph.from_torch import INPUT_NAME
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.quantize.params import QuantizedGraph, quantize_bias
@@ -225,6 +226,7 @@ class OnnxConverter:
     def runner(self, path: Path, threads: int = 1) -> Runner:
         import onnxruntime as ort
 
+        require_content(Path(path), "an ONNX model")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -241,7 +243,12 @@ class OnnxConverter:
         import onnx
         from onnx import numpy_helper
 
+        require_content(Path(path), "an ONNX model")
         model = onnx.load(str(path))
+        if not model.HasField("graph") or not model.graph.node or not any(
+                o.domain in ("", "ai.onnx") for o in model.opset_import):
+            raise BadInputError(f"{path} holds no ONNX graph with a default-domain opset (an empty or foreign "
+                                "protobuf): pass an ONNX model, or convert again")
 
         def describe(value: Any) -> dict[str, Any]:
             dims = [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]

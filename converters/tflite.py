@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.base import ArtifactInfo, Precision, Runner, Target
+from converters.base import ArtifactInfo, Precision, Runner, Target, require_content
 from mdeploy.graph.ir import Graph
 from mdeploy.quantize.params import QuantizedGraph
 
@@ -121,6 +121,7 @@ class TfliteConverter:
     def runner(self, path: Path, threads: int = 1, kernels: Kernels | str = Kernels.xnnpack) -> Runner:
         """Runs (N, C, H, W) float32 batches one image at a time (the artifact's batch is 1) and returns float32
         outputs: quantises the input and dequantises the output with the I/O tensors' own parameters."""
+        require_content(Path(path), "a TFLite model")
         interpreter = load_interpreter(path, threads, Kernels(kernels))
         (input_detail,) = interpreter.get_input_details()
         (output_detail,) = interpreter.get_output_details()
@@ -145,6 +146,7 @@ class TfliteConverter:
         from converters.tflite_flatbuffer import read_metadata, read_model
         from converters.tflite_report import graph_report, tensor_description
 
+        require_content(Path(path), "a TFLite model")
         content = Path(path).read_bytes()
         model = read_model(content)
         graph = model.subgraphs[0]

@@ -18,10 +18,11 @@ from mdeploy.agreement import AgreementMatrix, agreement
 from mdeploy.baseline import compare_with_baseline
 from mdeploy.bench import BenchOptions, bench_folder
 from mdeploy.config import Tolerances
-from mdeploy.errors import BadInputError, ConversionError, first_line
+from mdeploy.errors import BadInputError, ConversionError, MdeployError, first_line
 from mdeploy.graph.ir import Graph
 from mdeploy.loading import LoadedModel, load_model
 from mdeploy.parity import ParityResult, judge, run_batches, torch_runner
+from mdeploy.paths import checksum_mismatches, manifest_paths, resolve_inside
 from mdeploy.pipeline import DataOptions, Limits, ModelSource, load_samples
 from mdeploy.quantize.equalize import apply_scales
 from mdeploy.ui import Reporter, SilentReporter
@@ -43,6 +44,7 @@ class CheckOptions:
     tolerances: Tolerances = Tolerances()
     bench: BenchOptions | None = None  # also time the folder's artifacts (into the same report)
     arm_cpus: tuple[str, ...] = ()  # also run the ONNX/TFLite artifacts on these emulated ARM CPU models
+    precision: Precision | None = None  # None: from the file name (NAME.fp32.*, NAME.int8.*), else from the file
 
 
 @dataclass(frozen=True)
@@ -101,11 +103,33 @@ def target_of(path: Path) -> Target:
     raise BadInputError(f"{path} is not an artifact mdeploy knows (expected a file ending in {known})")
 
 
-def precision_of(path: Path) -> Precision:
+def precision_of(path: Path, override: Precision | None = None) -> Precision:
+    """``override`` (--precision), else what mdeploy's file name says (NAME.fp32.*, NAME.int8.*), else what the
+    artifact holds: int8 when it quantises anything (Q/DQ nodes, int8 tensors, quantize ops), fp32 otherwise."""
+    if override is not None:
+        return override
     for precision in Precision:
         if f".{precision.value}." in path.name:
             return precision
-    raise BadInputError(f"cannot tell the precision of {path.name}: mdeploy names artifacts NAME.fp32.* or NAME.int8.*")
+    return precision_in_file(path)
+
+
+def precision_in_file(path: Path) -> Precision:
+    report = inspect_artifact(path)
+    int8 = bool(report.get("activation_quantization")) or int(report.get("int8_weight_tensors") or 0) > 0
+    return Precision.int8 if int8 else Precision.fp32
+
+
+def inspect_artifact(path: Path) -> dict[str, Any]:
+    """The converter's ``inspect`` of an artifact; a file its format library cannot parse is bad input."""
+    target = target_of(path)
+    try:
+        return REGISTRY[target].inspect(path)
+    except MdeployError:
+        raise
+    except Exception as err:  # the format library's own parse errors
+        raise BadInputError(f"{path} cannot be read as {target.value} ({first_line(err)}): is it corrupt? "
+                            "Convert again") from err
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -120,16 +144,34 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def artifacts_to_check(artifact: Path) -> tuple[list[Path], dict[str, Any] | None]:
+    """The artifacts to check and the manifest beside them. Every path the manifest names must stay inside its
+    folder, and the artifacts must still be what was converted (the folder's ``SHA256SUMS``, when it has one)."""
     if artifact.is_dir() and not any(artifact.name.endswith(c.suffix) for c in REGISTRY.values()):
         manifest_path = artifact / "manifest.json"
         if not manifest_path.is_file():
             raise BadInputError(f"{artifact} has no manifest.json: pass an mdeploy output folder or one artifact file")
         manifest = read_manifest(manifest_path)
-        return [artifact / entry["file"] for entry in manifest["artifacts"]], manifest
+        listed = manifest_paths(artifact, manifest)
+        verify_checksums(artifact, [name for name, path in listed.items() if path.exists()])
+        return list(listed.values()), manifest
     if not artifact.exists():
         raise BadInputError(f"{artifact} does not exist: pass an artifact file or an mdeploy output folder")
     manifest_path = artifact.parent / "manifest.json"
-    return [artifact], read_manifest(manifest_path) if manifest_path.is_file() else None
+    if not manifest_path.is_file():
+        return [artifact], None
+    manifest = read_manifest(manifest_path)
+    listed = manifest_paths(artifact.parent, manifest)
+    if artifact.name in listed:  # one artifact of an output folder: it too must be what was converted
+        verify_checksums(artifact.parent, [artifact.name])
+    return [artifact], manifest
+
+
+def verify_checksums(folder: Path, names: list[str]) -> None:
+    mismatches = checksum_mismatches(folder, names)
+    if mismatches:
+        listed = "; ".join(f"{name}: {reason}" for name, reason in mismatches.items())
+        raise BadInputError(f"{folder} holds artifacts that are not what mdeploy convert wrote ({listed}): convert "
+                            "again, or restore them (if you changed them on purpose, update SHA256SUMS)")
 
 
 def resolve_preprocess(options: CheckOptions, manifest: dict[str, Any] | None, files: list[Path]) -> Preprocess:
@@ -146,11 +188,7 @@ def resolve_preprocess(options: CheckOptions, manifest: dict[str, Any] | None, f
 
 def embedded_preprocess(path: Path) -> Preprocess | None:
     """The preprocessing mdeploy writes into every artifact's own metadata."""
-    target = target_of(path)
-    try:
-        metadata = REGISTRY[target].inspect(path).get("metadata", {})
-    except Exception as err:  # the format library's own parse errors
-        raise BadInputError(f"{path} cannot be read as {target.value} ({first_line(err)}): is it corrupt?") from err
+    metadata = inspect_artifact(path).get("metadata", {})
     try:
         return Preprocess.from_dict(json.loads(metadata["mdeploy.preprocess"]))
     except (KeyError, ValueError, TypeError, BadInputError):
@@ -161,6 +199,8 @@ def run_artifact(path: Path, inputs: np.ndarray, threads: int, reporter: Reporte
     converter = REGISTRY[target_of(path)]
     try:
         run = converter.runner(path, threads=threads)
+    except MdeployError:
+        raise
     except Exception as err:  # the runtime's own error types; the user needs to know the file is unusable
         raise BadInputError(f"{path} cannot be loaded by {converter.runtime_name} ({first_line(err)}): convert again") \
             from err
@@ -174,17 +214,21 @@ def run_artifact(path: Path, inputs: np.ndarray, threads: int, reporter: Reporte
             from err
 
 
-def artifact_graph(graph: Graph, path: Path, manifest: dict[str, Any] | None) -> Graph | None:
+def artifact_graph(graph: Graph, path: Path, precision: Precision, manifest: dict[str, Any] | None) -> Graph | None:
     """For an int8 artifact quantised with equalisation: the rescaled float graph it was written from."""
     record = (manifest or {}).get("quantization") or {}
     scales_file = record.get("channel_scales_file")
-    if precision_of(path) is not Precision.int8 or not scales_file or not (path.parent / scales_file).is_file():
+    if precision is not Precision.int8 or not scales_file:
         return None
-    with np.load(path.parent / scales_file) as scales:
+    scales_path = resolve_inside(path.parent, scales_file, f"quantization.channel_scales_file of "
+                                                           f"{path.parent / 'manifest.json'}")
+    if not scales_path.is_file():
+        return None
+    with np.load(scales_path) as scales:
         return apply_scales(graph, {name: scales[name] for name in scales.files})
 
 
-def diagnosis_of(graph: Graph, path: Path, inputs: np.ndarray, manifest: dict[str, Any] | None,
+def diagnosis_of(graph: Graph, path: Path, precision: Precision, inputs: np.ndarray, manifest: dict[str, Any] | None,
                  reporter: Reporter) -> dict[str, Any]:
     """``graph``: the PyTorch model's IR, the float reference every layer is compared with."""
     from mdeploy.diagnose import diagnose
@@ -192,7 +236,7 @@ def diagnosis_of(graph: Graph, path: Path, inputs: np.ndarray, manifest: dict[st
     target = target_of(path)
     try:
         found = diagnose(graph, path, target, inputs[:DIAGNOSIS_SAMPLES], REGISTRY[target].runtime_name,
-                         artifact_graph(graph, path, manifest))
+                         artifact_graph(graph, path, precision, manifest))
     except BadInputError as err:  # a target without per-layer taps: say so in the report
         return {"artifact": path.name, "unavailable_reason": str(err)}
     reporter.step(f"diagnosis of {path.name}: {found.summary()}")
@@ -210,6 +254,7 @@ def check(options: CheckOptions, reporter: Reporter | None = None) -> CheckRepor
     if options.bench is not None and (manifest is None or not options.artifact.is_dir()):
         raise BadInputError("--bench times an output folder: pass the folder mdeploy convert wrote, not one file")
     preprocess = resolve_preprocess(options, manifest, files)
+    precisions = {path: precision_of(path, options.precision) for path in files}  # may read the files: before the work
     model = load_model(options.model.path, arch=options.model.arch, allow_pickle=options.model.trust_pickle)
     samples = load_samples(options.data.eval, preprocess, options.data.eval_size, options.data.seed, "evaluation",
                            reporter, 1)
@@ -222,7 +267,7 @@ def check(options: CheckOptions, reporter: Reporter | None = None) -> CheckRepor
     graph: Graph | None = None  # the model's IR, traced once and only if a diagnosis needs it
     for path in files:
         outputs[path.name] = run_artifact(path, inputs, options.threads, reporter)
-        precision = precision_of(path)
+        precision = precisions[path]
         parity = judge(reference, outputs[path.name], options.limits.thresholds(precision), description)
         diagnosis = None
         if options.explain or not parity.passed:
@@ -230,7 +275,7 @@ def check(options: CheckOptions, reporter: Reporter | None = None) -> CheckRepor
                 from mdeploy.graph.from_torch import graph_from_torch
 
                 graph = graph_from_torch(model.module, preprocess.input_shape(batch=1))
-            diagnosis = diagnosis_of(graph, path, inputs, manifest, reporter)
+            diagnosis = diagnosis_of(graph, path, precision, inputs, manifest, reporter)
         results.append(CheckedArtifact(path, target_of(path), precision, REGISTRY[target_of(path)].runtime_name,
                                        parity, diagnosis))
     bench = None
@@ -242,7 +287,7 @@ def check(options: CheckOptions, reporter: Reporter | None = None) -> CheckRepor
 
         def judge_one(path: Path, arm_outputs: np.ndarray, inputs_description: str) -> ParityResult:
             return judge(reference[: len(arm_outputs)], arm_outputs,
-                         options.limits.thresholds(precision_of(path)), inputs_description)
+                         options.limits.thresholds(precisions[path]), inputs_description)
 
         arm = arm_parity(files, inputs, options.arm_cpus, judge_one, reporter.step)
     report = CheckReport(model, description, results, agreement(outputs), bench=bench, arm=arm)

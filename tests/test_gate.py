@@ -14,6 +14,7 @@ import xmlschema
 from typer.testing import CliRunner
 
 from converters.tflite_flatbuffer import read_model
+from mdeploy.bundle import write_checksums
 from mdeploy.cli import app
 from mdeploy.errors import ExitCode
 from mdeploy.zoo import Arch, ModelConfig, build_model
@@ -82,6 +83,7 @@ def corrupted(project: dict[str, Path]) -> Path:
     shutil.copytree(project["out"], folder)
     corrupt_onnx_layer(folder / "mobilenet_v2.int8.onnx", CORRUPTED_NODE)
     corrupt_tflite_layer(folder / "mobilenet_v2.int8.tflite", CORRUPTED_NODE)
+    write_checksums(folder)  # a conversion that went wrong, not a file changed after it (that is exit 2)
     return folder
 
 

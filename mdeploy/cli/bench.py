@@ -8,9 +8,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from mdeploy.cli.app import app, run_guarded, stdout
+from mdeploy.cli.app import app, print_error, run_guarded, stdout
 from mdeploy.cli.output import finish
-from mdeploy.cli.options import BaselineOpt, ConfigOpt, DebugOpt, JsonOpt, ReportOpt, gate_config
+from mdeploy.cli.options import BaselineOpt, ConfigOpt, DebugOpt, JsonOpt, PrecisionOpt, ReportOpt, gate_config
 from mdeploy.errors import BadInputError
 from mdeploy.ui import ConsoleReporter
 
@@ -47,6 +47,7 @@ def bench(
     threads: Annotated[str, typer.Option("--threads", help="thread counts to sweep, comma-separated")] = "1,2",
     runs: Annotated[int, typer.Option("--runs", min=5, help="timed runs per artifact and thread count")] = 50,
     warmup: Annotated[int, typer.Option("--warmup", min=0, help="untimed runs first")] = 10,
+    precision: PrecisionOpt = None,
     baseline: BaselineOpt = None,
     config: ConfigOpt = None,
     report_dir: ReportOpt = None,
@@ -56,20 +57,33 @@ def bench(
     """Time every artifact of FOLDER on its runtime: p50/p90/p99 per thread count, size, peak memory, status.
 
     Emulated or reference runtimes are never timed (their rows say why). Exit code 1 when --baseline finds a
-    latency regression beyond the tolerance.
+    latency regression beyond the tolerance. Exit code 2 when an artifact is not what was converted (status
+    "checksum mismatch": it differs from SHA256SUMS) or cannot be loaded or run (status "failed"), after the others
+    are timed.
     """
     from mdeploy.baseline import compare_with_baseline
-    from mdeploy.bench import BenchOptions, bench_folder
+    from mdeploy.bench import BenchOptions, bench_folder, bench_problems
     from mdeploy.reporting.folder import write_report_folder
 
     def action() -> dict[str, Any]:
-        options = BenchOptions(folder, parse_threads(threads), runs, warmup)
+        options = BenchOptions(folder, parse_threads(threads), runs, warmup, precision)
         tolerances = gate_config(config).tolerances
         report = bench_folder(options, ConsoleReporter(quiet=json_output))
         report["baseline"] = compare_with_baseline(report, baseline, tolerances) if baseline else None
-        report["passed"] = report["baseline"] is None or report["baseline"]["passed"]
+        report["passed"] = (report["baseline"] is None or report["baseline"]["passed"]) and not bench_problems(report)
         if report_dir is not None:
-            write_report_folder(report, report_dir)
+            inputs = (folder, *(p for p in (baseline, config) if p is not None))
+            write_report_folder(report, report_dir, inputs)
         return report
 
-    finish(run_guarded(debug, action), json_output, report_dir, lambda report: stdout.print(bench_table(report)))
+    report = run_guarded(debug, action)
+    problems = bench_problems(report)
+    try:
+        finish(report, json_output, report_dir, lambda report: stdout.print(bench_table(report)))
+    except typer.Exit:
+        if problems is None:
+            raise
+    if problems is not None:  # the table (or JSON) is out, with every other artifact timed: now the verdict
+        code, message = problems
+        print_error(message)
+        raise typer.Exit(int(code))

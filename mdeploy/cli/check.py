@@ -13,7 +13,7 @@ from mdeploy.cli.app import app, run_guarded, stdout
 from mdeploy.cli.output import finish
 from mdeploy.cli.options import (
     ArchOpt, BaselineOpt, ConfigOpt, DebugOpt, EvalOpt, EvalSizeOpt, InputSizeOpt, JsonOpt, MaxAbsOpt, MeanOpt,
-    MinSnrOpt, MinTop1Opt, ReportOpt, StdOpt, ThreadsOpt, TrustPickleOpt, build_preprocess, gate_config,
+    MinSnrOpt, MinTop1Opt, PrecisionOpt, ReportOpt, StdOpt, ThreadsOpt, TrustPickleOpt, build_preprocess, gate_config,
 )
 from mdeploy.errors import BadInputError
 from mdeploy.pipeline import DataOptions, Limits, ModelSource
@@ -126,13 +126,15 @@ def check(
         "--cpu", help="emulated ARM CPU models, comma-separated [default: cortex-a53,neoverse-n1,neoverse-v1]")]
     = None,
     threads: ThreadsOpt = 1,
+    precision: PrecisionOpt = None,
     trust_pickle: TrustPickleOpt = False,
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Check parity of ARTIFACT (or every artifact of an output folder) against the PyTorch model.
 
-    Exit code 1 when a limit is missed or --baseline finds a regression; reports with --report and --json.
+    Exit code 1 when a limit is missed or --baseline finds a regression; 2 when an artifact no longer matches the
+    folder's SHA256SUMS or a manifest path leads outside the folder; reports with --report and --json.
     """
     from mdeploy.bench import BenchOptions
     from mdeploy.check import CheckOptions
@@ -151,12 +153,14 @@ def check(
             explain=explain,
             baseline=baseline,
             tolerances=gate.tolerances,
-            bench=BenchOptions(artifact, (threads,)) if bench else None,
+            bench=BenchOptions(artifact, (threads,), precision=precision) if bench else None,
             arm_cpus=arm_cpus(platform, cpu),
+            precision=precision,
         )
         report = run_check(options, ConsoleReporter(quiet=json_output)).to_dict()
         if report_dir is not None:
-            write_report_folder(report, report_dir)
+            inputs = (artifact, model, *(p for p in (eval_dir, baseline, config) if p is not None))
+            write_report_folder(report, report_dir, inputs)
         return report
 
     finish(run_guarded(debug, action), json_output, report_dir, print_report)

@@ -11,7 +11,7 @@ import typer
 from converters import REGISTRY
 from mdeploy.cli.app import app, run_guarded, stdout
 from mdeploy.cli.options import DebugOpt, JsonOpt
-from mdeploy.errors import BadInputError
+from mdeploy.errors import BadInputError, MdeployError, first_line
 from mdeploy.pipeline import dump_json
 
 
@@ -30,8 +30,11 @@ def inspect(
         converter = REGISTRY[target_of(artifact)]
         try:
             return converter.inspect(artifact)
+        except MdeployError:  # already names the problem and the fix
+            raise
         except Exception as err:  # the format library's own parse errors
-            raise BadInputError(f"{artifact} cannot be read as {converter.target.value} ({err}): is it corrupt?") from err
+            raise BadInputError(f"{artifact} cannot be read as {converter.target.value} ({first_line(err)}): is it "
+                                "corrupt?") from err
 
     report = run_guarded(debug, action)
     if json_output:

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from calibration.preprocess import Preprocess
-from converters import Target
+from converters import Precision, Target
 from mdeploy.config import GateConfig, find_config, load_config
 from mdeploy.errors import BadInputError
 from mdeploy.zoo import Arch
@@ -77,6 +77,10 @@ ReportOpt = Annotated[Path | None, typer.Option(
     "--report", help="folder for report.json, junit.xml, summary.md and report.html (replaced as a whole)")]
 BaselineOpt = Annotated[Path | None, typer.Option(
     "--baseline", help="an earlier report.json: fail on accuracy or latency regressions beyond the tolerances")]
+PrecisionOpt = Annotated[Precision | None, typer.Option(
+    "--precision", help="the artifacts' precision (which limits apply), overriding what the file names say "
+    "(NAME.fp32.*, NAME.int8.*) and what the files hold (Q/DQ nodes, int8 tensors, quantize ops) "
+    "[default: from the name, else from the file]")]
 
 
 def gate_config(path: Path | None) -> GateConfig:

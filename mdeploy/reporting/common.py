@@ -11,7 +11,7 @@ from typing import Any
 
 Report = dict[str, Any]
 
-BENCH_FAILURES = ("parity failed", "conversion failed")
+BENCH_FAILURES = ("parity failed", "conversion failed", "failed", "checksum mismatch")
 
 # Characters XML 1.0 cannot carry at all, escaped or not (control characters, lone surrogates, U+FFFE/FFFF); HTML
 # calls them parse errors and a lone surrogate cannot even be written as UTF-8.

@@ -161,6 +161,10 @@ def bench_case(row: Report) -> Case:
         case.outcome, case.message, case.type = ERROR, reason or status, "ConversionError"
     elif status == "parity failed":
         case.outcome, case.message, case.type = FAILURE, reason or status, "ParityFailure"
+    elif status == "failed":  # the runtime could not load or run the artifact
+        case.outcome, case.message, case.type = ERROR, reason or status, "RuntimeError"
+    elif status == "checksum mismatch":
+        case.outcome, case.message, case.type = ERROR, reason or status, "ChecksumMismatch"
     elif status != "passed":
         case.outcome, case.message, case.type = ERROR, f"unknown bench status {status!r}", "ReportError"
     case.details = bench_line(row) if case.outcome in (FAILURE, ERROR) else ""
