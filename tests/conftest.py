@@ -7,9 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from mdeploy.demo_assets import DemoAssets, prepare_demo_assets
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# Libraries write into the home folder when imported (ONNX Runtime a device id under $XDG_CACHE_HOME, else
+# ~/.cache/Microsoft; Keras, which coremltools' TensorFlow probe may import, ~/.keras): the tests point them into the
+# repository's .cache, so that a test run writes nothing outside the repository, the temp folder and mdeploy's caches.
+LIBRARY_HOME = REPO_ROOT / ".cache" / "library-home"
+os.environ["XDG_CACHE_HOME"] = str(LIBRARY_HOME / "cache")
+os.environ["KERAS_HOME"] = str(LIBRARY_HOME / "keras")
+
+from mdeploy.demo_assets import DemoAssets, prepare_demo_assets  # noqa: E402  (after the environment is set)
 
 
 @pytest.fixture(scope="session")

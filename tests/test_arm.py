@@ -1,19 +1,23 @@
 """ARM kernels under emulation (mdeploy.arm): the sandbox, int8 parity of ONNX Runtime and LiteRT on emulated
-ARM CPU models against the same artifacts on x86, and the guest's isolation from the host.
+ARM CPU models against the same artifacts on x86, the guest's isolation from the host, and the host left untouched
+by setup (no apt source, no package, nothing in /etc).
 
-Needs root and a Debian-like host (chroot, apt); the first run builds the sandbox (~40 s, ~400 MB, cached in
-MDEPLOY_ARM_SANDBOX or ~/.cache/mdeploy/arm64-sandbox).
+Needs root (chroot) and a Debian-like host (apt-get, dpkg-deb); the first run builds the sandbox (~30-60 s, ~400 MB
+plus ~140 MB of downloads, cached in MDEPLOY_ARM_SANDBOX or ~/.cache/mdeploy/arm64-sandbox).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import subprocess
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,7 +29,8 @@ from mdeploy.arm import (
     CPU_MODELS, SandboxState, codes_on_host, compare_codes, default_sandbox_dir, guest_runner, guest_sees,
     parse_cpu_list, run_on_arm, sandbox_status, setup_sandbox,
 )
-from mdeploy.arm.sandbox import STAMP
+from mdeploy.arm.host import host_requirements
+from mdeploy.arm.sandbox import STAMP, download_cache_dir, remove_sandbox, sandbox_paths
 from mdeploy.arm.userland import wanted_versions
 from mdeploy.errors import BadInputError, ConversionError
 from mdeploy.graph.from_torch import graph_from_torch
@@ -44,14 +49,84 @@ def require_root_on_debian() -> None:
         pytest.skip("the ARM sandbox needs root (chroot)")
     if not Path("/etc/debian_version").is_file() or shutil.which("apt-get") is None:
         pytest.skip("the ARM sandbox is built with apt and dpkg: not a Debian-like host")
+    missing = [row["fix"] for row in host_requirements() if not row["ok"]]
+    if missing:
+        pytest.skip(f"the ARM sandbox's host lacks a package (README, ARM section): {'; '.join(map(str, missing))}")
+
+
+# What a setup must leave as it was: the installed packages, every file of /etc, apt's and dpkg's own state and
+# logs, the folders appstream's apt hooks write, and pip's cache in the home folder.
+WATCHED_TREES = ("/var/lib/apt", "/var/cache/apt", "/var/lib/dpkg", "/var/log/apt", "/var/cache/swcatalog",
+                 "/var/cache/app-info", str(Path.home() / ".cache" / "pip"))
+
+
+def host_snapshot() -> dict[str, Any]:
+    etc = {}
+    for folder, dirs, files in os.walk("/etc"):
+        for name in dirs + files:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                etc[path] = "-> " + os.readlink(path)
+            elif os.path.isfile(path):
+                with open(path, "rb") as handle:
+                    etc[path] = hashlib.sha256(handle.read()).hexdigest()
+            else:
+                etc[path] = "dir"
+    trees = {}
+    for root in WATCHED_TREES:
+        for folder, dirs, files in os.walk(root):
+            for name in dirs + files:
+                info = os.lstat(os.path.join(folder, name))
+                trees[os.path.join(folder, name)] = (info.st_size, info.st_mtime_ns)
+    packages = subprocess.run(["dpkg", "-l"], check=True, capture_output=True, text=True).stdout
+    return {"etc": etc, "trees": trees, "packages": packages.splitlines()}
+
+
+def host_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    changes = []
+    for part in ("etc", "trees"):
+        for path in sorted(set(before[part]) | set(after[part])):
+            if before[part].get(path) != after[part].get(path):
+                changes.append(f"{path}: {before[part].get(path)} -> {after[part].get(path)}")
+    changes += [f"dpkg -l: {line}" for line in sorted(set(before["packages"]) ^ set(after["packages"]))]
+    return changes
+
+
+COLD_SETUPS: list[tuple[Path, list[str]]] = []  # (folder, host changes) of each setup that found no download cache
+
+
+def setup_watching_the_host(folder: Path) -> SandboxState:
+    cold = not download_cache_dir(folder).exists() and not sandbox_status(folder).ready
+    before = host_snapshot() if cold else None
+    state = setup_sandbox(folder, progress=print)
+    if before is not None:
+        COLD_SETUPS.append((folder, host_changes(before, host_snapshot())))
+    return state
 
 
 @pytest.fixture(scope="module")
 def sandbox() -> SandboxState:
     require_root_on_debian()
-    state = setup_sandbox(default_sandbox_dir(), progress=print)
+    state = setup_watching_the_host(default_sandbox_dir())
     assert state.ready, state.reason
     return state
+
+
+def test_cold_setup_leaves_the_host_untouched(sandbox: SandboxState, tmp_path: Path) -> None:
+    """No apt source, no installed package, no file of /etc, nothing in apt's or dpkg's state: the packages come
+    from a private apt in mdeploy's cache. The sandbox fixture's own setup is the proof when it ran cold; otherwise
+    a cold setup into a temporary folder is (~30-60 s more)."""
+    if not COLD_SETUPS:
+        state = setup_watching_the_host(tmp_path / "arm64-sandbox")
+        assert state.ready, state.reason
+    folder, changes = COLD_SETUPS[-1]
+    assert changes == [], f"setup into {folder} changed the host: " + "; ".join(changes[:10])
+    assert not list(Path("/etc/apt/sources.list.d").glob("mdeploy-*"))
+    downloads = download_cache_dir(folder)
+    assert {"apt-amd64", "apt-arm64", "qemu"} <= {p.name for p in downloads.iterdir()}
+    for apt in ("apt-amd64", "apt-arm64"):  # every list and .deb apt fetched is in the private folders
+        assert list((downloads / apt / "state" / "lists").glob("*InRelease"))
+        assert list((downloads / apt / "cache" / "archives").glob("*.deb"))
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +311,7 @@ def test_setup_explains_hosts_it_cannot_use(patch: str, message: str, tmp_path: 
 
     if patch == "geteuid":
         monkeypatch.setattr(host.os, "geteuid", lambda: 1000)
+        message = "needs root: the ARM guest runs under chroot.*nothing is installed on the host"
     elif patch == "machine":
         monkeypatch.setattr(host.platform, "machine", lambda: "aarch64")
     else:
@@ -246,8 +322,8 @@ def test_setup_explains_hosts_it_cannot_use(patch: str, message: str, tmp_path: 
     assert not (tmp_path / "arm64-sandbox").exists()
 
 
-def test_setup_without_the_mirror_is_a_one_line_error(sandbox: SandboxState, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_setup_without_the_mirror_is_a_one_line_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    require_root_on_debian()
     monkeypatch.setenv("MDEPLOY_ARM_MIRROR", "http://127.0.0.1:9/debian")  # nothing listens on the discard port
     folder = tmp_path / "arm64-sandbox"
     with pytest.raises(BadInputError, match="check network access to http://127.0.0.1:9/debian") as raised:
@@ -287,10 +363,87 @@ def test_check_on_emulated_arm_through_the_cli(sandbox: SandboxState, tmp_path: 
             "no latency", "")
         if ".int8." in row["artifact"]:
             assert row["vs_x86"]["unit"] == "int8 output codes" and row["vs_x86"]["max_lsb"] <= 1
-    status = json.loads(runner.invoke(app, ["arm", "status", "--json"]).stdout)
-    assert status["ready"]
+    ready = runner.invoke(app, ["arm", "status", "--json"])
+    assert ready.exit_code == 0 and json.loads(ready.stdout)["ready"]
     doctor = json.loads(runner.invoke(app, ["doctor", "--json"]).stdout)
     assert doctor["arm_sandbox"]["ready"] and {t["target"] for t in doctor["targets"]} == {"onnx", "tflite", "coreml"}
     refused = runner.invoke(app, ["check", str(tmp_path / "out"), "--model", str(tmp_path / "model.pt"), "--eval",
                                   str(tmp_path / "eval"), *common[:2], "--cpu", "cortex-a53"])
     assert refused.exit_code == 2 and "--platform linux-arm64" in refused.stderr
+
+
+def test_private_apt_reads_its_plan_and_names_debs_as_apt_does() -> None:
+    from mdeploy.apt import parse_plan
+
+    plan = parse_plan("NOTE: simulation\nInst qemu-user (1:10.0.2+ds-2+deb13u1~bpo12+1 Debian Backports:12 [amd64])\n"
+                      "Inst tzdata (2025b-0+deb12u1 Debian:12.11/stable [all])\nConf tzdata (2025b-0+deb12u1)\n")
+    assert plan.deb_names() == ["qemu-user_1%3a10.0.2+ds-2+deb13u1~bpo12+1_amd64.deb",
+                                "tzdata_2025b-0+deb12u1_all.deb"]
+
+
+def test_status_exits_2_when_the_sandbox_is_not_ready(tmp_path: Path) -> None:
+    """Scripts can test it: `mdeploy arm status || mdeploy arm setup` (2, as `check --platform linux-arm64`)."""
+    from typer.testing import CliRunner
+
+    from mdeploy.cli import app
+
+    missing = CliRunner().invoke(app, ["arm", "status", "--folder", str(tmp_path / "missing"), "--json"])
+    assert missing.exit_code == 2
+    assert json.loads(missing.stdout)["ready"] is False
+    text = CliRunner().invoke(app, ["arm", "status", "--folder", str(tmp_path / "missing")])
+    assert text.exit_code == 2 and "not ready" in text.stdout and "mdeploy arm setup" in text.stdout
+
+
+def test_remove_deletes_the_sandbox_and_its_caches_only(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from mdeploy.cli import app
+
+    paths = sandbox_paths(tmp_path / "arm64-sandbox")
+    (paths["sandbox"] / "usr" / "bin").mkdir(parents=True)
+    (paths["sandbox"] / STAMP).write_text(json.dumps({"layout": 0}), encoding="utf-8")
+    (paths["sandbox"] / "usr" / "bin" / "python3").write_bytes(b"x" * 2_000_000)
+    (paths["downloads"] / "apt-arm64").mkdir(parents=True)
+    paths["lock"].write_text("", encoding="utf-8")
+    leftover = tmp_path / ".arm64-sandbox.staging-123"
+    leftover.mkdir()
+    neighbour = tmp_path / "keep-me.txt"
+    neighbour.write_text("not the sandbox's", encoding="utf-8")
+
+    removed = CliRunner().invoke(app, ["arm", "remove", "--folder", str(paths["sandbox"]), "--json"])
+    assert removed.exit_code == 0, removed.output
+    report = json.loads(removed.stdout)
+    assert report["freed_mb"] == 2.0 and len(report["removed"]) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep-me.txt"]
+    again = CliRunner().invoke(app, ["arm", "remove", "--folder", str(paths["sandbox"])])
+    assert again.exit_code == 0 and "nothing to remove" in again.stdout
+
+    foreign = tmp_path / "someone-elses"
+    foreign.mkdir()
+    (foreign / "precious.txt").write_text("keep me", encoding="utf-8")
+    with pytest.raises(BadInputError, match="not an mdeploy sandbox"):
+        remove_sandbox(foreign)
+    assert (foreign / "precious.txt").is_file()
+
+
+def test_doctor_lists_every_cache_and_the_host_requirements(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from mdeploy.cli import app
+
+    monkeypatch.setenv("MDEPLOY_ARM_SANDBOX", str(tmp_path / "arm64-sandbox"))
+    monkeypatch.setenv("MDEPLOY_CACHE", str(tmp_path / "demo"))
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "weights.pth").write_bytes(b"w" * 3_000_000)
+    result = CliRunner().invoke(app, ["doctor", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    caches = {row["path"]: row["size_mb"] for row in report["caches"]}
+    assert caches[str(tmp_path / "arm64-sandbox")] is None  # listed even before it exists
+    assert str(tmp_path / "arm64-sandbox-downloads") in caches and str(tmp_path / ".arm64-sandbox.lock") in caches
+    assert caches[str(tmp_path / "demo")] == 3.0
+    needs = {row["need"]: row for row in report["arm_host"]}
+    assert "root (chroot)" in needs and all(row["fix"] for row in needs.values())
+    assert needs["dpkg-deb (dpkg)"]["ok"] == (shutil.which("dpkg-deb") is not None)
+    text = CliRunner().invoke(app, ["doctor"])
+    assert "caches mdeploy writes" in text.stdout and "arm64-sandbox-downloads" in text.stdout

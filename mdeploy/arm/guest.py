@@ -13,6 +13,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+from mdeploy.arm.host import ROOT_REASON
 from mdeploy.errors import BadInputError, ConversionError
 
 QEMU_IN_SANDBOX = "qemu-aarch64-static"  # at the sandbox's root, so that it exists inside the chroot
@@ -46,7 +47,7 @@ def run_guest(sandbox: Path, cpu: str, argv: list[str], timeout: float, what: st
     """Runs the guest Python on ``argv`` and returns its stdout; a ConversionError with the last stderr line when
     it crashes or times out."""
     if os.geteuid() != 0:
-        raise BadInputError("running the ARM guest needs root (chroot): rerun as root")
+        raise BadInputError(f"running the ARM guest needs root: {ROOT_REASON}; rerun as root")
     try:
         done = subprocess.run(guest_command(sandbox, cpu, argv), check=False, capture_output=True, text=True,
                               timeout=timeout, env=dict(GUEST_ENVIRONMENT), stdin=subprocess.DEVNULL)

@@ -1,8 +1,10 @@
-"""What the x86 host needs before it can build the arm64 sandbox: root, a Debian-like system, and from apt a
-qemu-user of version 10 or newer (static binaries) plus debootstrap.
+"""What the x86 host needs before it can build the arm64 sandbox, and the qemu-user the sandbox runs under.
 
-Debian 12's own qemu 7.2 emulates SME wrongly under ``-cpu max`` (XNNPACK results come out garbage), so on
-bookworm qemu comes from bookworm-backports, which this module adds to apt's sources when it is missing.
+Nothing is installed on the host and apt's own configuration is never changed: qemu-user 10 (static binaries; Debian
+12's own qemu 7.2 emulates SME wrongly under ``-cpu max`` and XNNPACK results come out garbage) is fetched from
+bookworm-backports by a private apt (mdeploy.apt) into mdeploy's cache, and only its ``qemu-aarch64`` is
+unpacked from the .deb. The host needs: an x86_64 Linux with apt-get, dpkg-deb, tar and chroot (Debian and Ubuntu
+have them all), Debian's archive keyring (to verify what is fetched) and root, for chroot only.
 """
 
 from __future__ import annotations
@@ -12,24 +14,21 @@ import platform
 import re
 import shutil
 import subprocess
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mdeploy.apt import DEBIAN_KEYRING, PrivateApt, Progress, last_line, require_keyring
 from mdeploy.errors import BadInputError
 
-Progress = Callable[[str], None]
-
 MIN_QEMU = (10, 0)
-QEMU_CANDIDATES = (Path("/usr/bin/qemu-aarch64-static"), Path("/usr/bin/qemu-aarch64"))
-DEBIAN_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
-APT_SOURCES = Path("/etc/apt/sources.list.d")
-APT_ENV = {"DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
-COMMAND_TIMEOUT = 600
-
-
-def debian_mirror() -> str:
-    return os.environ.get("MDEPLOY_ARM_MIRROR", "http://deb.debian.org/debian").rstrip("/")
+QEMU_SUITE = "bookworm-backports"  # qemu-user 1:10.0 (static binaries: they run inside the chroot as they are)
+QEMU_PACKAGE = "qemu-user"
+QEMU_IN_DEB = "./usr/bin/qemu-aarch64"
+HOST_TOOLS = {"apt-get": "apt", "apt-config": "apt", "dpkg-deb": "dpkg", "tar": "tar", "chroot": "coreutils",
+              "gpgv": "gpgv"}  # command -> the Debian package that provides it
+ROOT_REASON = ("the ARM guest runs under chroot(2), which only root may call: it keeps every path the emulated Python "
+               "opens inside the sandbox (qemu's -L mode falls back to the host's files), and setup runs the guest "
+               "once to verify it; nothing is installed on the host")
 
 
 @dataclass(frozen=True)
@@ -45,14 +44,37 @@ def require_supported_host() -> str:
         raise BadInputError(f"ARM emulation needs an x86_64 host, this one is {machine}: "
                             "on an ARM machine run the runtimes natively instead")
     if os.geteuid() != 0:
-        raise BadInputError("the ARM sandbox needs root (it runs the guest with chroot): "
-                            "rerun as root, e.g. `sudo mdeploy arm setup`")
-    missing = [tool for tool in ("apt-get", "apt-cache", "dpkg-deb", "tar") if shutil.which(tool) is None]
+        raise BadInputError(f"the ARM sandbox needs root: {ROOT_REASON}; rerun as root, e.g. "
+                            "`sudo mdeploy arm setup`")
+    missing = missing_host_tools()
     release = _os_release()
     if missing or "debian" not in (release.get("ID", "") + " " + release.get("ID_LIKE", "")):
-        raise BadInputError(f"the ARM sandbox is built with apt and dpkg (missing: {', '.join(missing) or 'none'}, "
+        raise BadInputError(f"the ARM sandbox is built with apt and dpkg-deb (missing: {', '.join(missing) or 'none'}, "
                             f"system: {release.get('PRETTY_NAME', 'unknown')}): use a Debian or Ubuntu host")
+    require_keyring()
     return release.get("VERSION_CODENAME", "")
+
+
+def missing_host_tools() -> list[str]:
+    return [tool for tool in HOST_TOOLS if shutil.which(tool) is None and not Path("/usr/sbin", tool).is_file()]
+
+
+def host_requirements() -> list[dict[str, str | bool]]:
+    """What `mdeploy doctor` reports: each host requirement of the ARM sandbox, met or not, and how to meet it."""
+    machine = platform.machine().lower()
+    release = _os_release()
+    rows: list[dict[str, str | bool]] = [
+        {"need": "x86_64 host", "ok": machine in ("x86_64", "amd64"), "fix": f"this one is {machine}"},
+        {"need": "Debian-like system", "ok": "debian" in (release.get("ID", "") + " " + release.get("ID_LIKE", "")),
+         "fix": f"this one is {release.get('PRETTY_NAME', 'unknown')}: use Debian or Ubuntu"},
+        {"need": "root (chroot)", "ok": os.geteuid() == 0, "fix": "run `mdeploy arm setup` and ARM checks as root"},
+    ]
+    for tool, package in HOST_TOOLS.items():
+        rows.append({"need": f"{tool} ({package})", "ok": tool not in missing_host_tools(),
+                     "fix": f"sudo apt-get install {package}"})
+    rows.append({"need": f"Debian archive keyring ({DEBIAN_KEYRING})", "ok": Path(DEBIAN_KEYRING).is_file(),
+                 "fix": "sudo apt-get install debian-archive-keyring"})
+    return rows
 
 
 def _os_release() -> dict[str, str]:
@@ -62,26 +84,6 @@ def _os_release() -> dict[str, str]:
         return {}
     pairs = (line.split("=", 1) for line in text.splitlines() if "=" in line)
     return {key: value.strip().strip('"') for key, value in pairs}
-
-
-def run_host_command(command: list[str], what: str, fix: str, timeout: float = COMMAND_TIMEOUT,
-                     env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Runs ``command``; on failure a one-line BadInputError: what failed, its last line, and the fix."""
-    try:
-        done = subprocess.run(command, check=False, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, **(env or {})})
-    except FileNotFoundError:
-        raise BadInputError(f"{what} failed: {command[0]} is not installed: {fix}") from None
-    except subprocess.TimeoutExpired:
-        raise BadInputError(f"{what} did not finish within {timeout:.0f} s: {fix}") from None
-    if done.returncode != 0:
-        raise BadInputError(f"{what} failed ({last_line(done.stderr or done.stdout)}): {fix}")
-    return done
-
-
-def last_line(text: str) -> str:
-    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
-    return lines[-1] if lines else "no output"
 
 
 def qemu_version(binary: Path) -> tuple[tuple[int, ...], str] | None:
@@ -110,54 +112,47 @@ def is_static_elf(binary: Path) -> bool:
     return 3 not in types  # PT_INTERP
 
 
-def usable_qemu() -> Qemu | None:
-    for binary in QEMU_CANDIDATES:
-        found = qemu_version(binary) if binary.is_file() else None
-        if found and found[0][:2] >= MIN_QEMU and is_static_elf(binary):
-            return Qemu(binary, found[1])
-    return None
+def fetch_qemu(downloads: Path, progress: Progress) -> Qemu:
+    """qemu-aarch64 >= 10 (static) from bookworm-backports, via the private apt in ``downloads/apt-amd64``; only the
+    one binary is unpacked from the .deb (the package holds every target, ~370 MB unpacked), into
+    ``downloads/qemu/<version>/``, where a later setup finds it without unpacking again."""
+
+    apt = PrivateApt(downloads / "apt-amd64", "amd64", (QEMU_SUITE,))
+    apt.update(progress)
+    deb = apt.fetch([f"{QEMU_PACKAGE}/{QEMU_SUITE}"], progress)[0]
+    binary = downloads / "qemu" / deb.stem / "qemu-aarch64"
+    if not binary.is_file():
+        progress(f"unpacking qemu-aarch64 from {deb.name}")
+        partial = binary.parent.with_name(binary.parent.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        unpack_deb(deb, partial, members=[QEMU_IN_DEB])
+        shutil.rmtree(binary.parent, ignore_errors=True)
+        (partial / QEMU_IN_DEB).replace(partial / "qemu-aarch64")
+        shutil.rmtree(partial / "usr")
+        partial.rename(binary.parent)
+    for stale in binary.parent.parent.iterdir():
+        if stale != binary.parent:
+            shutil.rmtree(stale, ignore_errors=True)
+    found = qemu_version(binary)
+    if found is None or found[0][:2] < MIN_QEMU or not is_static_elf(binary):
+        raise BadInputError(f"{deb.name} holds no static qemu-aarch64 >= {MIN_QEMU[0]} (found: "
+                            f"{found[1] if found else 'none'}): run `mdeploy arm remove` and `mdeploy arm setup` again")
+    return Qemu(binary, found[1])
 
 
-def ensure_host_tools(codename: str, progress: Progress) -> Qemu:
-    """A static qemu-aarch64 >= 10 and debootstrap, installed from apt when missing (no-op when present)."""
-    qemu = usable_qemu()
-    if qemu is not None and shutil.which("debootstrap"):
-        return qemu
-    packages = ["debootstrap"] + (["qemu-user"] if qemu is None else [])
-    release: list[str] = []
-    if qemu is None and codename == "bookworm":
-        add_backports_source(codename, progress)
-        release = ["-t", f"{codename}-backports"]
-    progress("apt-get update")
-    fix = f"check network access to {debian_mirror()} (or set MDEPLOY_ARM_MIRROR) and apt's sources"
-    run_host_command(["apt-get", "update", "-q"], "apt-get update", fix, env=APT_ENV)
-    progress(f"apt-get install {' '.join(packages)} {' '.join(release)}".rstrip())
-    run_host_command(["apt-get", "install", "-y", "-q", "--no-install-recommends", *release, *packages],
-                     f"apt-get install {' '.join(packages)}", fix, env=APT_ENV)
-    qemu = usable_qemu()
-    if qemu is None:
-        raise BadInputError(f"apt installed no static qemu-aarch64 >= {MIN_QEMU[0]} on this {codename or 'system'}: "
-                            "install qemu-user 10 or newer (Debian 12: from bookworm-backports) and rerun")
-    return qemu
-
-
-def add_backports_source(codename: str, progress: Progress) -> None:
-    """Adds ``<codename>-backports`` to apt's sources unless some source already names it (backports has apt
-    priority 100: nothing else on the host is upgraded from it)."""
-    suite = f"{codename}-backports"
-    sources = [Path("/etc/apt/sources.list"), *sorted(APT_SOURCES.glob("*.list")),
-               *sorted(APT_SOURCES.glob("*.sources"))]
-    if any(suite in _read(path) for path in sources):
-        return
-    progress(f"adding {suite} to apt's sources ({APT_SOURCES / f'mdeploy-{suite}.sources'})")
-    APT_SOURCES.mkdir(parents=True, exist_ok=True)
-    (APT_SOURCES / f"mdeploy-{suite}.sources").write_text(
-        f"Types: deb\nURIs: {debian_mirror()}\nSuites: {suite}\nComponents: main\nSigned-By: {DEBIAN_KEYRING}\n",
-        encoding="utf-8")
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return ""
+def unpack_deb(deb: Path, target: Path, members: list[str] | None = None) -> None:
+    """``dpkg -x`` into ``target``, except that directory symlinks already there are kept (the merged-/usr links
+    /bin -> usr/bin, /lib -> usr/lib, as a merged system has them); ``members`` limits it to those paths."""
+    unpack = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    only = ["--occurrence=1", *members] if members else []  # stop reading once they are out
+    extract = subprocess.run(["tar", "-x", "--keep-directory-symlink", "-C", str(target), *only], check=False,
+                             stdin=unpack.stdout, capture_output=True, text=True)
+    assert unpack.stdout is not None and unpack.stderr is not None
+    unpack.stdout.close()
+    unpack_error = unpack.stderr.read().decode(errors="replace")
+    unpacked = unpack.wait() == 0 or bool(members)  # with members, tar may stop reading early: dpkg-deb gets EPIPE
+    if not unpacked or extract.returncode != 0:
+        raise BadInputError(f"cannot unpack {deb.name} ({last_line(extract.stderr or unpack_error)}): "
+                            "run `mdeploy arm remove` and `mdeploy arm setup` again")

@@ -1,6 +1,11 @@
 """The arm64 sandbox: a Debian arm64 userland with Python 3.11, ONNX Runtime and LiteRT, plus a static
 qemu-aarch64 at its root, run with chroot (DESIGN.md §5).
 
+Everything mdeploy writes for it lives in three places of one folder (``~/.cache/mdeploy`` by default): the sandbox,
+its download cache ``<sandbox>-downloads`` (the private apt's lists and .debs, the unpacked qemu, pip's cache of the
+aarch64 wheels) and the lock file ``.<sandbox>.lock``; nothing on the host outside them changes (no apt source, no
+installed package). ``remove_sandbox`` deletes all three.
+
 ``setup_sandbox`` is cached and atomic: it builds in a staging folder beside the sandbox, checks that the guest
 imports its runtimes, writes a stamp (qemu, Python and package versions, the wheel set) and only then renames the
 staging folder into place. A rerun whose stamp matches what the host wants returns at once; a failed or
@@ -19,16 +24,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from mdeploy.apt import Progress, debian_mirror
 from mdeploy.arm.guest import GUEST_PYTHON, GUEST_SITE_PACKAGES, QEMU_IN_SANDBOX, run_guest
-from mdeploy.arm.host import Progress, Qemu, debian_mirror, ensure_host_tools, require_supported_host
+from mdeploy.arm.host import fetch_qemu, require_supported_host
 from mdeploy.arm.userland import (
-    GUEST_SUITE, debootstrap_first_stage, download_wheels, finish_layout, folder_size_mb, install_wheels,
-    unpack_remaining_packages, wanted_versions,
+    GUEST_SUITE, download_wheels, fetch_userland, finish_layout, folder_size_mb, install_wheels, unpack_userland,
+    wanted_versions,
 )
 from mdeploy.errors import BadInputError
 from mdeploy.outputs import exclusive_lock
 
-LAYOUT_VERSION = 1  # bump when the sandbox's layout changes: older sandboxes then report stale and get rebuilt
+LAYOUT_VERSION = 2  # bump when the sandbox's layout changes: older sandboxes then report stale and get rebuilt
 STAMP = "mdeploy-sandbox.json"
 VERIFY_CPU = "cortex-a53"
 VERIFY_TIMEOUT = 300
@@ -63,8 +69,19 @@ def default_sandbox_dir() -> Path:
 
 
 def download_cache_dir(folder: Path) -> Path:
-    """Where the arm64 .debs are kept between builds (beside the sandbox, never inside it)."""
+    """Where the private apt (lists, .debs), qemu and pip's wheel cache are kept between builds (beside the
+    sandbox, never inside it)."""
     return folder.parent / f"{folder.name}-downloads"
+
+
+def lock_file(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.lock"
+
+
+def sandbox_paths(folder: Path | None = None) -> dict[str, Path]:
+    """Every path the sandbox of ``folder`` writes (whether it exists yet or not)."""
+    folder = (Path(folder) if folder is not None else default_sandbox_dir()).expanduser().absolute()
+    return {"sandbox": folder, "downloads": download_cache_dir(folder), "lock": lock_file(folder)}
 
 
 def read_stamp(folder: Path) -> dict[str, Any] | None:
@@ -118,19 +135,18 @@ def setup_sandbox(folder: Path | None = None, progress: Progress | None = None) 
     state = sandbox_status(folder)
     if state.ready:
         return state
-    codename = require_supported_host()
+    require_supported_host()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(folder.parent / f".{folder.name}.lock"):  # a second setup waits, then finds it ready
+    with exclusive_lock(lock_file(folder)):  # a second setup waits, then finds it ready
         state = sandbox_status(folder)  # another process may have finished it while we waited
         if state.ready:
             return state
         refuse_foreign_folder(folder)
         remove_leftovers(folder)
         start = time.monotonic()
-        qemu = ensure_host_tools(codename, report)
         staging = folder.parent / f".{folder.name}.staging-{os.getpid()}"
         try:
-            stamp = build(staging, download_cache_dir(folder), qemu, report)
+            stamp = build(staging, download_cache_dir(folder), report)
             stamp["setup_seconds"] = round(time.monotonic() - start, 1)
             (staging / STAMP).write_text(json.dumps(stamp, indent=2) + "\n", encoding="utf-8")
             move_into_place(staging, folder)
@@ -140,13 +156,13 @@ def setup_sandbox(folder: Path | None = None, progress: Progress | None = None) 
     return sandbox_status(folder)
 
 
-def build(staging: Path, downloads: Path, qemu: Qemu, progress: Progress) -> dict[str, Any]:
+def build(staging: Path, downloads: Path, progress: Progress) -> dict[str, Any]:
     wanted = wanted_versions()
-    debootstrap_first_stage(staging, downloads / "debs", progress)
-    unpack_remaining_packages(staging, progress)
+    qemu = fetch_qemu(downloads, progress)
+    unpack_userland(staging, fetch_userland(downloads, progress), progress)
     wheel_folder = staging.parent / f"{staging.name}-wheels"
     try:
-        wheels = download_wheels(wheel_folder, wanted, progress)
+        wheels = download_wheels(wheel_folder, wanted, downloads / "pip", progress)
         install_wheels(wheels, staging, progress)
     finally:
         shutil.rmtree(wheel_folder, ignore_errors=True)
@@ -156,6 +172,7 @@ def build(staging: Path, downloads: Path, qemu: Qemu, progress: Progress) -> dic
         raise BadInputError(f"the guest got {guest['packages']} instead of {wanted}: rerun `mdeploy arm setup`")
     return {
         "layout": LAYOUT_VERSION, "suite": GUEST_SUITE, "mirror": debian_mirror(), "qemu_version": qemu.version,
+        "debs": sorted(path.name for path in downloads.glob("apt-*/cache/archives/*.deb")),
         "python_version": guest["python"], "packages": guest["packages"], "wheels": [w.name for w in wheels],
         "built_at": datetime.now(UTC).isoformat(timespec="seconds"), "size_mb": folder_size_mb(staging),
     }
@@ -193,3 +210,31 @@ def move_into_place(staging: Path, folder: Path) -> None:
         os.rename(folder, old)
     os.rename(staging, folder)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_sandbox(folder: Path | None = None, progress: Progress | None = None) -> dict[str, Any]:
+    """Deletes the sandbox, its download cache, its lock file and any leftover of an interrupted setup; refuses a
+    folder that is not an mdeploy sandbox. Returns what was removed and the space freed (MB)."""
+    paths = sandbox_paths(folder)
+    folder = paths["sandbox"]
+    report = progress or (lambda message: None)
+    removed: list[str] = []
+    freed = 0.0
+    if not folder.parent.is_dir():
+        return {"path": str(folder), "removed": removed, "freed_mb": freed}
+    with exclusive_lock(paths["lock"]):  # never while a setup is building
+        refuse_foreign_folder(folder)
+        leftovers = [p for pattern in (f".{folder.name}.staging-*", f".{folder.name}.old-*")
+                     for p in folder.parent.glob(pattern)]
+        for path in (folder, paths["downloads"], *leftovers):
+            if path.is_symlink() or not path.exists():
+                continue
+            freed += folder_size_mb(path)
+            report(f"removing {path}")
+            shutil.rmtree(path)
+            removed.append(str(path))
+        paths["lock"].unlink(missing_ok=True)
+    default_parent = Path.home() / ".cache" / "mdeploy"
+    if folder.parent == default_parent and not any(default_parent.iterdir()):  # it held only the sandbox
+        default_parent.rmdir()
+    return {"path": str(folder), "removed": removed, "freed_mb": round(freed, 1)}

@@ -1,6 +1,8 @@
-"""Builds the arm64 Debian userland of the sandbox from registry packages only: debootstrap's first stage (no
-emulated second stage), the remaining .debs unpacked with dpkg-deb, and aarch64 wheels unzipped into the guest
-Python's site-packages.
+"""Builds the arm64 Debian userland of the sandbox from registry packages only, without debootstrap and without
+touching the host: a private apt (mdeploy.apt) resolves and fetches what ``debootstrap --variant=minbase
+--include=python3`` would install (every Priority: required package, apt and python3, with their dependencies), the
+.debs are unpacked with dpkg-deb over merged-/usr links (no maintainer script runs, nothing is emulated), and aarch64
+wheels are unzipped into the guest Python's site-packages.
 """
 
 from __future__ import annotations
@@ -9,14 +11,14 @@ import importlib.metadata
 import os
 import re
 import shutil
-import subprocess
+import stat
 import sys
 import zipfile
 from pathlib import Path
 
+from mdeploy.apt import PrivateApt, Progress, run_host_command
 from mdeploy.arm.guest import GUEST_SITE_PACKAGES, GUEST_WORK, QEMU_IN_SANDBOX
-from mdeploy.arm.host import Progress, Qemu, debian_mirror, run_host_command
-from mdeploy.errors import BadInputError
+from mdeploy.arm.host import Qemu, unpack_deb
 
 GUEST_SUITE = "bookworm"  # its Python 3.11 matches the host's wheels (cp311)
 GUEST_PYTHON_TAG = "3.11"
@@ -37,38 +39,39 @@ def wanted_versions() -> dict[str, str]:
     return wanted
 
 
-def debootstrap_first_stage(target: Path, deb_cache: Path, progress: Progress) -> None:
-    progress(f"debootstrap --foreign arm64 {GUEST_SUITE} with python3 (~30 s)")
-    deb_cache.mkdir(parents=True, exist_ok=True)
-    run_host_command(
-        ["debootstrap", "--foreign", "--arch=arm64", "--variant=minbase", "--include=python3",
-         f"--cache-dir={deb_cache.resolve()}", GUEST_SUITE, str(target), debian_mirror()],
-        "debootstrap (arm64 userland)", f"check network access to {debian_mirror()} (or set MDEPLOY_ARM_MIRROR)")
+USERLAND_REQUESTS = ("?priority(required)", "apt", "python3")  # debootstrap --variant=minbase --include=python3
+MERGED_USR = ("bin", "sbin", "lib")  # /bin -> usr/bin ...: bookworm's default layout on arm64
+DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9)}
 
 
-def unpack_remaining_packages(target: Path, progress: Progress) -> None:
-    """Unpacks what the first stage only downloaded (python3 and its libraries), instead of running the second
-    stage under emulation. ``--keep-directory-symlink`` keeps the merged-/usr links (/lib -> usr/lib) intact."""
-    debootstrap_dir = target / "debootstrap"
-    base = (debootstrap_dir / "base").read_text(encoding="utf-8").split()
-    paths = dict(line.split(" ", 1) for line in (debootstrap_dir / "debpaths").read_text(encoding="utf-8").splitlines()
-                 if " " in line)
-    progress(f"unpacking {len(base)} arm64 packages")
-    for package in base:
-        deb = target / paths[package].lstrip("/")
-        unpack = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
-        extract = subprocess.run(["tar", "-x", "--keep-directory-symlink", "-C", str(target)], check=False,
-                                 stdin=unpack.stdout, capture_output=True, text=True)
-        assert unpack.stdout is not None
-        unpack.stdout.close()
-        if unpack.wait() != 0 or extract.returncode != 0:
-            raise BadInputError(f"cannot unpack {deb.name} ({extract.stderr.strip() or 'dpkg-deb failed'}): "
-                                "delete the sandbox's download cache and rerun `mdeploy arm setup`")
+def fetch_userland(downloads: Path, progress: Progress) -> list[Path]:
+    """The arm64 .debs of the userland, via the private apt in ``downloads/apt-arm64`` (cached there)."""
+    apt = PrivateApt(downloads / "apt-arm64", "arm64", (GUEST_SUITE,))
+    apt.update(progress)
+    return apt.fetch(list(USERLAND_REQUESTS), progress)
 
 
-def download_wheels(folder: Path, versions: dict[str, str], progress: Progress) -> list[Path]:
-    """aarch64 wheels of the runtimes and their dependencies (pip's own cache makes a rebuild fast). Dependencies
-    are held at the host's versions where the host has them."""
+def unpack_userland(target: Path, debs: list[Path], progress: Progress) -> None:
+    """The userland in ``target``: merged-/usr links first (``--keep-directory-symlink`` keeps them while the
+    packages' /bin, /lib files go through them), then every .deb, then the few device nodes a program may open."""
+    target.mkdir(parents=True)
+    for name in MERGED_USR:
+        (target / "usr" / name).mkdir(parents=True, exist_ok=True)
+        (target / name).symlink_to(f"usr/{name}")
+    progress(f"unpacking {len(debs)} arm64 packages")
+    for deb in debs:
+        unpack_deb(deb, target)
+    dev = target / "dev"
+    dev.mkdir(exist_ok=True)
+    for name, (major, minor) in DEVICES.items():
+        os.mknod(dev / name, stat.S_IFCHR | 0o666, os.makedev(major, minor))
+        os.chmod(dev / name, 0o666)
+
+
+def download_wheels(folder: Path, versions: dict[str, str], pip_cache: Path, progress: Progress) -> list[Path]:
+    """aarch64 wheels of the runtimes and their dependencies. pip keeps its cache in ``pip_cache`` (mdeploy's
+    download cache, not the user's ~/.cache/pip), which makes a rebuild fast. Dependencies are held at the host's
+    versions where the host has them."""
     progress("pip download aarch64 wheels: " + ", ".join(f"{n}=={v}" for n, v in versions.items()))
     folder.mkdir(parents=True, exist_ok=True)
     constraints = folder / "host-versions.txt"
@@ -82,7 +85,8 @@ def download_wheels(folder: Path, versions: dict[str, str], progress: Progress) 
         command += ["--platform", tag]
     command += [f"{name}=={version}" for name, version in versions.items()]
     run_host_command(command, "pip download of the aarch64 wheels",
-                     "check network access to PyPI and that these versions publish manylinux aarch64 wheels")
+                     "check network access to PyPI and that these versions publish manylinux aarch64 wheels",
+                     env={"PIP_CACHE_DIR": str(pip_cache)})
     return sorted(folder.glob("*.whl"))
 
 
@@ -116,13 +120,7 @@ def finish_layout(target: Path, qemu: Qemu) -> None:
     """What the guest needs besides packages: qemu inside the chroot, a private /proc (qemu answers
     /proc/cpuinfo and /proc/self/* itself, with the -cpu model's description), the CPU lists the runtimes'
     cpuinfo library reads from /sys, and the folder the host drops work into."""
-    shutil.rmtree(target / "debootstrap")
-    for deb in (target / "var/cache/apt/archives").glob("*.deb"):
-        deb.unlink()
-    proc = target / "proc"
-    if proc.is_symlink() or proc.is_file():  # debootstrap links proc -> /proc for its second stage
-        proc.unlink()
-    proc.mkdir(exist_ok=True)
+    (target / "proc").mkdir(exist_ok=True)
     cpu_dir = target / "sys/devices/system/cpu"
     cpu_dir.mkdir(parents=True, exist_ok=True)
     for name in ("possible", "present", "online"):  # one CPU: the runtimes run one thread here anyway
