@@ -7,10 +7,12 @@ reaches torch's and NumPy's parsers instead of stopping at the zip layer. Each m
 worker process, under a per-case timeout and a memory limit. The only acceptable outcomes are success or an
 ``MdeployError``: any other exception, a crash of the worker (a signal) or a hang is a finding.
 
-    python -m tests.fuzz_loaders --seconds 300 [--seed 1] [--target model|samples|both]
+    python -m tests.fuzz_loaders --seconds 300 [--min-cases 22] [--seed 1] [--target model|samples|both]
 
-``tests/test_fuzz.py`` runs it for ``MDEPLOY_FUZZ_SECONDS`` (default 20) and replays ``REGRESSIONS``, the cases
-that once failed (found by this harness and fixed).
+The regressions in ``REGRESSIONS`` (cases that once failed, found by this harness and fixed) are replayed first,
+outside the time budget; then at least ``--min-cases`` new mutants run whatever the machine's speed (the same ones
+for a given seed), and the time budget only adds more. ``tests/test_fuzz.py`` runs it with a fixed minimum and
+``MDEPLOY_FUZZ_SECONDS`` (default 20) of budget, so that it tests the same cases on a busy machine as on an idle one.
 """
 
 from __future__ import annotations
@@ -32,7 +34,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-CASE_TIMEOUT = 20.0  # seconds per mutant; loading a healthy seed file takes well under one
+# A hang is judged on the worker's CPU time, not on the clock, so that a busy machine (which only slows the worker
+# down) does not turn a slow case into a finding: loading a mutant took at most 1.5 s of CPU (a .pt2, in a fresh
+# worker; measured over 300 cases).
+CASE_TIMEOUT = 20.0  # seconds of CPU per mutant
+START_TIMEOUT = 120.0  # seconds of CPU for the worker to import torch and the loaders
+WALL_FACTOR = 15  # a worker that uses no CPU at all (blocked) is a hang after 15 times the CPU limit on the clock
 MEMORY_LIMIT = 6 << 30  # bytes of address space per worker: a damaged size field must fail, not swap
 
 # (seed file, mutator, rng seed) of mutants that once broke a loader: replayed first by tests/test_fuzz.py.
@@ -290,27 +297,47 @@ def worker_main() -> None:
         print(json.dumps(result), file=answer, flush=True)
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far (Linux /proc), or None where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()  # after the command name, which may hold spaces
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 class Worker:
     """A loader process that survives many cases; killed and restarted on a hang or a crash."""
 
     def __init__(self) -> None:
         self.process: subprocess.Popen[str] | None = None
+        self.last_wait = (0.0, 0.0)  # CPU and clock seconds of the last wait for an answer
 
     def start(self) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.fuzz_loaders", "--worker"], cwd=REPO, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, bufsize=1,
         )
-        if self._read(120.0) != "ready":
+        if self._read(START_TIMEOUT) != "ready":
             raise RuntimeError("fuzz worker did not start")
 
-    def _read(self, timeout: float) -> str | None:
+    def _read(self, cpu_limit: float) -> str | None:
+        """The worker's next line ("" if it died), or None once it used ``cpu_limit`` seconds of CPU (or, where
+        /proc is missing or the worker is blocked, ``WALL_FACTOR`` times that on the clock) without answering."""
         assert self.process is not None and self.process.stdout is not None
-        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
-        if not ready:
-            return None
-        line = self.process.stdout.readline()
-        return line.strip() if line else ""
+        start_cpu, start = _cpu_seconds(self.process.pid), time.monotonic()
+        self.last_wait = (0.0, 0.0)
+        while True:
+            ready, _, _ = select.select([self.process.stdout], [], [], 0.2)
+            if ready:
+                line = self.process.stdout.readline()
+                return line.strip() if line else ""
+            cpu, wall = _cpu_seconds(self.process.pid), time.monotonic() - start
+            used = cpu - start_cpu if cpu is not None and start_cpu is not None else wall
+            self.last_wait = (used, wall)
+            if used > cpu_limit or wall > WALL_FACTOR * cpu_limit:
+                return None
 
     def run(self, path: Path, kind: str, timeout: float = CASE_TIMEOUT) -> tuple[str, str]:
         if self.process is None or self.process.poll() is not None:
@@ -320,8 +347,9 @@ class Worker:
         self.process.stdin.flush()
         line = self._read(timeout)
         if line is None:
+            used, wall = self.last_wait
             self.stop()
-            return "hang", f"no answer in {timeout:.0f} s"
+            return "hang", f"no answer after {used:.0f} s of CPU time ({wall:.0f} s on the clock)"
         if line == "":
             code = self.process.wait()
             self.process = None
@@ -364,8 +392,10 @@ def run_case(worker: Worker, seeds: dict[str, Path], work: Path, index: int, see
 
 
 def run_fuzz(seconds: float, work: Path, seed: int = 0, target: str = "both",
-             replay: list[tuple[str, str, int]] | None = None) -> FuzzReport:
-    """Mutate and load for about ``seconds`` (the regressions in ``replay`` first, whatever the time)."""
+             replay: list[tuple[str, str, int]] | None = None, min_cases: int = 0) -> FuzzReport:
+    """Replay the regressions in ``replay`` (whatever the time), then mutate and load: at least ``min_cases`` new
+    mutants (a count, not a time: the same cases however busy the machine is), and more for the rest of ``seconds``
+    (counted from the end of the replay)."""
     start = time.monotonic()
     seeds = write_seeds(work / "seeds")
     names = [n for n in seeds if (target in ("both", "model") and n in MODEL_SEEDS)
@@ -377,14 +407,18 @@ def run_fuzz(seconds: float, work: Path, seed: int = 0, target: str = "both",
         for index, (seed_name, mutator, rng_seed) in enumerate(replay or []):
             report.outcomes.append(run_case(worker, seeds, work, index, seed_name, mutator, rng_seed))
         index = len(report.outcomes)
-        # Models cost ~10x more to load than samples: alternate so both get cases within any budget.
-        while time.monotonic() - start < seconds:
-            seed_name = plan_rng.choice(names)
+        budget_start = time.monotonic()
+        new = 0
+        # Models cost ~10x more to load than samples: the seed files take turns so that every one gets cases within
+        # any budget (each one at least min_cases // len(names) times).
+        while new < min_cases or time.monotonic() - budget_start < seconds:
+            seed_name = names[new % len(names)]
             seed_bytes = seeds[seed_name].read_bytes()
             mutator = plan_rng.choice(mutators_for(seed_bytes))
             rng_seed = plan_rng.randrange(1 << 30)
             report.outcomes.append(run_case(worker, seeds, work, index, seed_name, mutator, rng_seed))
             index += 1
+            new += 1
     finally:
         worker.stop()
     report.seconds = time.monotonic() - start
@@ -403,6 +437,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--seconds", type=float, default=float(os.environ.get("MDEPLOY_FUZZ_SECONDS", "60")))
+    parser.add_argument("--min-cases", type=int, default=0, help="new mutants to run whatever the time (default 0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--target", choices=("model", "samples", "both"), default="both")
     parser.add_argument("--work", type=Path, default=None, help="folder for seeds, mutants and findings")
@@ -413,7 +448,7 @@ def main() -> None:
     import tempfile
 
     work = args.work or Path(tempfile.mkdtemp(prefix="mdeploy-fuzz-"))
-    report = run_fuzz(args.seconds, work, args.seed, args.target, replay=REGRESSIONS)
+    report = run_fuzz(args.seconds, work, args.seed, args.target, replay=REGRESSIONS, min_cases=args.min_cases)
     print(report.summary())
     groups: dict[str, list[Outcome]] = {}
     for finding in report.findings:

@@ -15,6 +15,7 @@ from mdeploy.parity import torch_runner
 from calibration.config import QuantRecipe
 from mdeploy.quantize.params import QuantizedGraph
 from mdeploy.quantize.ptq import quantize
+from mdeploy.quantize.simulate import simulate
 from mdeploy.zoo import Arch, ModelConfig, build_model
 from tests.test_graph import randomize_batch_norm
 
@@ -49,8 +50,23 @@ def nearest_int8(graph, calibration: np.ndarray) -> QuantizedGraph:  # type: ign
     return quantize(graph, calibration, QuantRecipe.stock_minmax())
 
 
+# How far each runtime's int8 output may be from mdeploy's simulation of the same QuantizedGraph
+# (mdeploy.quantize.simulate: the same scales, zero points, int8 weights and int32 biases, requantised in float), in
+# LSB of the output tensor. Measured on the model below (max over 8 inputs x 10 logits): ONNX Runtime 0 LSB (its QDQ
+# kernels requantise in float as the simulator does: bit-exact); TFLite 5 LSB (mean 1.3) and CoreML 4.1 LSB (mean
+# 1.4): their fixed-point (TFLite) or own (CoreML) requantisation rounds each of the ~50 int8 tensors differently by
+# up to 1 LSB, and those differences grow through the layers, so 1-2 LSB at the output is out of reach for them.
+# A classifier whose weight scale is 5% off already gives 8 (ONNX), 11 (TFLite) and 9.9 (CoreML) LSB (the old
+# bound, 64 LSB from PyTorch, let it through: 10.7 LSB). A new target must measure and state its own bound here.
+INT8_LSB_FROM_SIMULATION = {Target.onnx: 1.0, Target.tflite: 8.0, Target.coreml: 8.0}
+# From the PyTorch model: the recipe's own quantisation error (the simulator is 5.2 LSB from PyTorch here, every
+# runtime 3.4 to 5.2 LSB), with margin; a check that does not go through mdeploy's simulator.
+INT8_LSB_FROM_PYTORCH = 8.0
+
+
 @pytest.mark.parametrize("target", TARGETS)
 def test_int8_artifact_is_integer_and_close(target: Target, tmp_path: Path) -> None:
+    assert target in INT8_LSB_FROM_SIMULATION, f"measure {target}'s int8 distance from the simulation, state it"
     torch.manual_seed(0)
     model = randomize_batch_norm(build_model(ModelConfig(Arch.mobilenet_v3_small, 0.5, 10, 0.2)))
     graph = graph_from_torch(model, (1, 3, 96, 96))
@@ -64,7 +80,9 @@ def test_int8_artifact_is_integer_and_close(target: Target, tmp_path: Path) -> N
     output = converter.runner(path)(x)
     reference = torch_runner(model)(x)
     lsb = quantized.activations[graph.output_name].scale
-    assert np.abs(output - reference).max() < 64 * lsb  # int8, yet still the same function
+    # The target runs what it was given: the simulated int8 model, up to its own requantisation.
+    assert np.abs(output - simulate(quantized, x)).max() <= INT8_LSB_FROM_SIMULATION[target] * lsb
+    assert np.abs(output - reference).max() <= INT8_LSB_FROM_PYTORCH * lsb  # int8, yet still the same function
     assert np.abs(output - reference).max() > 0  # and really quantised
 
 

@@ -3,16 +3,16 @@ own ``MetadataDisplayer``, compared with what its image_classifier metadata writ
 checked against the C++ minimum-parser-version function; the files still load and run on LiteRT and are
 byte-identical from one export to the next.
 
-tflite-support is not a dependency (its top-level package conflicts with our protobuf): a session fixture downloads
-the pinned wheel from PyPI once into ``.cache/`` (as CI can), unpacks only ``tensorflow_lite_support/metadata`` and
-runs the reader in a subprocess with ``PYTHONPATH`` pointing there."""
+tflite-support is not installed into the venv (its top-level package conflicts with our protobuf): ``./run setup``
+unpacks the pinned wheel's ``tensorflow_lite_support/metadata`` into ``.venv/tflite-support/``, with the
+``libusb-1.0.so.0`` its compiled modules link to (from the libusb-package wheel: no system library needed), and the
+reader runs in a subprocess with ``PYTHONPATH`` and ``LD_LIBRARY_PATH`` pointing there. Nothing is downloaded here."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -38,9 +38,7 @@ from tests.test_converters import nearest_int8
 
 pytestmark = pytest.mark.skipif(bool(missing_modules(TfliteConverter())), reason="ai-edge-litert not installed")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-TFLITE_SUPPORT = "tflite-support==0.4.4"
-SUPPORT_CACHE = REPO_ROOT / ".cache" / "tflite-support-0.4.4"
+SUPPORT = Path(sys.prefix) / "tflite-support"  # where ./run setup unpacks it (see setup() in ./run)
 SIZE = 64
 CLASSES = 10
 PREPROCESS = Preprocess.imagenet(SIZE)
@@ -89,32 +87,12 @@ json.dump(results, open(request["out"], "w"))
 
 @pytest.fixture(scope="session")
 def tflite_support_path() -> Path:
-    """A folder holding ``tensorflow_lite_support/metadata`` of the pinned wheel (downloaded once, then cached)."""
-    site = SUPPORT_CACHE / "site"
-    if (site / ".complete").exists():
-        return site
-    wheels = SUPPORT_CACHE / "wheel"
-    command = [sys.executable, "-m", "pip", "download", TFLITE_SUPPORT, "--no-deps", "--only-binary=:all:",
-               "--disable-pip-version-check", "-q", "-d", str(wheels)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
-    except subprocess.TimeoutExpired:
-        pytest.skip(f"downloading {TFLITE_SUPPORT} from PyPI timed out")
-    found = sorted(wheels.glob("tflite_support-*.whl"))
-    if done.returncode != 0 or not found:
-        reason = (done.stderr.strip().splitlines() or ["no wheel for this platform"])[-1]
-        pytest.skip(f"cannot download {TFLITE_SUPPORT} (a wheel for this Python/platform) from PyPI: {reason}")
-    partial = SUPPORT_CACHE / "site.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    with zipfile.ZipFile(found[-1]) as wheel:
-        members = [name for name in wheel.namelist() if name == "tensorflow_lite_support/__init__.py"
-                   or name.startswith("tensorflow_lite_support/metadata/")]
-        wheel.extractall(partial, members)
-    (partial / ".complete").write_text(TFLITE_SUPPORT + "\n")
-    shutil.rmtree(site, ignore_errors=True)
-    partial.rename(site)
-    shutil.rmtree(wheels, ignore_errors=True)  # 60 MB: the unpacked 5 MB are all the tests need
-    return site
+    """The folder that ``./run setup`` made: ``tensorflow_lite_support/metadata`` and ``lib/libusb-1.0.so.0``."""
+    marker = SUPPORT / ".complete"
+    assert marker.is_file() and (SUPPORT / "lib" / "libusb-1.0.so.0").is_file(), (
+        f"{SUPPORT} is missing or incomplete: `./run setup` unpacks tflite-support there")
+    assert marker.read_text().split()[0] == "tflite-support==0.4.4", marker.read_text()  # the version tested here
+    return SUPPORT
 
 
 def read_with_tflite_support(site: Path, paths: list[Path], tmp: Path) -> dict[str, Any]:
@@ -122,7 +100,8 @@ def read_with_tflite_support(site: Path, paths: list[Path], tmp: Path) -> dict[s
     out = tmp / "displayed.json"
     request.write_text(json.dumps({"models": [str(p) for p in paths], "out": str(out),
                                    "mean": IMAGENET_MEAN_255, "std": IMAGENET_STD_255}))
-    env = {**os.environ, "PYTHONPATH": str(site), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    library_path = os.pathsep.join(filter(None, [str(site / "lib"), os.environ.get("LD_LIBRARY_PATH")]))
+    env = {**os.environ, "PYTHONPATH": str(site), "LD_LIBRARY_PATH": library_path, "TF_CPP_MIN_LOG_LEVEL": "3"}
     done = subprocess.run([sys.executable, "-c", _READER, str(request)], capture_output=True, text=True, env=env,
                           timeout=600, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
