@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration.config import QuantRecipe, WeightRounding  # noqa: E402
-from calibration.dataset import SampleSet  # noqa: E402
-from calibration.preprocess import Preprocess  # noqa: E402
-from converters.base import ArtifactInfo  # noqa: E402
-from converters.onnx import OnnxConverter  # noqa: E402
+from mdeploy.calibration.config import QuantRecipe, WeightRounding  # noqa: E402
+from mdeploy.calibration.dataset import SampleSet  # noqa: E402
+from mdeploy.calibration.preprocess import Preprocess  # noqa: E402
+from mdeploy.converters.base import ArtifactInfo  # noqa: E402
+from mdeploy.converters.onnx import OnnxConverter  # noqa: E402
 from mdeploy.demo_assets import default_cache_dir, prepare_demo_assets  # noqa: E402
 from mdeploy.graph.from_torch import graph_from_torch  # noqa: E402
 from mdeploy.loading import load_model  # noqa: E402

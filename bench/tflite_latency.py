@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration.config import QuantRecipe  # noqa: E402
-from converters.base import ArtifactInfo  # noqa: E402
-from converters.tflite import Kernels, TfliteConverter, load_interpreter  # noqa: E402
-from converters.tflite_flatbuffer import ModelBuilder, Quant, fb  # noqa: E402
-from converters.tflite_report import xnnpack_partitions  # noqa: E402
+from mdeploy.calibration.config import QuantRecipe  # noqa: E402
+from mdeploy.converters.base import ArtifactInfo  # noqa: E402
+from mdeploy.converters.tflite import Kernels, TfliteConverter, load_interpreter  # noqa: E402
+from mdeploy.converters.tflite_flatbuffer import ModelBuilder, Quant, fb  # noqa: E402
+from mdeploy.converters.tflite_report import xnnpack_partitions  # noqa: E402
 from mdeploy.graph.from_torch import graph_from_torch  # noqa: E402
 from mdeploy.graph.ir import Graph, Op  # noqa: E402
 from mdeploy.quantize.params import QuantizedGraph  # noqa: E402

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.preprocess import (
+from mdeploy.calibration.preprocess import (
     Layout,
     Preprocess,
     UnreadableImageError,

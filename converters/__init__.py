@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from converters.base import Converter, Precision, Target
-from converters.coreml import CoremlConverter
-from converters.onnx import OnnxConverter
-from converters.tflite import TfliteConverter
+from mdeploy.converters.base import Converter, Precision, Target
+from mdeploy.converters.coreml import CoremlConverter
+from mdeploy.converters.onnx import OnnxConverter
+from mdeploy.converters.tflite import TfliteConverter
 
 REGISTRY: dict[Target, Converter] = {
     Target.onnx: OnnxConverter(),

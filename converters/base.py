@@ -7,27 +7,14 @@ Adding a target means one new module in ``converters/`` implementing :class:`Con
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
+from mdeploy.errors import BadInputError
 from mdeploy.graph.ir import Graph
 from mdeploy.quantize.params import QuantizedGraph
-
-
-class Target(str, Enum):
-    onnx = "onnx"
-    tflite = "tflite"
-    coreml = "coreml"
-
-
-class Precision(str, Enum):
-    fp32 = "fp32"
-    int8 = "int8"
+from mdeploy.types import Precision, Runner, Target
 
 
 @dataclass(frozen=True)
@@ -39,10 +26,6 @@ class ArtifactInfo:
     labels: tuple[str, ...] = ()
     producer_version: str = ""
     extra: dict[str, str] = field(default_factory=dict)
-
-
-# Runs a batch (N, C, H, W) float32, preprocessed as in the manifest, and returns (N, classes) float32 logits.
-Runner = Callable[[np.ndarray], np.ndarray]
 
 
 class Converter(Protocol):
@@ -70,8 +53,6 @@ class Converter(Protocol):
 
 def require_content(path: Path, what: str) -> None:
     """A zero-byte artifact (an interrupted write or copy) gets its own message, not the parser's."""
-    from mdeploy.errors import BadInputError
-
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         raise BadInputError(f"{path} is empty (0 bytes), not {what}: the conversion or the copy was interrupted; "
                             "convert again")

@@ -33,9 +33,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from converters.base import ArtifactInfo, Precision, Runner, Target
-from converters.coreml_mil_reference import RUNTIME_NAME, MilExecutor, load_program, package_items
-from converters.coreml_program import OUTPUT_NAME, ImageNormalization, ProgramOptions, build_program, import_coremltools
+from mdeploy.converters.base import ArtifactInfo, Precision, Runner, Target
+from mdeploy.converters.coreml_mil_reference import RUNTIME_NAME, MilExecutor, load_program, package_items
+from mdeploy.converters.coreml_program import OUTPUT_NAME, ImageNormalization, ProgramOptions, build_program, import_coremltools
 from mdeploy.errors import BadInputError
 from mdeploy.graph.ir import Graph
 from mdeploy.quantize.params import QuantizedGraph
@@ -312,7 +312,7 @@ class CoremlConverter:
 
     # -- inspect -----------------------------------------------------------------------------------------------
     def inspect(self, path: Path) -> dict[str, Any]:
-        from converters.coreml_inspect import describe_program
+        from mdeploy.converters.coreml_inspect import describe_program
 
         spec, program = load_program(Path(path))
         metadata = dict(spec.description.metadata.userDefined)

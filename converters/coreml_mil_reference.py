@@ -431,7 +431,7 @@ def load_program(path: Path) -> tuple[Any, Any]:
     Manifest.json and the program's weight file names are checked first: nothing outside the package is read."""
     from google.protobuf.message import DecodeError
 
-    from converters.coreml_program import import_coremltools
+    from mdeploy.converters.coreml_program import import_coremltools
     from mdeploy.paths import resolve_inside
 
     items = package_items(path)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.base import ArtifactInfo, Precision, Runner, Target, require_content
+from mdeploy.converters.base import ArtifactInfo, Precision, Runner, Target, require_content
 from mdeploy.errors import BadInputError
 from mdeploy.graph.from_torch import INPUT_NAME
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs

@@ -19,14 +19,14 @@ and, with one label per class, ``labels.txt`` zipped after the flatbuffer.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from converters.base import ArtifactInfo, Precision, Runner, Target, require_content
+from mdeploy.converters.base import ArtifactInfo, Precision, Runner, Target, require_content
+from mdeploy.converters.tflite_options import HardSwishMode, IOType, Options
 from mdeploy.graph.ir import Graph
 from mdeploy.quantize.params import QuantizedGraph
 
@@ -34,33 +34,6 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 __all__ = ["HardSwishMode", "IOType", "Kernels", "TfliteConverter"]
-
-
-class IOType(str, Enum):
-    """Type of an int8 artifact's input and output tensors (fp32 artifacts are always float)."""
-
-    int8 = "int8"  # LiteRT's convention for full-integer models: no QUANTIZE/DEQUANTIZE op at all
-    uint8 = "uint8"  # QUANTIZE uint8<->int8 at both ends (XNNPACK leaves those two ops to the builtin kernels)
-    float = "float"  # QUANTIZE float->int8 at the input, DEQUANTIZE at the output, both inside XNNPACK
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class HardSwishMode(str, Enum):
-    """How an int8 hardswish is written (fp32 graphs always use the HARD_SWISH op, which XNNPACK takes)."""
-
-    decomposed = "decomposed"  # ADD(x, 3; relu6) -> MUL(x, .) -> MUL(., 1/6): XNNPACK keeps one partition
-    builtin = "builtin"  # int8 HARD_SWISH: XNNPACK refuses it, each one splits the graph (for comparison)
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class Options:
-    io: IOType = IOType.int8
-    hardswish: HardSwishMode = HardSwishMode.decomposed
 
 
 class Kernels(str, Enum):
@@ -91,8 +64,8 @@ class TfliteConverter:
         return {"io": "float", "layout": "NHWC"}
 
     def to_bytes(self, graph: Graph, quantized: QuantizedGraph | None, info: ArtifactInfo) -> bytes:
-        from converters import tflite_metadata
-        from converters.tflite_ops import Translator
+        from mdeploy.converters import tflite_metadata
+        from mdeploy.converters.tflite_ops import Translator
 
         builder = Translator(graph, quantized, self.options).translate(INPUT_NAME, OUTPUT_NAME)
         io = {"input": _io_description(builder, INPUT_NAME), "output": _io_description(builder, OUTPUT_NAME)}
@@ -142,9 +115,9 @@ class TfliteConverter:
         return run
 
     def inspect(self, path: Path) -> dict[str, Any]:
-        from converters import tflite_metadata
-        from converters.tflite_flatbuffer import read_metadata, read_model
-        from converters.tflite_report import graph_report, tensor_description
+        from mdeploy.converters import tflite_metadata
+        from mdeploy.converters.tflite_flatbuffer import read_metadata, read_model
+        from mdeploy.converters.tflite_report import graph_report, tensor_description
 
         require_content(Path(path), "a TFLite model")
         content = Path(path).read_bytes()
@@ -188,7 +161,7 @@ def _io_description(builder: Any, name: str) -> dict[str, Any]:
 def load_interpreter(path: Path | str, threads: int = 1, kernels: Kernels = Kernels.xnnpack) -> Any:
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from converters.tflite_report import capture_stderr
+    from mdeploy.converters.tflite_report import capture_stderr
 
     resolver = {
         Kernels.xnnpack: OpResolverType.AUTO,

@@ -50,7 +50,7 @@ import numpy as np
 from flatbuffers import number_types
 from flatbuffers.table import Table
 
-from converters.base import ArtifactInfo
+from mdeploy.converters.base import ArtifactInfo
 from mdeploy.errors import BadInputError
 
 METADATA_NAME = "TFLITE_METADATA"  # MetadataPopulator.METADATA_FIELD_NAME
@@ -374,7 +374,7 @@ class _Reader:
 
 def metadata_buffer(content: bytes) -> bytes | None:
     """The ``TFLITE_METADATA`` buffer of a .tflite file, or None."""
-    from converters.tflite_flatbuffer import fb
+    from mdeploy.converters.tflite_flatbuffer import fb
 
     model = fb.Model.GetRootAs(content, 0)
     for i in range(model.MetadataLength()):

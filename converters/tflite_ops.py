@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from converters.tflite import HardSwishMode, IOType, Options
-from converters.tflite_flatbuffer import ModelBuilder, Quant, fb
+from mdeploy.converters.tflite_options import HardSwishMode, IOType, Options
+from mdeploy.converters.tflite_flatbuffer import ModelBuilder, Quant, fb
 from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.quantize.params import QuantizedGraph, TensorQuant, quantize_bias

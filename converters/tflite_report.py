@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from converters.tflite_flatbuffer import OP_NAMES, TYPE_NAMES, fb, read_model
+from mdeploy.converters.tflite_flatbuffer import OP_NAMES, TYPE_NAMES, fb, read_model
 from mdeploy.errors import first_line
 
 T = TypeVar("T")

@@ -1,47 +1,21 @@
-"""Latency of a runner on one input (warm-up, then timed runs, as percentiles in milliseconds), and
-``mdeploy bench``: every artifact of an output folder at each thread count, with size, peak memory and a status."""
+"""``mdeploy bench``: every artifact of an output folder at each thread count (``mdeploy.latency``), with size, peak
+memory and a status."""
 
 from __future__ import annotations
 
 import os
 import platform
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from converters.base import Converter, Precision, Runner, artifact_size, missing_modules
+from mdeploy.converters.base import Converter, Precision, artifact_size, missing_modules
+from mdeploy.artifacts import precision_of, read_manifest
 from mdeploy.errors import BadInputError, ExitCode, MdeployError, first_line
+from mdeploy.latency import measure_latency
 from mdeploy.ui import Reporter, SilentReporter
-
-
-@dataclass(frozen=True)
-class Latency:
-    runs: int
-    threads: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    mean_ms: float
-
-    def to_dict(self) -> dict[str, float | int]:
-        return asdict(self)
-
-
-def measure_latency(run: Runner, sample: np.ndarray, threads: int, runs: int = 50, warmup: int = 10) -> Latency:
-    """Times ``run`` on a batch of one; the runner must already be built with ``threads`` threads."""
-    batch = np.ascontiguousarray(sample[None] if sample.ndim == 3 else sample[:1], dtype=np.float32)
-    for _ in range(warmup):
-        run(batch)
-    times = np.empty(runs)
-    for i in range(runs):
-        start = time.perf_counter()
-        run(batch)
-        times[i] = (time.perf_counter() - start) * 1000.0
-    p50, p90, p99 = np.percentile(times, [50, 90, 99])
-    return Latency(runs, threads, float(p50), float(p90), float(p99), float(times.mean()))
 
 
 # -- mdeploy bench: every artifact of an output folder, at each thread count ------------------------------------
@@ -121,7 +95,6 @@ def _precision(entry: dict[str, Any], path: Path | None, override: Precision | N
         return str(entry["precision"])
     if path is None or not path.exists():
         return entry.get("precision")
-    from mdeploy.check import precision_of
 
     try:
         return precision_of(path).value
@@ -156,8 +129,7 @@ def bench_folder(options: BenchOptions, reporter: Reporter | None = None) -> dic
     cannot be loaded or run gets status "failed" with the first line of the error; the others are still timed and
     ``bench_problems`` turns such rows into exit code 2. A path in the manifest that leads outside the folder stops
     the bench (BadInputError) before anything runs."""
-    from converters import REGISTRY
-    from mdeploy.check import read_manifest
+    from mdeploy.converters import REGISTRY
     from mdeploy.paths import checksum_mismatches, manifest_paths
 
     reporter = reporter or SilentReporter()

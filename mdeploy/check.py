@@ -12,10 +12,12 @@ from typing import Any
 
 import numpy as np
 
-from calibration.preprocess import Preprocess
-from converters import REGISTRY, Precision, Target
+from mdeploy.calibration.preprocess import Preprocess
+from mdeploy.converters import REGISTRY
+from mdeploy.types import Precision, Target
 from mdeploy.agreement import AgreementMatrix, agreement
 from mdeploy.baseline import compare_with_baseline
+from mdeploy.artifacts import inspect_artifact, precision_of, read_manifest, target_of
 from mdeploy.bench import BenchOptions, bench_folder
 from mdeploy.config import Tolerances
 from mdeploy.errors import BadInputError, ConversionError, MdeployError, first_line
@@ -23,7 +25,8 @@ from mdeploy.graph.ir import Graph
 from mdeploy.loading import LoadedModel, load_model
 from mdeploy.parity import ParityResult, judge, run_batches, torch_runner
 from mdeploy.paths import checksum_mismatches, manifest_paths, resolve_inside
-from mdeploy.pipeline import DataOptions, Limits, ModelSource, load_samples
+from mdeploy.records import DataOptions, Limits, ModelSource
+from mdeploy.samples import load_samples
 from mdeploy.quantize.equalize import apply_scales
 from mdeploy.ui import Reporter, SilentReporter
 
@@ -93,54 +96,6 @@ class CheckReport:
             "bench": self.bench,
             "arm": self.arm,
         }
-
-
-def target_of(path: Path) -> Target:
-    for target, converter in REGISTRY.items():
-        if path.name.endswith(converter.suffix):
-            return target
-    known = ", ".join(c.suffix for c in REGISTRY.values())
-    raise BadInputError(f"{path} is not an artifact mdeploy knows (expected a file ending in {known})")
-
-
-def precision_of(path: Path, override: Precision | None = None) -> Precision:
-    """``override`` (--precision), else what mdeploy's file name says (NAME.fp32.*, NAME.int8.*), else what the
-    artifact holds: int8 when it quantises anything (Q/DQ nodes, int8 tensors, quantize ops), fp32 otherwise."""
-    if override is not None:
-        return override
-    for precision in Precision:
-        if f".{precision.value}." in path.name:
-            return precision
-    return precision_in_file(path)
-
-
-def precision_in_file(path: Path) -> Precision:
-    report = inspect_artifact(path)
-    int8 = bool(report.get("activation_quantization")) or int(report.get("int8_weight_tensors") or 0) > 0
-    return Precision.int8 if int8 else Precision.fp32
-
-
-def inspect_artifact(path: Path) -> dict[str, Any]:
-    """The converter's ``inspect`` of an artifact; a file its format library cannot parse is bad input."""
-    target = target_of(path)
-    try:
-        return REGISTRY[target].inspect(path)
-    except MdeployError:
-        raise
-    except Exception as err:  # the format library's own parse errors
-        raise BadInputError(f"{path} cannot be read as {target.value} ({first_line(err)}): is it corrupt? "
-                            "Convert again") from err
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        valid = isinstance(manifest, dict) and all(isinstance(entry["file"], str) for entry in manifest["artifacts"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise BadInputError(f"{path} is not a valid mdeploy manifest ({err}): convert again") from None
-    if not valid:
-        raise BadInputError(f"{path} is not a valid mdeploy manifest (artifact entries without a file): convert again")
-    return manifest
 
 
 def artifacts_to_check(artifact: Path) -> tuple[list[Path], dict[str, Any] | None]:

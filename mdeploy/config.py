@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from converters.base import Precision
+from mdeploy.types import Precision
 from mdeploy.errors import BadInputError
 from mdeploy.parity import Thresholds
 

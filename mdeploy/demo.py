@@ -13,11 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from converters import REGISTRY, Precision, Target
+from mdeploy.converters import REGISTRY, Precision, Target
 from mdeploy.cli import run_guarded
 from mdeploy.demo_assets import default_cache_dir, prepare_demo_assets
 from mdeploy.parity import run_batches, top_labels
-from mdeploy.pipeline import ConvertOptions, ConvertResult, DataOptions, ModelSource, convert
+from mdeploy.pipeline import ConvertResult, convert
+from mdeploy.records import ConvertOptions, DataOptions, ModelSource
 from mdeploy.reports import console_table
 from mdeploy.ui import ConsoleReporter
 from mdeploy.zoo import Arch

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from calibration.preprocess import load_image
+from mdeploy.calibration.preprocess import load_image
 from mdeploy.apt import PrivateApt
 from mdeploy.errors import MdeployError
 from mdeploy.outputs import exclusive_lock

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from converters.base import Target
+from mdeploy.types import Target
 from mdeploy.errors import BadInputError
 from mdeploy.graph.execute import OPS, GraphRunner
 from mdeploy.graph.ir import Graph, Op
@@ -264,7 +264,7 @@ def _tflite_taps(path: Path, graph: Graph, inputs: np.ndarray) -> dict[str, np.n
     except the output, renamed ``logits``, and a quantised input behind a QUANTIZE op, ``input/int8``."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from converters.tflite import INPUT_NAME, OUTPUT_NAME, _encoder
+    from mdeploy.converters.tflite import INPUT_NAME, OUTPUT_NAME, _encoder
 
     # XNNPACK (the default delegate) runs the graph as a few fused partitions and keeps no intermediate tensors:
     # LiteRT's builtin kernels, with every tensor preserved, expose them all.

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from converters.base import Precision, Runner
+from mdeploy.types import Precision, Runner
 from mdeploy.errors import BadInputError
 from mdeploy.metrics import ParityMetrics, compare
 

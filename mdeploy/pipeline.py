@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,140 +12,32 @@ from typing import Any
 
 import numpy as np
 
-from calibration.config import QuantRecipe
-from calibration.dataset import SampleSet, disjoint_check
-from calibration.preprocess import Preprocess
-from converters import REGISTRY, Converter, Precision, Target
-from converters.base import ArtifactInfo, missing_modules
 from mdeploy import __version__
-from mdeploy.bench import Latency, measure_latency
 from mdeploy.bundle import CHECKSUMS_FILE, copy_static_files, write_checksums, write_golden, write_readmes
 from mdeploy.bundle.golden import GOLDEN_SAMPLES, GoldenOutput
+from mdeploy.calibration.dataset import SampleSet, disjoint_check
+from mdeploy.converters import REGISTRY
+from mdeploy.converters.base import ArtifactInfo, missing_modules
 from mdeploy.errors import BadInputError, ConversionError, first_line
 from mdeploy.graph.execute import GraphRunner
 from mdeploy.graph.from_torch import graph_from_torch
 from mdeploy.graph.ir import Graph
+from mdeploy.latency import measure_latency
 from mdeploy.loading import LoadedModel, load_model
 from mdeploy.outputs import OutputRules, check_output_path, staged_output
-from mdeploy.parity import ParityResult, Thresholds, judge, run_batches, torch_runner
+from mdeploy.parity import judge, run_batches, torch_runner
 from mdeploy.quantize.params import QuantizedGraph
 from mdeploy.quantize.ptq import quantize
+from mdeploy.records import Artifact, ConvertOptions, Evaluation
 from mdeploy.reports import is_mdeploy_output, save_manifest, write_manifest, write_summary
+from mdeploy.samples import load_samples
+from mdeploy.types import Precision, Target
 from mdeploy.ui import Reporter, SilentReporter
-from mdeploy.zoo import Arch
 
 RANDOM_EVAL_SAMPLES = 16
 CHANNEL_SCALES_FILE = "int8_channel_scales.npz"  # for mdeploy check's per-layer diagnosis; apps do not need it
 CALIBRATION_EVAL_SAMPLES = 64  # parity inputs taken from the calibration set when no --eval folder is given
 MIN_CALIBRATION_SAMPLES = 16  # fewer cannot pin down per-tensor ranges
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    path: Path
-    arch: Arch | None = None
-    trust_pickle: bool = False
-
-
-@dataclass(frozen=True)
-class DataOptions:
-    calib: Path | None = None
-    eval: Path | None = None
-    calib_size: int = 200
-    eval_size: int = 500
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """Who made the model and on what terms: written into every artifact's own metadata."""
-
-    author: str = ""
-    license: str = ""
-    description: str = ""
-    version: str = ""
-
-    def entries(self) -> dict[str, str]:
-        return {key: value for key, value in self.__dict__.items() if value}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Parity thresholds per precision: ``base`` (a config file's, else the defaults) overridden by flags."""
-
-    max_abs_error: float | None = None
-    min_snr_db: float | None = None
-    min_top1: float | None = None
-    base: Mapping[Precision, Thresholds] | None = None
-
-    def thresholds(self, precision: Precision) -> Thresholds:
-        start = (self.base or {}).get(precision) or Thresholds.default(precision)
-        return start.override(
-            max_abs_error=self.max_abs_error if precision is Precision.fp32 else None,
-            min_snr_db=self.min_snr_db if precision is Precision.int8 else None,
-            min_top1=self.min_top1 if precision is Precision.int8 else None,
-        )
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    model: ModelSource
-    out: Path
-    targets: tuple[Target, ...] = (Target.onnx,)
-    int8: bool = False
-    data: DataOptions = DataOptions()
-    preprocess: Preprocess = field(default_factory=Preprocess.imagenet)
-    labels: Path | None = None
-    provenance: Provenance = Provenance()
-    recipe: QuantRecipe = field(default_factory=QuantRecipe.default)
-    limits: Limits = Limits()
-    overwrite: bool = False
-    overwrite_any: bool = False  # replace --out even if mdeploy did not write it (never if it holds an input)
-    threads: int = 1
-    latency_runs: int = 50
-    keep_going: bool = False  # a target that fails to convert is recorded in the manifest; the others still ship
-    # Configured converters (e.g. TfliteConverter(io="uint8")) replacing the registry's defaults for their target.
-    converters: tuple[Converter, ...] = ()
-
-    def converter(self, target: Target) -> Converter:
-        return next((c for c in self.converters if c.target is target), REGISTRY[target])
-
-
-@dataclass
-class Artifact:
-    target: Target
-    precision: Precision
-    path: Path  # relative to the output folder
-    runtime: str
-    parity: ParityResult
-    latency: Latency | None
-    seconds_to_export: float
-    settings: dict[str, Any] = field(default_factory=dict)  # the converter's export choices
-    io: dict[str, Any] = field(default_factory=dict)  # the artifact's inputs and outputs, quantisation included
-    golden: GoldenOutput | None = None  # its outputs on the first evaluation inputs (the bundle's golden vectors)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "target": self.target.value,
-            "precision": self.precision.value,
-            "file": str(self.path),
-            "runtime": self.runtime,
-            "settings": self.settings,
-            "io": self.io,
-            "parity": self.parity.to_dict(),
-            "latency": self.latency.to_dict() if self.latency else None,
-            "seconds_to_export": round(self.seconds_to_export, 2),
-        }
-
-
-@dataclass
-class Evaluation:
-    """The inputs parity runs on and PyTorch's outputs for them."""
-
-    inputs: np.ndarray
-    reference: np.ndarray
-    description: str
-    paths: list[str]
 
 
 @dataclass
@@ -200,18 +91,6 @@ def check_translation(graph: Graph, model: LoadedModel, shape: tuple[int, ...]) 
     error = float(np.abs(expected - actual).max())
     if not error <= 1e-4 * max(1.0, float(np.abs(expected).max())):
         raise ConversionError(f"internal: the traced graph differs from PyTorch by {error:.3g}; please report it")
-
-
-def load_samples(folder: Path, preprocess: Preprocess, limit: int, seed: int, role: str, reporter: Reporter,
-                 min_samples: int) -> SampleSet:
-    samples = SampleSet.from_folder(folder, preprocess, limit=limit, seed=seed, min_samples=min_samples)
-    skipped = len(samples.report.skipped)
-    note = f", {skipped} unreadable files skipped (listed in manifest.json)" if skipped else ""
-    reporter.step(f"{role}: {len(samples)} samples from {folder}{note}")
-    warning = samples.report.small_images_warning(preprocess.crop)
-    if warning:
-        reporter.warn(f"{role} data {folder}: {warning}")
-    return samples
 
 
 def prepare_evaluation(options: ConvertOptions, model: LoadedModel, reporter: Reporter,
@@ -364,7 +243,3 @@ def convert(options: ConvertOptions, reporter: Reporter | None = None) -> Conver
         write_summary(stage, manifest)
         write_checksums(stage)
     return ConvertResult(options.out, model, artifacts, evaluation, manifest, failures)
-
-
-def dump_json(value: Any) -> str:
-    return json.dumps(value, indent=2, sort_keys=False, default=str)

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from converters.base import artifact_files, artifact_size
+from mdeploy.converters.base import artifact_files, artifact_size
 from mdeploy import __version__
 
 if TYPE_CHECKING:
-    from calibration.dataset import SampleSet
+    from mdeploy.calibration.dataset import SampleSet
     from mdeploy.graph.ir import Graph
     from mdeploy.loading import LoadedModel
-    from mdeploy.pipeline import Artifact, ConvertOptions, Evaluation
+    from mdeploy.records import Artifact, ConvertOptions, Evaluation
     from mdeploy.quantize.params import QuantizedGraph
 
 MANIFEST_VERSION = "1.1"  # manifest.schema.json's version; bump both together

@@ -268,8 +268,8 @@ def worker_main() -> None:
 
     torch.set_num_threads(1)
     _limit_memory()
-    from calibration.dataset import SampleSet
-    from calibration.preprocess import Preprocess
+    from mdeploy.calibration.dataset import SampleSet
+    from mdeploy.calibration.preprocess import Preprocess
     from mdeploy.errors import MdeployError
     from mdeploy.loading import load_model
 

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 import torch
 
-from converters import REGISTRY, Target
-from converters.tflite import _decoder, _encoder
+from mdeploy.converters import REGISTRY, Target
+from mdeploy.converters.tflite import _decoder, _encoder
 from mdeploy.arm import (
     CPU_MODELS, SandboxState, codes_on_host, compare_codes, default_sandbox_dir, guest_runner, guest_sees,
     parse_cpu_list, run_on_arm, sandbox_status, setup_sandbox,

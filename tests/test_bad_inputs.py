@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from converters.onnx import OnnxConverter
+from mdeploy.converters.onnx import OnnxConverter
 from mdeploy.cli import app
 from mdeploy.cli.app import sigterm_interrupts
 from mdeploy.errors import BadInputError, ConversionError, ExitCode, Interrupted
@@ -211,8 +211,11 @@ def test_awkward_images_are_converted_or_skipped_and_counted(corpus: Corpus, tmp
 # Runs the real CLI in a real process whose ONNX export first sleeps: a signal sent once the staging folder
 # appears always lands mid-run, however busy the machine is (a fast run could otherwise finish first).
 SLOW_EXPORT_CLI = (
-    "import sys, time\n"
-    "from converters.onnx import OnnxConverter\n"
+    "import signal, sys, time\n"
+    # Ctrl-C as in a terminal: a test runner started from a non-interactive shell's background job inherits SIGINT
+    # ignored, and Python then keeps it ignored.
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    "from mdeploy.converters.onnx import OnnxConverter\n"
     "real = OnnxConverter.export\n"
     "def slow(self, *args, **kwargs):\n"
     "    time.sleep(60)\n"

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from converters import REGISTRY, Target
-from converters.base import ArtifactInfo
+from mdeploy.converters import REGISTRY, Target
+from mdeploy.converters.base import ArtifactInfo
 from mdeploy.graph.from_torch import graph_from_torch
 from mdeploy.parity import torch_runner
-from calibration.config import QuantRecipe
+from mdeploy.calibration.config import QuantRecipe
 from mdeploy.quantize.params import QuantizedGraph
 from mdeploy.quantize.ptq import quantize
 from mdeploy.quantize.simulate import simulate

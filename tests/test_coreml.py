@@ -17,12 +17,12 @@ import torch
 
 pytest.importorskip("coremltools")
 
-from converters.base import ArtifactInfo  # noqa: E402
-from converters.coreml import CoremlConverter  # noqa: E402
-from converters.coreml_mil_reference import (  # noqa: E402
+from mdeploy.converters.base import ArtifactInfo  # noqa: E402
+from mdeploy.converters.coreml import CoremlConverter  # noqa: E402
+from mdeploy.converters.coreml_mil_reference import (  # noqa: E402
     MIL_OPS, RUNTIME_NAME, MilExecutor, UnsupportedMilOpError, load_program,
 )
-from converters.coreml_program import ImageNormalization, import_coremltools  # noqa: E402
+from mdeploy.converters.coreml_program import ImageNormalization, import_coremltools  # noqa: E402
 from mdeploy.errors import BadInputError  # noqa: E402
 from mdeploy.graph.from_torch import graph_from_torch  # noqa: E402
 from mdeploy.parity import torch_runner  # noqa: E402
@@ -227,7 +227,7 @@ def test_pinned_coremltools_internals(tmp_path: Path) -> None:
 
 def test_coremltools_imports_without_tensorflow_and_leaves_it_importable() -> None:
     code = ("import sys, importlib.util\n"
-            "from converters.coreml_program import import_coremltools\n"
+            "from mdeploy.converters.coreml_program import import_coremltools\n"
             "ct = import_coremltools()\n"
             "assert 'tensorflow' not in sys.modules and ct.__version__\n"
             "assert sys.modules.get('tensorflow', 0) is not None\n"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from calibration.dataset import SampleSet, disjoint_check
-from calibration.preprocess import Layout, Preprocess
+from mdeploy.calibration.dataset import SampleSet, disjoint_check
+from mdeploy.calibration.preprocess import Layout, Preprocess
 from mdeploy.errors import BadInputError
 
 PREPROCESS = Preprocess(resize=20, crop=16, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from calibration.config import QuantRecipe
-from converters import REGISTRY, Precision, Target
+from mdeploy.calibration.config import QuantRecipe
+from mdeploy.converters import REGISTRY, Precision, Target
 from mdeploy.diagnose import JUMP_DB, Diagnosis, diagnose
 from mdeploy.errors import BadInputError
 from mdeploy.graph.from_torch import graph_from_torch

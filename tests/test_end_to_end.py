@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from converters import REGISTRY, Target
+from mdeploy.converters import REGISTRY, Target
 from mdeploy.cli import app
 from mdeploy.errors import ExitCode
 from tests.test_gate import corrupt_tflite_layer
@@ -70,8 +70,8 @@ def test_tflite_int8_matches_onnx_on_1280_crops(converted: tuple[Path, dict], de
     The two runtimes round differently (their outputs agree at ~30 dB), which moves top-1 on 320 crops by about a
     point either way (measured: ONNX 89.7%, XNNPACK 88.4%, LiteRT's builtin kernels 90.3%, all at 22.2 dB), so the
     comparison runs on the 320 held-out crops plus 960 more crops of the same held-out photos."""
-    from calibration.dataset import SampleSet
-    from calibration.preprocess import Preprocess
+    from mdeploy.calibration.dataset import SampleSet
+    from mdeploy.calibration.preprocess import Preprocess
     from mdeploy.demo_assets import write_extra_eval_crops
     from mdeploy.metrics import compare
     from mdeploy.parity import run_batches, torch_runner
@@ -209,8 +209,8 @@ def independent_p50(path: Path, x: np.ndarray, runs: int = 40) -> float:
 
 def test_real_model_predicts_real_photos(converted: tuple[Path, dict], eval_dir: Path) -> None:
     """The weights really loaded: espresso crops are mostly called espresso by the int8 ONNX model."""
-    from calibration.dataset import SampleSet
-    from calibration.preprocess import Preprocess
+    from mdeploy.calibration.dataset import SampleSet
+    from mdeploy.calibration.preprocess import Preprocess
 
     out, _ = converted
     samples = SampleSet.from_folder(eval_dir, Preprocess.imagenet(224))

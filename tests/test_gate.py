@@ -13,7 +13,7 @@ import torch
 import xmlschema
 from typer.testing import CliRunner
 
-from converters.tflite_flatbuffer import read_model
+from mdeploy.converters.tflite_flatbuffer import read_model
 from mdeploy.bundle import write_checksums
 from mdeploy.cli import app
 from mdeploy.errors import ExitCode

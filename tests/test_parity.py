@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from converters import Precision
+from mdeploy.converters import Precision
 from mdeploy.errors import BadInputError
 from mdeploy.metrics import compare, snr_db
 from mdeploy.parity import Thresholds, judge

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from calibration.preprocess import (
+from mdeploy.calibration.preprocess import (
     ChannelOrder,
     Layout,
     Preprocess,

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from calibration.preprocess import (
+from mdeploy.calibration.preprocess import (
     IMAGENET_CROP_FRACTION,
     ChannelOrder,
     Layout,
@@ -24,7 +24,7 @@ from calibration.preprocess import (
     resized_size,
     to_rgb8,
 )
-from converters.base import Precision
+from mdeploy.converters.base import Precision
 from mdeploy.metrics import compare, snr_db
 from mdeploy.parity import Thresholds, judge
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from calibration.config import QuantRecipe, RangeMethod, WeightRounding
+from mdeploy.calibration.config import QuantRecipe, RangeMethod, WeightRounding
 from mdeploy.graph.execute import GraphRunner
 from mdeploy.graph.from_torch import graph_from_torch
 from mdeploy.graph.ir import Activation, ConvAttrs, Graph, Node, Op
@@ -264,8 +264,8 @@ def test_recipe_round_trips_through_a_plain_dict() -> None:
 # The bar on the real network ----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_real_mobilenet_v2_int8_meets_the_bar(real_v2_weights, calib_dir, eval_dir) -> None:  # type: ignore[no-untyped-def]
-    from calibration.dataset import SampleSet
-    from calibration.preprocess import Preprocess
+    from mdeploy.calibration.dataset import SampleSet
+    from mdeploy.calibration.preprocess import Preprocess
 
     model = build_model(ModelConfig(Arch.mobilenet_v2, 1.0, 1000, 0.2))
     model.load_state_dict(torch.load(real_v2_weights, weights_only=True))

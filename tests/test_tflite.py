@@ -12,8 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from converters.base import ArtifactInfo, missing_modules
-from converters.tflite import HardSwishMode, IOType, Kernels, TfliteConverter
+from mdeploy.converters.base import ArtifactInfo, missing_modules
+from mdeploy.converters.tflite import HardSwishMode, IOType, Kernels, TfliteConverter
 from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.from_torch import graph_from_torch
 from mdeploy.graph.ir import Graph, Op

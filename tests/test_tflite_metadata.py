@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 import torch
 
-from calibration.preprocess import Preprocess
-from converters import REGISTRY, Target
-from converters.base import ArtifactInfo, missing_modules
-from converters.tflite import TfliteConverter
-from converters.tflite_flatbuffer import read_metadata
-from converters.tflite_metadata import LABELS_FILE, METADATA_NAME, MIN_PARSER_VERSION, read_summary
+from mdeploy.calibration.preprocess import Preprocess
+from mdeploy.converters import REGISTRY, Target
+from mdeploy.converters.base import ArtifactInfo, missing_modules
+from mdeploy.converters.tflite import TfliteConverter
+from mdeploy.converters.tflite_flatbuffer import read_metadata
+from mdeploy.converters.tflite_metadata import LABELS_FILE, METADATA_NAME, MIN_PARSER_VERSION, read_summary
 from mdeploy.graph.from_torch import graph_from_torch
 from mdeploy.graph.ir import Graph
 from mdeploy.parity import torch_runner

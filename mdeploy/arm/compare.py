@@ -72,7 +72,7 @@ def codes_on_host(artifact: Path, inputs: np.ndarray, kernels: str = "xnnpack") 
     if artifact.suffix == ".tflite":
         outputs, codes, runtime = _tflite_on_host(artifact, images, kernels)
     else:
-        from converters import REGISTRY, Target
+        from mdeploy.converters import REGISTRY, Target
 
         run = REGISTRY[Target.onnx].runner(artifact, threads=1)
         outputs = np.concatenate([run(image[None]) for image in images]).astype(np.float32)
@@ -81,7 +81,7 @@ def codes_on_host(artifact: Path, inputs: np.ndarray, kernels: str = "xnnpack") 
 
 
 def _tflite_on_host(path: Path, images: np.ndarray, kernels: str) -> tuple[np.ndarray, np.ndarray | None, str]:
-    from converters.tflite import Kernels, _decoder, _encoder, load_interpreter  # the converter's own I/O coding
+    from mdeploy.converters.tflite import Kernels, _decoder, _encoder, load_interpreter  # the converter's own I/O coding
 
     interpreter = load_interpreter(path, 1, Kernels(kernels))
     (input_detail,) = interpreter.get_input_details()

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from converters.base import Precision, Target
+from mdeploy.types import Precision, Target
 
 GOLDEN_SAMPLES = 4
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")

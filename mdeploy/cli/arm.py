@@ -10,7 +10,7 @@ import typer
 from mdeploy.cli.app import app, run_guarded, stdout
 from mdeploy.cli.options import DebugOpt, JsonOpt
 from mdeploy.errors import ExitCode
-from mdeploy.pipeline import dump_json
+from mdeploy.cli.output import dump_json
 from mdeploy.ui import ConsoleReporter
 
 arm_app = typer.Typer(help="The emulated ARM (aarch64) sandbox: ONNX Runtime and LiteRT on ARM kernels under "

@@ -16,7 +16,7 @@ from mdeploy.cli.options import (
     MinSnrOpt, MinTop1Opt, PrecisionOpt, ReportOpt, StdOpt, ThreadsOpt, TrustPickleOpt, build_preprocess, gate_config,
 )
 from mdeploy.errors import BadInputError
-from mdeploy.pipeline import DataOptions, Limits, ModelSource
+from mdeploy.records import DataOptions, Limits, ModelSource
 from mdeploy.reports import fmt
 from mdeploy.ui import ConsoleReporter
 

@@ -8,18 +8,19 @@ from typing import Annotated, Any
 
 import typer
 
-from calibration.config import QuantRecipe, RangeMethod
-from calibration.preprocess import Preprocess
-from converters import Target
-from converters.coreml import ComputePrecision, ComputeUnits, CoremlConverter, DeploymentTarget, InputKind
-from converters.tflite import IOType, TfliteConverter
+from mdeploy.calibration.config import QuantRecipe, RangeMethod
+from mdeploy.calibration.preprocess import Preprocess
+from mdeploy.types import Target
+from mdeploy.converters.coreml import ComputePrecision, ComputeUnits, CoremlConverter, DeploymentTarget, InputKind
+from mdeploy.converters.tflite import IOType, TfliteConverter
 from mdeploy.cli.app import app, print_error, run_guarded, stdout
 from mdeploy.cli.options import (
     ArchOpt, ConfigOpt, DebugOpt, EvalOpt, EvalSizeOpt, InputSizeOpt, JsonOpt, MaxAbsOpt, MeanOpt, MinSnrOpt, MinTop1Opt,
     ModelArg, StdOpt, ThreadsOpt, TrustPickleOpt, build_preprocess, gate_config, parse_targets,
 )
 from mdeploy.errors import BadInputError, ExitCode
-from mdeploy.pipeline import ConvertOptions, DataOptions, Limits, ModelSource, Provenance, dump_json
+from mdeploy.cli.output import dump_json
+from mdeploy.records import ConvertOptions, DataOptions, Limits, ModelSource, Provenance
 from mdeploy.reports import console_table
 from mdeploy.ui import ConsoleReporter
 

@@ -11,12 +11,12 @@ from typing import Any
 
 from rich.table import Table
 
-from converters import REGISTRY
-from converters.base import missing_modules
+from mdeploy.converters import REGISTRY
+from mdeploy.converters.base import missing_modules
 from mdeploy import __version__
 from mdeploy.cli.app import app, stdout
 from mdeploy.cli.options import JsonOpt
-from mdeploy.pipeline import dump_json
+from mdeploy.cli.output import dump_json
 
 PACKAGES = ("torch", "numpy", "onnx", "onnxruntime", "ai-edge-litert", "flatbuffers", "coremltools")
 

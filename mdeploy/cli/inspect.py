@@ -8,11 +8,11 @@ from typing import Annotated, Any
 
 import typer
 
-from converters import REGISTRY
+from mdeploy.converters import REGISTRY
 from mdeploy.cli.app import app, run_guarded, stdout
 from mdeploy.cli.options import DebugOpt, JsonOpt
 from mdeploy.errors import BadInputError, MdeployError, first_line
-from mdeploy.pipeline import dump_json
+from mdeploy.cli.output import dump_json
 
 
 @app.command()
@@ -22,7 +22,7 @@ def inspect(
     debug: DebugOpt = False,
 ) -> None:
     """Show an artifact's inputs, outputs, op histogram, size and quantisation parameters."""
-    from mdeploy.check import target_of
+    from mdeploy.artifacts import target_of
 
     def action() -> dict[str, Any]:
         if not artifact.exists():

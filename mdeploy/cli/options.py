@@ -7,8 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from calibration.preprocess import Preprocess
-from converters import Precision, Target
+from mdeploy.calibration.preprocess import Preprocess
+from mdeploy.types import Precision, Target
 from mdeploy.config import GateConfig, find_config, load_config
 from mdeploy.errors import BadInputError
 from mdeploy.zoo import Arch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,6 @@ import typer
 
 from mdeploy.cli.app import stdout
 from mdeploy.errors import ExitCode
-from mdeploy.pipeline import dump_json
 from mdeploy.reporting.folder import REPORT_FILES
 
 
@@ -26,3 +27,7 @@ def finish(report: dict[str, Any], json_output: bool, report_dir: Path | None,
             stdout.print(f"wrote {report_dir}/ ({', '.join(REPORT_FILES)})", highlight=False)
     if not report["passed"]:
         raise typer.Exit(int(ExitCode.PARITY_FAILED))
+
+
+def dump_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=False, default=str)

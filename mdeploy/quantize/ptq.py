@@ -25,7 +25,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from calibration.config import QuantRecipe, WeightRounding
+from mdeploy.calibration.config import QuantRecipe, WeightRounding
 from mdeploy.errors import BadInputError
 from mdeploy.graph.execute import OPS
 from mdeploy.graph.ir import Graph, Node, Op

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from calibration.config import RangeMethod
+from mdeploy.calibration.config import RangeMethod
 from mdeploy.quantize.params import QMAX, QMIN, TensorQuant
 
 HIST_BINS = 2048
