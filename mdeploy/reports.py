@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 from mdeploy.converters.base import artifact_files, artifact_size
+from mdeploy.paths import feed_file
 from mdeploy import __version__
 
 if TYPE_CHECKING:
@@ -42,9 +43,7 @@ def sha256_of(path: Path) -> str:
     for file in artifact_files(path):
         if path.is_dir():
             digest.update(file.relative_to(path).as_posix().encode() + b"\0")
-        with file.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        feed_file(digest, file)
     return digest.hexdigest()
 
 

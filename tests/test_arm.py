@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from mdeploy.converters import REGISTRY, Target
-from mdeploy.converters.tflite import _decoder, _encoder
+from mdeploy.converters.tflite import tensor_decoder, tensor_encoder
 from mdeploy.arm import (
     CPU_MODELS, SandboxState, codes_on_host, compare_codes, default_sandbox_dir, guest_runner, guest_sees,
     parse_cpu_list, run_on_arm, sandbox_status, setup_sandbox,
@@ -266,9 +266,9 @@ def test_guest_runner_codes_int8_io_like_the_converter() -> None:
     x = rng.standard_normal((1, 8, 8, 3)).astype(np.float32) * 3
     for dtype, quantization in ((np.int8, (0.02, -3)), (np.uint8, (0.03, 128)), (np.float32, (0.0, 0))):
         detail = {"dtype": dtype, "quantization": quantization}
-        np.testing.assert_array_equal(guest_runner.encoder(detail)(x), _encoder(detail)(x))
-        codes = _encoder(detail)(x)
-        np.testing.assert_array_equal(guest_runner.decoder(detail)(codes), _decoder(detail)(codes))
+        np.testing.assert_array_equal(guest_runner.encoder(detail)(x), tensor_encoder(detail)(x))
+        codes = tensor_encoder(detail)(x)
+        np.testing.assert_array_equal(guest_runner.decoder(detail)(codes), tensor_decoder(detail)(codes))
 
 
 def test_status_and_setup_refuse_folders_that_are_not_sandboxes(tmp_path: Path) -> None:

@@ -81,12 +81,12 @@ def codes_on_host(artifact: Path, inputs: np.ndarray, kernels: str = "xnnpack") 
 
 
 def _tflite_on_host(path: Path, images: np.ndarray, kernels: str) -> tuple[np.ndarray, np.ndarray | None, str]:
-    from mdeploy.converters.tflite import Kernels, _decoder, _encoder, load_interpreter  # the converter's own I/O coding
+    from mdeploy.converters.tflite import Kernels, load_interpreter, tensor_decoder, tensor_encoder  # its own I/O coding
 
     interpreter = load_interpreter(path, 1, Kernels(kernels))
     (input_detail,) = interpreter.get_input_details()
     (output_detail,) = interpreter.get_output_details()
-    encode, decode = _encoder(input_detail), _decoder(output_detail)
+    encode, decode = tensor_encoder(input_detail), tensor_decoder(output_detail)
     raw = []
     for image in np.transpose(images, (0, 2, 3, 1)):
         interpreter.set_tensor(input_detail["index"], encode(image[None]))

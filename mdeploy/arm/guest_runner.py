@@ -9,7 +9,7 @@ never import mdeploy). ``python3 guest_runner.py WORK`` reads ``WORK/request.jso
 
 runs every artifact on one image at a time, and writes ``WORK/<key>.outputs.npy`` (float32, dequantised),
 ``WORK/<key>.codes.npy`` (the raw int8/uint8 output tensor of a quantised TFLite output) and ``WORK/result.json``.
-Int8 inputs are encoded and outputs decoded exactly as ``converters/tflite.py`` (``_encoder``/``_decoder``) does.
+Int8 inputs are encoded and outputs decoded exactly as ``converters/tflite.py`` (``tensor_encoder``/``tensor_decoder``) does.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import numpy as np
 
 
 def encoder(detail: dict[str, Any]) -> Any:
-    """Same as converters.tflite._encoder."""
+    """Same as converters.tflite.tensor_encoder."""
     dtype = np.dtype(detail["dtype"])
     if dtype == np.float32:
         return lambda x: np.ascontiguousarray(x, dtype=np.float32)
@@ -36,7 +36,7 @@ def encoder(detail: dict[str, Any]) -> Any:
 
 
 def decoder(detail: dict[str, Any]) -> Any:
-    """Same as converters.tflite._decoder."""
+    """Same as converters.tflite.tensor_decoder."""
     dtype = np.dtype(detail["dtype"])
     if dtype == np.float32:
         return lambda y: np.array(y, dtype=np.float32)

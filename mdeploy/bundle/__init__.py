@@ -7,17 +7,16 @@ NumPy and the runtimes, and ``SHA256SUMS`` over every file (written last).
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from importlib import resources
 from pathlib import Path
 
 from mdeploy.bundle.golden import GoldenOutput, write_golden
+from mdeploy.paths import CHECKSUMS_FILE, sha256_file
 from mdeploy.bundle.readmes import write_readmes
 
 SCHEMA_FILE = "manifest.schema.json"
 VERIFIER_FILE = "verify_bundle.py"
-CHECKSUMS_FILE = "SHA256SUMS"
 
 __all__ = ["GoldenOutput", "copy_static_files", "write_checksums", "write_golden", "write_readmes"]
 
@@ -35,9 +34,5 @@ def write_checksums(stage: Path) -> None:
     """``sha256sum -c``-compatible list of every file in the bundle (package directories file by file)."""
     lines = []
     for path in sorted(p for p in stage.rglob("*") if p.is_file() and p.name != CHECKSUMS_FILE):
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        lines.append(f"{digest.hexdigest()}  {path.relative_to(stage).as_posix()}")
+        lines.append(f"{sha256_file(path)}  {path.relative_to(stage).as_posix()}")
     (stage / CHECKSUMS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
