@@ -37,16 +37,22 @@ def convert(root: Path, out: Path, *extra: str, targets: str = "onnx,tflite,core
     return out
 
 
+def write_project(root: Path, width: float, classes: int, calib: int, evaluation: int, size: int) -> None:
+    """``root/model.pt`` (a MobileNetV2 state dict with realistic BatchNorm statistics) and ``calib/``, ``eval/``
+    folders of random preprocessed tensors, all seeded."""
+    torch.manual_seed(0)
+    torch.save(randomize_batch_norm(build_model(ModelConfig(Arch.mobilenet_v2, width, classes, 0.2))).state_dict(),
+               root / "model.pt")
+    for name, count, seed in (("calib", calib, 0), ("eval", evaluation, 1)):
+        (root / name).mkdir()
+        batch = np.random.default_rng(seed).standard_normal((count, 3, size, size)).astype(np.float32)
+        np.save(root / name / "batch.npy", batch)
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bundle")
-    torch.manual_seed(0)
-    torch.save(randomize_batch_norm(build_model(ModelConfig(Arch.mobilenet_v2, 0.5, 10, 0.2))).state_dict(),
-               root / "model.pt")
-    for name, count, seed in (("calib", 32, 0), ("eval", 8, 1)):
-        (root / name).mkdir()
-        batch = np.random.default_rng(seed).standard_normal((count, 3, SIZE, SIZE)).astype(np.float32)
-        np.save(root / name / "batch.npy", batch)
+    write_project(root, 0.5, 10, calib=32, evaluation=8, size=SIZE)
     (root / "labels.txt").write_text("\n".join(LABELS) + "\n")
     return root
 

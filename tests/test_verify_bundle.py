@@ -17,12 +17,10 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from mdeploy.cli import app
-from mdeploy.zoo import Arch, ModelConfig, build_model
-from tests.test_graph import randomize_batch_norm
+from tests.test_bundle import write_project
 
 SIZE = 32
 FP32_ONNX, INT8_ONNX, INT8_TFLITE = "mobilenet_v2.fp32.onnx", "mobilenet_v2.int8.onnx", "mobilenet_v2.int8.tflite"
@@ -38,13 +36,7 @@ BLOCKED = ("import runpy, sys\n"
 def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small ONNX + TFLite, fp32 + int8 bundle (a few seconds to build)."""
     root = tmp_path_factory.mktemp("source")
-    torch.manual_seed(0)
-    torch.save(randomize_batch_norm(build_model(ModelConfig(Arch.mobilenet_v2, 0.25, 4, 0.2))).state_dict(),
-               root / "model.pt")
-    for name, count, seed in (("calib", 16, 0), ("eval", 4, 1)):
-        (root / name).mkdir()
-        batch = np.random.default_rng(seed).standard_normal((count, 3, SIZE, SIZE)).astype(np.float32)
-        np.save(root / name / "batch.npy", batch)
+    write_project(root, 0.25, 4, calib=16, evaluation=4, size=SIZE)
     result = CliRunner().invoke(app, [
         "convert", str(root / "model.pt"), "--arch", "mobilenet_v2", "--to", "onnx,tflite", "--int8", "--calib",
         str(root / "calib"), "--eval", str(root / "eval"), "--input-size", str(SIZE), "--out", str(root / "bundle"),
