@@ -121,10 +121,19 @@ def ios_readme(manifest: dict[str, Any]) -> str:
     p, settings = manifest["preprocess"], artifact["settings"]
     image_input = settings.get("input") == "image"
     class_name = Path(artifact["file"]).stem.replace(".", "_")
+    note = ""
     if image_input:
-        crop_fraction = p["crop"] / p["resize"] if p["resize"] else 1.0
-        code = _render("ios_image_input.swift.tmpl", class_name=class_name, resize=p["resize"], crop=p["crop"],
-                       crop_fraction=f"{crop_fraction:.6g}", divisor=_divisor(p))
+        if p["resize"]:  # the crop is a fixed fraction of the short side
+            fraction = f"{p['crop'] / p['resize']:.6g}"
+            checked_on = f"short side resized to {p['resize']}, centre crop {p['crop']}"
+            side_text, side = f"{fraction} x the short side", f"min(w, h) * {fraction}"
+        else:  # no resize: the crop is a fixed number of pixels
+            checked_on = f"no resize, centre crop {p['crop']} px"
+            side_text, side = f"{p['crop']} px", f"CGFloat({p['crop']})"
+        code = _render("ios_image_input.swift.tmpl", class_name=class_name, checked_on=checked_on,
+                       side_text=side_text, side=side, crop=p["crop"])
+        note = (f"The normalisation (`/ {_divisor(p)}`, mean, std) is inside the model: pass camera pixels as they "
+                "are.\n")
     else:
         code = _render("ios_tensor_input.swift.tmpl", class_name=class_name, mean=_floats(p["mean"]),
                        std=_floats(p["std"]), crop=p["crop"], channel_order=p["channel_order"], divisor=_divisor(p))
@@ -135,7 +144,7 @@ def ios_readme(manifest: dict[str, Any]) -> str:
         input="an image" if image_input else f"a float32 tensor `{manifest['input']['shape']}` NCHW",
         parity=_parity_line(artifact),
         classifier_labels=", and its classifier labels" if settings.get("classifier") else "",
-        contract=_contract(manifest), code=code, golden=_golden(manifest), files=_files(manifest))
+        contract=_contract(manifest), code=code, note=note, golden=_golden(manifest), files=_files(manifest))
 
 
 def write_readmes(stage: Path, manifest: dict[str, Any]) -> list[str]:
