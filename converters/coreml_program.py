@@ -1,4 +1,4 @@
-"""The IR written as a Core ML ML program with coremltools' MIL Builder, one small emitter per IR op.
+"""The IR written as a Core ML ML program with coremltools' MIL Builder, one small lowering per IR op.
 
 Writing MIL ourselves (instead of ``torch.export`` -> ``ct.convert``) lets the W8A8 program carry exactly the
 parameters the quantiser chose: int8 weights per output channel as ``constexpr_affine_dequantize`` (iOS 16/17) or
@@ -12,15 +12,44 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.quantize.params import QuantizedGraph, TensorQuant, quantize_bias
 
 OUTPUT_NAME = "logits"
+
+# MIL ops the program emits outside any one IR op's lowering: the activation quantize -> dequantize pairs and the
+# per-channel image gain (see ImageNormalization).
+PROGRAM_MIL_OPS = frozenset({"quantize", "dequantize", "mul"})
+ACTIVATION_MIL_OPS = ("relu", "clip")  # a fused ReLU / ReLU6 (_Emitter.activation)
+WEIGHT_MIL_OPS = ("constexpr_affine_dequantize", "constexpr_blockwise_shift_scale")  # int8 weights (_Emitter.weight)
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """How one IR op is written in MIL: the _Emitter method, and every MIL op it may emit (what the MIL reference
+    executor must implement to run it; tests/test_ops.py checks both)."""
+
+    fn: Callable[..., Any]
+    mil_ops: frozenset[str]
+
+
+# IR op -> its Core ML lowering: one per member of Op.
+LOWERINGS: dict[Op, Lowering] = {}
+
+
+def lowers(kind: Op, *mil_ops: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    def register(fn: Callable[..., Any]) -> Callable[..., Any]:
+        LOWERINGS[kind] = Lowering(fn, frozenset(mil_ops))
+        return fn
+
+    return register
 
 
 def import_coremltools() -> Any:
@@ -146,7 +175,8 @@ class _Emitter:
             return self.mb.clip(x=y, alpha=np.float32(0.0), beta=np.float32(6.0), name=name)
         return y
 
-    # -- one emitter per IR op -------------------------------------------------------------------------------
+    # -- one lowering per IR op (registered in LOWERINGS with the MIL ops it emits) ---------------------------
+    @lowers(Op.CONV, "conv", *ACTIVATION_MIL_OPS, *WEIGHT_MIL_OPS)
     def conv(self, node: Node, xs: list[Any], name: str) -> Any:
         attrs = node.attrs
         assert isinstance(attrs, ConvAttrs)
@@ -160,11 +190,25 @@ class _Emitter:
                          dilations=list(attrs.dilation), groups=attrs.groups, name=inner)
         return self.activation(y, node.activation, name)
 
+    @lowers(Op.LINEAR, "linear", *ACTIVATION_MIL_OPS, *WEIGHT_MIL_OPS)
     def linear(self, node: Node, xs: list[Any], name: str) -> Any:
         inner = name if node.activation is Activation.NONE else name + "_linear"
         y = self.mb.linear(x=xs[0], weight=self.weight(node, node.weight), bias=self.bias(node), name=inner)
         return self.activation(y, node.activation, name)
 
+    @lowers(Op.ADD, "add")
+    def add(self, node: Node, xs: list[Any], name: str) -> Any:
+        return self.mb.add(x=xs[0], y=xs[1], name=name)
+
+    @lowers(Op.MUL, "mul")
+    def mul(self, node: Node, xs: list[Any], name: str) -> Any:
+        return self.mb.mul(x=xs[0], y=xs[1], name=name)
+
+    @lowers(Op.RELU, "relu")
+    def relu(self, node: Node, xs: list[Any], name: str) -> Any:
+        return self.mb.relu(x=xs[0], name=name)
+
+    @lowers(Op.CLIP, "relu", "clip")
     def clip(self, node: Node, xs: list[Any], name: str) -> Any:
         attrs = node.attrs
         assert isinstance(attrs, ClipAttrs)
@@ -172,44 +216,49 @@ class _Emitter:
             return self.mb.relu(x=xs[0], name=name)
         return self.mb.clip(x=xs[0], alpha=np.float32(attrs.min), beta=np.float32(attrs.max), name=name)
 
+    @lowers(Op.HARDSWISH, "thresholded_relu", "sigmoid_hard", "mul")
     def hardswish(self, node: Node, xs: list[Any], name: str) -> Any:  # as coremltools' torch frontend writes it
         w = self.mb.thresholded_relu(x=xs[0], alpha=np.float32(-3.0), name=name + "_thresholded")
         y = self.mb.sigmoid_hard(x=w, alpha=np.float32(1 / 6), beta=np.float32(0.5), name=name + "_hardsigmoid")
         return self.mb.mul(x=w, y=y, name=name)
 
+    @lowers(Op.HARDSIGMOID, "sigmoid_hard")
+    def hardsigmoid(self, node: Node, xs: list[Any], name: str) -> Any:
+        return self.mb.sigmoid_hard(x=xs[0], alpha=np.float32(1 / 6), beta=np.float32(0.5), name=name)
+
+    @lowers(Op.SIGMOID, "sigmoid")
+    def sigmoid(self, node: Node, xs: list[Any], name: str) -> Any:
+        return self.mb.sigmoid(x=xs[0], name=name)
+
+    @lowers(Op.GLOBAL_AVG_POOL, "reduce_mean")
+    def global_avg_pool(self, node: Node, xs: list[Any], name: str) -> Any:
+        return self.mb.reduce_mean(x=xs[0], axes=[2, 3], keep_dims=True, name=name)
+
+    @lowers(Op.FLATTEN, "reshape")
+    def flatten(self, node: Node, xs: list[Any], name: str) -> Any:
+        features = int(np.prod(self.graph.shapes[node.output][1:]))
+        return self.mb.reshape(x=xs[0], shape=np.array([-1, features], np.int32), name=name)
+
+    @lowers(Op.PAD, "pad")
     def pad(self, node: Node, xs: list[Any], name: str) -> Any:
         attrs = node.attrs
         assert isinstance(attrs, PadAttrs)
         pads = np.array([0, 0, 0, 0, *attrs.pads], np.int32)  # top, bottom, left, right on the last two axes
         return self.mb.pad(x=xs[0], pad=pads, mode="constant", constant_val=np.float32(0.0), name=name)
 
-    def flatten(self, node: Node, xs: list[Any], name: str) -> Any:
-        features = int(np.prod(self.graph.shapes[node.output][1:]))
-        return self.mb.reshape(x=xs[0], shape=np.array([-1, features], np.int32), name=name)
+    @lowers(Op.SOFTMAX, "softmax")
+    def softmax(self, node: Node, xs: list[Any], name: str) -> Any:
+        return self.mb.softmax(x=xs[0], axis=-1, name=name)
 
-    def emitters(self) -> dict[Op, Any]:
-        mb = self.mb
-        return {
-            Op.CONV: self.conv,
-            Op.LINEAR: self.linear,
-            Op.ADD: lambda node, xs, name: mb.add(x=xs[0], y=xs[1], name=name),
-            Op.MUL: lambda node, xs, name: mb.mul(x=xs[0], y=xs[1], name=name),
-            Op.RELU: lambda node, xs, name: mb.relu(x=xs[0], name=name),
-            Op.CLIP: self.clip,
-            Op.HARDSWISH: self.hardswish,
-            Op.HARDSIGMOID: lambda node, xs, name: mb.sigmoid_hard(x=xs[0], alpha=np.float32(1 / 6),
-                                                                   beta=np.float32(0.5), name=name),
-            Op.SIGMOID: lambda node, xs, name: mb.sigmoid(x=xs[0], name=name),
-            Op.GLOBAL_AVG_POOL: lambda node, xs, name: mb.reduce_mean(x=xs[0], axes=[2, 3], keep_dims=True,
-                                                                      name=name),
-            Op.FLATTEN: self.flatten,
-            Op.PAD: self.pad,
-            Op.SOFTMAX: lambda node, xs, name: mb.softmax(x=xs[0], axis=-1, name=name),
-        }
+    def emit(self, node: Node, xs: list[Any], name: str) -> Any:
+        lowering = LOWERINGS.get(node.op)
+        if lowering is None:
+            raise UnsupportedOpError(f"IR op {node.op.value} at {node.source or node.name} has no Core ML lowering")
+        return lowering.fn(self, node, xs, name)
 
     def body(self, x: Any) -> Any:
         graph, quantized, image = self.graph, self.quantized, self.options.image
-        emit = self.emitters()
+        emit = self.emit
         gain = image.gain if image is not None and not image.uniform else None
         consumers = graph.consumers(graph.input_name)
         if self.quantize_activations:  # the input quantisation's per-channel scale absorbs the gain
@@ -223,9 +272,9 @@ class _Emitter:
             out = OUTPUT_NAME if node.output == graph.output_name else node.output
             xs = [values[name] for name in node.inputs]
             if self.quantize_activations and quantized is not None and node.output in quantized.activations:
-                y = self.qdq(emit[node.op](node, xs, out + "_float"), node.output, out)
+                y = self.qdq(emit(node, xs, out + "_float"), node.output, out)
             else:
-                y = emit[node.op](node, xs, out)
+                y = emit(node, xs, out)
             values[node.output] = y
         return values[graph.output_name]
 

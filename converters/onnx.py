@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mdeploy.converters.base import ArtifactInfo, Precision, Runner, Target, require_content
-from mdeploy.errors import BadInputError
+from mdeploy.errors import BadInputError, UnsupportedOpError
 from mdeploy.graph.from_torch import INPUT_NAME
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.quantize.params import QuantizedGraph, quantize_bias
@@ -24,9 +24,21 @@ from mdeploy.quantize.params import QuantizedGraph, quantize_bias
 OPSET = 17
 OUTPUT_NAME = "logits"
 
+Emitter = Callable[["_Writer", Node, list[str], str], str]
+# IR op -> its ONNX emitter (a _Writer method): one per member of Op (tests/test_ops.py checks).
+EMITTERS: dict[Op, Emitter] = {}
+
+
+def emits(kind: Op) -> Callable[[Emitter], Emitter]:
+    def register(fn: Emitter) -> Emitter:
+        EMITTERS[kind] = fn
+        return fn
+
+    return register
+
 
 class _Writer:
-    """Accumulates ONNX nodes and initializers; one small method per IR op."""
+    """Accumulates ONNX nodes and initializers; one small method per IR op, registered in EMITTERS."""
 
     def __init__(self, graph: Graph, quantized: QuantizedGraph | None) -> None:
         from onnx import helper
@@ -86,7 +98,8 @@ class _Writer:
             return self.add("Clip", [x, low, high], output)
         return x
 
-    # -- one function per IR op, returning the float output's name -----------------------------------------
+    # -- one function per IR op (registered in EMITTERS), returning the float output's name ---------------------
+    @emits(Op.CONV)
     def conv(self, node: Node, inputs: list[str], out: str) -> str:
         attrs = node.attrs
         assert isinstance(attrs, ConvAttrs)
@@ -104,12 +117,26 @@ class _Writer:
         )
         return self.activation(y, node.activation, out)
 
+    @emits(Op.LINEAR)
     def linear(self, node: Node, inputs: list[str], out: str) -> str:
         w, b = self.weight_and_bias(node)
         y = self.add("Gemm", [inputs[0], w, b], out + "/gemm" if node.activation is not Activation.NONE else out,
                      transB=1)
         return self.activation(y, node.activation, out)
 
+    @emits(Op.ADD)
+    def add_op(self, node: Node, inputs: list[str], out: str) -> str:
+        return self.add("Add", inputs, out)
+
+    @emits(Op.MUL)
+    def mul(self, node: Node, inputs: list[str], out: str) -> str:
+        return self.add("Mul", inputs, out)
+
+    @emits(Op.RELU)
+    def relu(self, node: Node, inputs: list[str], out: str) -> str:
+        return self.add("Relu", inputs, out)
+
+    @emits(Op.CLIP)
     def clip(self, node: Node, inputs: list[str], out: str) -> str:
         attrs = node.attrs
         assert isinstance(attrs, ClipAttrs)
@@ -117,6 +144,27 @@ class _Writer:
         high = self.constant(out + "/max", np.array(attrs.max, np.float32))
         return self.add("Clip", [inputs[0], low, high], out)
 
+    @emits(Op.HARDSWISH)
+    def hardswish(self, node: Node, inputs: list[str], out: str) -> str:
+        return self.add("HardSwish", inputs, out)
+
+    @emits(Op.HARDSIGMOID)
+    def hardsigmoid(self, node: Node, inputs: list[str], out: str) -> str:
+        return self.add("HardSigmoid", inputs, out, alpha=1.0 / 6.0, beta=0.5)
+
+    @emits(Op.SIGMOID)
+    def sigmoid(self, node: Node, inputs: list[str], out: str) -> str:
+        return self.add("Sigmoid", inputs, out)
+
+    @emits(Op.GLOBAL_AVG_POOL)
+    def global_avg_pool(self, node: Node, inputs: list[str], out: str) -> str:
+        return self.add("GlobalAveragePool", inputs, out)
+
+    @emits(Op.FLATTEN)
+    def flatten(self, node: Node, inputs: list[str], out: str) -> str:
+        return self.add("Flatten", inputs, out, axis=1)
+
+    @emits(Op.PAD)
     def pad(self, node: Node, inputs: list[str], out: str) -> str:
         attrs = node.attrs
         assert isinstance(attrs, PadAttrs)
@@ -124,25 +172,15 @@ class _Writer:
         pads = self.constant(out + "/pads", np.array([0, 0, top, left, 0, 0, bottom, right], np.int64))
         return self.add("Pad", [inputs[0], pads], out)
 
-    def simple(self, op_type: str, **attrs: Any) -> Callable[[Node, list[str], str], str]:
-        return lambda node, inputs, out: self.add(op_type, inputs, out, **attrs)
+    @emits(Op.SOFTMAX)
+    def softmax(self, node: Node, inputs: list[str], out: str) -> str:
+        return self.add("Softmax", inputs, out, axis=-1)
 
-    def emitters(self) -> dict[Op, Callable[[Node, list[str], str], str]]:
-        return {
-            Op.CONV: self.conv,
-            Op.LINEAR: self.linear,
-            Op.ADD: self.simple("Add"),
-            Op.MUL: self.simple("Mul"),
-            Op.RELU: self.simple("Relu"),
-            Op.CLIP: self.clip,
-            Op.HARDSWISH: self.simple("HardSwish"),
-            Op.HARDSIGMOID: self.simple("HardSigmoid", alpha=1.0 / 6.0, beta=0.5),
-            Op.SIGMOID: self.simple("Sigmoid"),
-            Op.GLOBAL_AVG_POOL: self.simple("GlobalAveragePool"),
-            Op.FLATTEN: self.simple("Flatten", axis=1),
-            Op.PAD: self.pad,
-            Op.SOFTMAX: self.simple("Softmax", axis=-1),
-        }
+    def emit(self, node: Node, inputs: list[str], out: str) -> str:
+        emitter = EMITTERS.get(node.op)
+        if emitter is None:
+            raise UnsupportedOpError(f"IR op {node.op.value} at {node.source or node.name} has no ONNX emitter")
+        return emitter(self, node, inputs, out)
 
     def io_description(self) -> dict[str, Any]:
         """Float input and output; for int8, the grids the model quantises them onto inside (QDQ)."""
@@ -158,7 +196,7 @@ class _Writer:
     def write(self, info: ArtifactInfo) -> Any:
         from onnx import TensorProto, helper
 
-        emit = self.emitters()
+        emit = self.emit
         graph = self.graph
         quantized = self.quantized
         if graph.input_name != INPUT_NAME:
@@ -171,10 +209,10 @@ class _Writer:
             inputs = [renamed.get(name, name) for name in node.inputs]
             out = node.output
             if quantized is not None and out in quantized.activations:
-                emit[node.op](node, inputs, out + "/float")
+                emit(node, inputs, out + "/float")
                 self.qdq(out, out + "/float")
             else:
-                emit[node.op](node, inputs, out)
+                emit(node, inputs, out)
         self.add("Identity", [renamed.get(graph.output_name, graph.output_name)], OUTPUT_NAME)
         channels, height, width = graph.input_shape[1:]
         classes = graph.shapes.get(graph.output_name, (1, 0))[-1]

@@ -23,6 +23,8 @@ MUL (with broadcasting and fused activations), MEAN, PAD, RESHAPE, LOGISTIC, QUA
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from mdeploy.converters.tflite_options import HardSwishMode, IOType, Options
@@ -30,6 +32,7 @@ from mdeploy.converters.tflite_flatbuffer import ModelBuilder, Quant, fb
 from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.quantize.params import QuantizedGraph, TensorQuant, quantize_bias
+from mdeploy.quantize.policy import policy_of
 
 B = fb.BuiltinOperator
 O = fb.BuiltinOptions
@@ -43,9 +46,20 @@ VERSIONS: dict[int, tuple[int, int]] = {
     B.RESHAPE: (1, 1), B.TRANSPOSE: (1, 2), B.MAXIMUM: (1, 2), B.MINIMUM: (1, 2), B.RELU: (1, 2), B.RELU6: (1, 2),
     B.RELU_N1_TO_1: (1, 1), B.QUANTIZE: (1, 2), B.DEQUANTIZE: (1, 2),
 }
-# Outputs TFLite's int8 kernels require to have a fixed scale and zero point.
-FIXED_OUTPUT = {B.LOGISTIC: (1.0 / 256.0, -128), B.SOFTMAX: (1.0 / 256.0, -128)}
 INT32_MAX = np.iinfo(np.int32).max
+
+Emitter = Callable[["Translator", Node], None]
+# IR op -> its TFLite emitter (a Translator method): one per member of Op (tests/test_ops.py checks).
+EMITTERS: dict[Op, Emitter] = {}
+
+
+def emits(*kinds: Op) -> Callable[[Emitter], Emitter]:
+    def register(fn: Emitter) -> Emitter:
+        for kind in kinds:
+            EMITTERS[kind] = fn
+        return fn
+
+    return register
 
 
 def _quant(tq: TensorQuant) -> Quant:
@@ -69,12 +83,6 @@ class Translator:
         self.value: dict[str, str] = {}  # IR tensor -> TFLite tensor holding it (int8 if quantised, else float)
         self.converted: dict[tuple[str, str], str] = {}  # (IR tensor, "int8"/"float") -> converted TFLite tensor
         self.flat_nhwc: dict[str, tuple[int, int, int]] = {}  # flattened in NHWC order: IR tensor -> (C, H, W)
-        self.emit = {
-            Op.CONV: self.conv, Op.LINEAR: self.linear, Op.ADD: self.binary, Op.MUL: self.binary,
-            Op.RELU: self.clip, Op.CLIP: self.clip, Op.HARDSWISH: self.hardswish,
-            Op.HARDSIGMOID: self.hardsigmoid, Op.SIGMOID: self.fixed_unary, Op.SOFTMAX: self.fixed_unary,
-            Op.GLOBAL_AVG_POOL: self.global_avg_pool, Op.FLATTEN: self.flatten, Op.PAD: self.pad,
-        }
 
     # -- domains: each IR tensor lives in int8 (quantised graphs) or float ---------------------------------------
     def is_int8(self, node: Node) -> bool:
@@ -135,7 +143,8 @@ class Translator:
         self.b.op(code, version or VERSIONS[code][int8], inputs, [output], options, options_type)
         return output
 
-    # -- one function per IR op ----------------------------------------------------------------------------------
+    # -- one function per IR op (registered in EMITTERS) ---------------------------------------------------------
+    @emits(Op.CONV)
     def conv(self, node: Node) -> None:
         attrs = node.attrs
         assert isinstance(attrs, ConvAttrs)
@@ -200,6 +209,7 @@ class Translator:
         c, h, w = self.flat_nhwc[node.inputs[0]]
         return weight.reshape(-1, c, h, w).transpose(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
+    @emits(Op.LINEAR)
     def linear(self, node: Node) -> None:
         x = self.input(node)
         if len(self.b.shape(x)) != 2:
@@ -210,18 +220,23 @@ class Translator:
         options.fusedActivationFunction = FUSED[node.activation]
         self.op(B.FULLY_CONNECTED, [x, weight, bias], self.output(node), options, O.FullyConnectedOptions)
 
-    def binary(self, node: Node) -> None:
-        a, c = self.input(node, 0), self.input(node, 1)
-        if node.op is Op.ADD:
-            options: object = fb.AddOptionsT()
-            code, options_type = B.ADD, O.AddOptions
-        else:
-            options = fb.MulOptionsT()
-            code, options_type = B.MUL, O.MulOptions
-        self.op(code, [a, c], self.output(node), options, options_type)
+    @emits(Op.ADD)
+    def add(self, node: Node) -> None:
+        self.op(B.ADD, [self.input(node, 0), self.input(node, 1)], self.output(node), fb.AddOptionsT(), O.AddOptions)
 
+    @emits(Op.MUL)
+    def mul(self, node: Node) -> None:
+        self.op(B.MUL, [self.input(node, 0), self.input(node, 1)], self.output(node), fb.MulOptionsT(), O.MulOptions)
+
+    @emits(Op.RELU)
+    def relu(self, node: Node) -> None:
+        self.clamp(node, 0.0, np.inf)
+
+    @emits(Op.CLIP)
     def clip(self, node: Node) -> None:
-        low, high = (0.0, np.inf) if node.op is Op.RELU else _clip_bounds(node.attrs)
+        self.clamp(node, *_clip_bounds(node.attrs))
+
+    def clamp(self, node: Node, low: float, high: float) -> None:
         fused = {(0.0, np.inf): ACT.RELU, (0.0, 6.0): ACT.RELU6, (-1.0, 1.0): ACT.RELU_N1_TO_1}.get((low, high))
         x = self.input(node)
         if fused is not None and self.is_int8(node):  # XNNPACK takes int8 ADD with a fused clamp, not RELU*
@@ -249,6 +264,7 @@ class Translator:
             return self.b.constant(f"{node.name}/{role}", np.array(value, np.float32))
         return self.b.constant(f"{node.name}/{role}", quant.quantize(np.array(value, np.float32)), _quant(quant))
 
+    @emits(Op.HARDSWISH)
     def hardswish(self, node: Node) -> None:
         x = self.input(node)
         if not self.is_int8(node) or self.options.hardswish is HardSwishMode.builtin:
@@ -263,6 +279,7 @@ class Translator:
         self.op(B.MUL, [product, self.scalar(node, "sixth", 1.0 / 6.0)], self.output(node), fb.MulOptionsT(),
                 O.MulOptions)
 
+    @emits(Op.HARDSIGMOID)
     def hardsigmoid(self, node: Node) -> None:
         x = self.input(node)
         quant = None
@@ -279,22 +296,31 @@ class Translator:
         out = self.temp(node, role, self.b.shape(x), quant)
         return self.op(B.ADD, [x, self.scalar(node, "three", 3.0)], out, options, O.AddOptions)
 
-    def fixed_unary(self, node: Node) -> None:
-        """LOGISTIC and SOFTMAX: int8 kernels need output scale 1/256, zero point -128; requantise if ours differ."""
+    @emits(Op.SIGMOID)
+    def sigmoid(self, node: Node) -> None:
+        self.fixed_grid_op(node, B.LOGISTIC)
+
+    @emits(Op.SOFTMAX)
+    def softmax(self, node: Node) -> None:
+        options = fb.SoftmaxOptionsT()
+        options.beta = 1.0
+        self.fixed_grid_op(node, B.SOFTMAX, options, O.SoftmaxOptions)
+
+    def fixed_grid_op(self, node: Node, code: int, options: object = None, options_type: int = 0) -> None:
+        """An op whose int8 kernel needs a fixed output grid (LOGISTIC and SOFTMAX: scale 1/256, zero point -128,
+        from the op's int8 policy); requantised to the quantiser's grid after the op if that differs."""
         x = self.input(node)
-        code = B.LOGISTIC if node.op is Op.SIGMOID else B.SOFTMAX
-        options, options_type = None, 0
-        if code == B.SOFTMAX:
-            options, options_type = fb.SoftmaxOptionsT(), O.SoftmaxOptions
-            options.beta = 1.0
         if self.is_int8(node):
-            fixed = TensorQuant(*FIXED_OUTPUT[code])
+            fixed = policy_of(node.op).fixed_grid("tflite")
+            if fixed is None:
+                raise UnsupportedOpError(f"IR op {node.op.value}: its int8 policy names no fixed TFLite output grid")
             if self.tq(node.output) != fixed:
                 y = self.op(code, [x], self.temp(node, "fixed", self.b.shape(x), fixed), options, options_type)
                 self.op(B.QUANTIZE, [y], self.output(node))
                 return
         self.op(code, [x], self.output(node), options, options_type)
 
+    @emits(Op.GLOBAL_AVG_POOL)
     def global_avg_pool(self, node: Node) -> None:
         x = self.input(node)
         axes = self.b.constant(f"{node.name}/axes", np.array([1, 2], np.int32))
@@ -302,6 +328,7 @@ class Translator:
         options.keepDims = True
         self.op(B.MEAN, [x, axes], self.output(node), options, O.ReducerOptions)
 
+    @emits(Op.FLATTEN)
     def flatten(self, node: Node) -> None:
         x = self.input(node)
         shape = self.graph.shapes[node.inputs[0]]
@@ -321,6 +348,7 @@ class Translator:
         self.op(B.RESHAPE, [x, self.b.constant(f"{node.name}/shape", new_shape)],
                 self.output(node, quant, (shape[0], c * h * w)), options, O.ReshapeOptions)
 
+    @emits(Op.PAD)
     def pad(self, node: Node) -> None:
         attrs = node.attrs
         assert isinstance(attrs, PadAttrs)
@@ -356,9 +384,10 @@ class Translator:
                                                        b.tensor(f"{graph.input_name}/int8", shape, np.int8, q_in))
             b.inputs = [input_name]
         for node in graph.nodes:
-            if node.op not in self.emit:
+            emitter = EMITTERS.get(node.op)
+            if emitter is None:
                 raise UnsupportedOpError(f"IR op {node.op.value} at {node.source or node.name} has no TFLite emitter")
-            self.emit[node.op](node)
+            emitter(self, node)
         final = self.value[graph.output_name]
         final_is_float = b.dtype(final) == np.float32
         if self.quantized is None or (final_is_float and io is IOType.float) or (

@@ -24,8 +24,8 @@ import copy
 import numpy as np
 
 from mdeploy.graph.ir import Activation, ConvAttrs, Graph, Node, Op
+from mdeploy.quantize.policy import policy_of
 
-PASSTHROUGH = (Op.ADD, Op.GLOBAL_AVG_POOL, Op.FLATTEN, Op.PAD)  # per-channel linear: output shares the scales
 SCALABLE_ACTIVATIONS = (Activation.NONE, Activation.RELU, Activation.RELU6)
 MIN_SCALE = 1e-3
 
@@ -51,6 +51,9 @@ def _channels(graph: Graph, tensor: str) -> int | None:
 
 
 def _passes_channels(graph: Graph, node: Node) -> bool:
+    """Whether a per-channel rescaling of ``node``'s inputs passes through to its output unchanged."""
+    if not policy_of(node.op).keeps_channels:
+        return False
     if node.op is not Op.FLATTEN:
         return True
     shape = graph.shapes.get(node.inputs[0], ())
@@ -63,7 +66,7 @@ def scaling_groups(graph: Graph) -> list[list[str]]:
     tensors = [n.output for n in graph.nodes]
     for node in graph.nodes:
         groups.find(node.output)
-        if node.op in PASSTHROUGH and _passes_channels(graph, node):
+        if _passes_channels(graph, node):
             for name in node.inputs:
                 groups.union(name, node.output)
     members: dict[str, list[str]] = {}
@@ -81,12 +84,12 @@ def scaling_groups(graph: Graph) -> list[list[str]]:
             producer = graph.producer(t)
             if producer is None:
                 ok = False
-            elif producer.op in PASSTHROUGH:
+            elif policy_of(producer.op).keeps_channels:
                 ok &= _passes_channels(graph, producer) and all(i in names for i in producer.inputs)
             else:
                 ok &= producer.op in (Op.CONV, Op.LINEAR) and producer.activation in SCALABLE_ACTIVATIONS
             for consumer in graph.consumers(t):
-                if consumer.op in PASSTHROUGH:
+                if policy_of(consumer.op).keeps_channels:
                     ok &= consumer.output in names
                 else:
                     ok &= consumer.op in (Op.CONV, Op.LINEAR) and consumer.inputs == [t]

@@ -11,9 +11,9 @@ Measured and rejected on MobileNetV2 (200 calibration images): refitting each la
 (least squares on quantised inputs) fits the calibration set and loses 2-5 dB on held-out images; correcting each
 bias to restore the float model's mean output (absorbing upstream mean errors too) loses ~3 dB on both sets.
 
-Which tensors are quantised (the exporters' contract): the graph input and every node output. FLATTEN and PAD
-outputs share their input's parameters; a fused ReLU/ReLU6 is applied before the output is quantised, so those
-grids start at 0 (zero point -128) and never pass 6.
+Which tensors are quantised (the exporters' contract): the graph input and every node output. Per-op rules are in
+``policy.POLICY``: FLATTEN and PAD outputs share their input's parameters; a fused ReLU/ReLU6 is applied before
+the output is quantised, so those grids start at 0 (zero point -128) and never pass 6.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from mdeploy.graph.ir import Graph, Node, Op
 from mdeploy.quantize.equalize import equalize
 from mdeploy.quantize.observe import channel_ranges, channels_last
 from mdeploy.quantize.params import QMAX, QMIN, QuantizedGraph, TensorQuant, WeightQuant, quantize_bias
+from mdeploy.quantize.policy import policy_of
 from mdeploy.quantize.ranges import tensor_quant
 from mdeploy.quantize.rounding import channel_scale, correct_bias, gptq, round_nearest
 from mdeploy.quantize.stats import LayerStats
@@ -39,7 +40,6 @@ from mdeploy.quantize.stats import LayerStats
 # Called after each node with (index, number of nodes, node name).
 Progress = Callable[[int, int, str], None]
 
-SHARED_QUANT_OPS = (Op.FLATTEN, Op.PAD)  # outputs reuse the input's scale and zero point
 CHUNK = 32  # images per forward step
 
 
@@ -71,15 +71,6 @@ def _forward(node: Node, inputs: Callable[[slice], list[torch.Tensor]], params: 
         out[start : start + CHUNK] = y
     assert out is not None
     return out
-
-
-def _known_limit(node: Node) -> tuple[float, float] | None:
-    if node.op in (Op.CONV, Op.LINEAR):
-        low, high = node.activation.output_range
-        return (low, high) if np.isfinite(low) else None
-    if node.op in (Op.SIGMOID, Op.HARDSIGMOID):
-        return (0.0, 1.0)
-    return None
 
 
 def _round_layer(stats: LayerStats, recipe: QuantRecipe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -169,10 +160,11 @@ def _calibrate(graph: Graph, calibration: np.ndarray, recipe: QuantRecipe, progr
                           "bias": torch.from_numpy(bias_q.astype(np.float32))}
 
         y = _forward(node, inputs, params, n)
-        if node.op in SHARED_QUANT_OPS:
+        policy = policy_of(node.op)
+        if policy.shares_input_grid:
             tq = activations[node.inputs[0]]
         else:
-            tq = tensor_quant(y, recipe.range_method, limit=_known_limit(node), **range_kwargs)
+            tq = tensor_quant(y, recipe.range_method, limit=policy.calibration_limit(node), **range_kwargs)
         activations[node.output] = tq
         stream[node.output] = _Stored(y, tq if sequential else None)
         del y

@@ -1,0 +1,105 @@
+"""The int8 policy of every IR op, in one typed table: what the quantiser and the int8 writers may assume about an
+op's output.
+
+- ``shares_input_grid``: the output reuses the input's scale and zero point (FLATTEN, PAD move values without
+  changing them, so no requantisation and the output is exact);
+- ``output_range``: the values the op can produce, when bounded (a fused ReLU6: [0, 6], sigmoid: [0, 1]);
+  ``limits_calibration`` says whether the quantiser clips a calibrated range to it. It does where that has always
+  been done (CONV/LINEAR with a fused activation, SIGMOID, HARDSIGMOID). For RELU, CLIP and SOFTMAX the observed
+  range already lies inside, and clipping to the float64 bounds could only move a grid by the float32 rounding of
+  a bound (clip(0, 0.1)) or, for a range that excludes 0 (clip(1, 6)), change what the estimators see: turning it
+  on would change existing int8 artifacts, so it stays off;
+- ``fixed_output``: per runtime, the output grid its int8 kernel demands (TFLite's int8 LOGISTIC and SOFTMAX need
+  scale 1/256, zero point -128); a writer requantises to the quantiser's grid after the op when the two differ;
+- ``keeps_channels``: output channel c depends on input channel c only, linearly, so a per-channel rescaling of the
+  inputs passes through to the output (activation equalisation; FLATTEN only of a 1x1 map, see ``equalize``).
+
+Adding an IR op means adding its row here; tests/test_ops.py fails until every backend (this table included)
+handles every member of :class:`~mdeploy.graph.ir.Op`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+import numpy as np
+
+from mdeploy.errors import UnsupportedOpError
+from mdeploy.graph.ir import ClipAttrs, Node, Op
+from mdeploy.quantize.params import TensorQuant
+
+Runtime = Literal["onnx", "tflite", "coreml"]
+Range = tuple[float, float]
+RangeOf = Callable[[Node], "Range | None"]
+
+# int8 grid of a probability, [0, 255/256]: what TFLite's int8 LOGISTIC and SOFTMAX kernels write.
+PROBABILITY_GRID = TensorQuant(1.0 / 256.0, -128)
+
+
+def _none(node: Node) -> Range | None:
+    return None
+
+
+def _fused_activation(node: Node) -> Range | None:
+    low, high = node.activation.output_range
+    return (low, high) if np.isfinite(low) else None
+
+
+def _clip_attrs(node: Node) -> Range | None:
+    attrs = node.attrs
+    assert isinstance(attrs, ClipAttrs)
+    return (float(attrs.min), float(attrs.max))
+
+
+def _constant(low: float, high: float) -> RangeOf:
+    return lambda node: (low, high)
+
+
+@dataclass(frozen=True)
+class QuantPolicy:
+    """How one IR op's output is quantised (see the module doc for each field)."""
+
+    shares_input_grid: bool = False
+    output_range: RangeOf = _none
+    limits_calibration: bool = False
+    fixed_output: Mapping[Runtime, TensorQuant] = field(default_factory=lambda: MappingProxyType({}))
+    keeps_channels: bool = False
+
+    def calibration_limit(self, node: Node) -> Range | None:
+        """What the quantiser clips ``node``'s calibrated output range to (None: nothing)."""
+        return self.output_range(node) if self.limits_calibration else None
+
+    def fixed_grid(self, runtime: Runtime) -> TensorQuant | None:
+        return self.fixed_output.get(runtime)
+
+
+def _fixed(**grids: TensorQuant) -> Mapping[Runtime, TensorQuant]:
+    return MappingProxyType(dict(grids))  # type: ignore[arg-type]
+
+
+POLICY: Mapping[Op, QuantPolicy] = MappingProxyType({
+    Op.CONV: QuantPolicy(output_range=_fused_activation, limits_calibration=True),
+    Op.LINEAR: QuantPolicy(output_range=_fused_activation, limits_calibration=True),
+    Op.ADD: QuantPolicy(keeps_channels=True),
+    Op.MUL: QuantPolicy(),
+    Op.RELU: QuantPolicy(output_range=_constant(0.0, np.inf)),
+    Op.CLIP: QuantPolicy(output_range=_clip_attrs),
+    Op.HARDSWISH: QuantPolicy(output_range=_constant(-0.375, np.inf)),  # min at x = -1.5
+    Op.HARDSIGMOID: QuantPolicy(output_range=_constant(0.0, 1.0), limits_calibration=True),
+    Op.SIGMOID: QuantPolicy(output_range=_constant(0.0, 1.0), limits_calibration=True,
+                            fixed_output=_fixed(tflite=PROBABILITY_GRID)),
+    Op.GLOBAL_AVG_POOL: QuantPolicy(keeps_channels=True),
+    Op.FLATTEN: QuantPolicy(shares_input_grid=True, keeps_channels=True),
+    Op.PAD: QuantPolicy(shares_input_grid=True, keeps_channels=True),
+    Op.SOFTMAX: QuantPolicy(output_range=_constant(0.0, 1.0), fixed_output=_fixed(tflite=PROBABILITY_GRID)),
+})
+
+
+def policy_of(op: Op) -> QuantPolicy:
+    try:
+        return POLICY[op]
+    except KeyError:
+        raise UnsupportedOpError(f"IR op {op.value} has no int8 policy: add its row to POLICY in {__name__}") from None
