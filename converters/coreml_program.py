@@ -21,8 +21,8 @@ import numpy as np
 from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.quantize.params import QuantizedGraph, TensorQuant, quantize_bias
+from mdeploy.types import INPUT_NAME, OUTPUT_NAME
 
-OUTPUT_NAME = "logits"
 
 # MIL ops the program emits outside any one IR op's lowering: the activation quantize -> dequantize pairs and the
 # per-channel image gain (see ImageNormalization).
@@ -281,8 +281,8 @@ class _Emitter:
 
 def build_program(graph: Graph, quantized: QuantizedGraph | None, options: ProgramOptions) -> Any:
     """The MIL program of ``graph`` (fp32 types; ``ct.convert`` adds fp16 casts when asked)."""
-    if graph.input_name != "input":
-        raise ValueError(f"the IR's input tensor must be named 'input', not {graph.input_name!r}")
+    if graph.input_name != INPUT_NAME:
+        raise ValueError(f"the IR's input tensor must be named {INPUT_NAME!r}, not {graph.input_name!r}")
     ct = import_coremltools()
     from coremltools.converters.mil import Builder as mb
 

@@ -17,12 +17,11 @@ import numpy as np
 
 from mdeploy.converters.base import ArtifactInfo, Precision, Runner, Target, require_content
 from mdeploy.errors import BadInputError, UnsupportedOpError
-from mdeploy.graph.from_torch import INPUT_NAME
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.quantize.params import QuantizedGraph, quantize_bias
+from mdeploy.types import INPUT_NAME, OUTPUT_NAME
 
 OPSET = 17
-OUTPUT_NAME = "logits"
 
 Emitter = Callable[["_Writer", Node, list[str], str], str]
 # IR op -> its ONNX emitter (a _Writer method): one per member of Op (tests/test_ops.py checks).

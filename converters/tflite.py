@@ -29,9 +29,8 @@ from mdeploy.converters.base import ArtifactInfo, Precision, Runner, Target, req
 from mdeploy.converters.tflite_options import HardSwishMode, IOType, Options
 from mdeploy.graph.ir import Graph
 from mdeploy.quantize.params import QuantizedGraph
+from mdeploy.types import INPUT_NAME, OUTPUT_NAME
 
-INPUT_NAME = "input"
-OUTPUT_NAME = "logits"
 
 __all__ = ["HardSwishMode", "IOType", "Kernels", "TfliteConverter"]
 

@@ -52,13 +52,13 @@ from flatbuffers.table import Table
 
 from mdeploy.converters.base import ArtifactInfo
 from mdeploy.errors import BadInputError
+from mdeploy.types import OUTPUT_NAME
 
 METADATA_NAME = "TFLITE_METADATA"  # MetadataPopulator.METADATA_FIELD_NAME
 FILE_IDENTIFIER = b"M001"
 MIN_PARSER_VERSION = "1.0.0"  # see the module docstring: only schema 1.0.0 members are written
 LABELS_FILE = "labels.txt"
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
+INPUT_NAME = "image"  # the input tensor's display name in the metadata (the tensor itself is mdeploy.types's)
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can hold: no timestamp, byte-identical files
 ZIP_PERMISSIONS = 0o644
 

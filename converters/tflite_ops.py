@@ -33,6 +33,7 @@ from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.quantize.params import QuantizedGraph, TensorQuant, quantize_bias
 from mdeploy.quantize.policy import policy_of
+from mdeploy.types import INPUT_NAME, OUTPUT_NAME
 
 B = fb.BuiltinOperator
 O = fb.BuiltinOptions
@@ -368,7 +369,7 @@ class Translator:
         return self.op(B.PAD, [x, paddings], out)
 
     # -- the whole graph -----------------------------------------------------------------------------------------
-    def translate(self, input_name: str = "input", output_name: str = "logits") -> ModelBuilder:
+    def translate(self, input_name: str = INPUT_NAME, output_name: str = OUTPUT_NAME) -> ModelBuilder:
         graph, b, io = self.graph, self.b, self.options.io
         shape = _nhwc(graph.input_shape)
         if self.quantized is None:

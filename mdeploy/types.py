@@ -8,6 +8,11 @@ from enum import Enum
 import numpy as np
 
 
+# The tensor names of every artifact's input and output (the IR's input tensor has the input's name too).
+INPUT_NAME = "input"
+OUTPUT_NAME = "logits"
+
+
 class Target(str, Enum):
     onnx = "onnx"
     tflite = "tflite"

@@ -17,8 +17,8 @@ from torch import fx
 
 from mdeploy.errors import BadInputError, ConversionError, UnsupportedOpError, first_line
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
+from mdeploy.types import INPUT_NAME
 
-INPUT_NAME = "input"
 
 
 @dataclass
