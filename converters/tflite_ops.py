@@ -67,6 +67,18 @@ def _quant(tq: TensorQuant) -> Quant:
     return Quant.per_tensor(tq.scale, tq.zero_point)
 
 
+def flattened_in_nhwc_order(graph: Graph, node: Node) -> tuple[int, int, int] | None:
+    """(C, H, W) when the TFLite graph flattens this FLATTEN's H x W > 1 map in NHWC order, with no TRANSPOSE: when
+    only LINEARs read it (their weight columns are permuted instead); else None. The per-layer diagnosis reads the
+    tensor back through the same rule."""
+    shape = graph.shapes.get(node.inputs[0], ()) if node.op is Op.FLATTEN else ()
+    if len(shape) != 4:
+        return None
+    _, c, h, w = shape
+    consumers = graph.consumers(node.output)
+    return (c, h, w) if h * w > 1 and consumers and all(n.op is Op.LINEAR for n in consumers) else None
+
+
 def _nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else tuple(shape)
 
@@ -337,12 +349,12 @@ class Translator:
             raise UnsupportedOpError(f"flatten of a rank-{len(shape)} tensor at {node.source or node.name}")
         _, c, h, w = shape
         quant = self.tq(node.inputs[0]) if self.is_int8(node) else None
-        consumers = self.graph.consumers(node.output)
-        if h * w > 1 and (not consumers or any(n.op is not Op.LINEAR for n in consumers)):
+        nhwc = flattened_in_nhwc_order(self.graph, node)
+        if nhwc is not None:
+            self.flat_nhwc[node.output] = nhwc
+        elif h * w > 1:
             x = self.op(B.TRANSPOSE, [x, self.b.constant(f"{node.name}/perm", np.array([0, 3, 1, 2], np.int32))],
                         self.temp(node, "nchw", (shape[0], c, h, w), quant))
-        elif h * w > 1:
-            self.flat_nhwc[node.output] = (c, h, w)
         new_shape = np.array([-1, c * h * w], np.int32)
         options = fb.ReshapeOptionsT()
         options.newShape = new_shape

@@ -30,7 +30,7 @@ import torch
 from mdeploy.types import Target
 from mdeploy.errors import BadInputError
 from mdeploy.graph.execute import OPS, GraphRunner
-from mdeploy.graph.ir import Graph, Op
+from mdeploy.graph.ir import Graph
 from mdeploy.parity import json_numbers
 
 JUMP_DB = 10.0  # a layer whose own error is 10x the typical layer's (in power) is where the artifact breaks
@@ -293,13 +293,13 @@ def _tflite_taps(path: Path, graph: Graph, inputs: np.ndarray) -> dict[str, np.n
 def _nchw(graph: Graph, tensor: str, value: np.ndarray) -> np.ndarray:
     if value.ndim == 4:
         return np.ascontiguousarray(np.transpose(value, (0, 3, 1, 2)))
+    from mdeploy.converters.tflite_ops import flattened_in_nhwc_order
+
     node = graph.producer(tensor)
-    if node is not None and node.op is Op.FLATTEN and len(graph.shapes.get(node.inputs[0], ())) == 4:
-        # converters/tflite_ops.py flattens an HxW > 1 map in NHWC order when only LINEARs read it
-        _, c, h, w = graph.shapes[node.inputs[0]]
-        consumers = graph.consumers(tensor)
-        if h * w > 1 and consumers and all(n.op is Op.LINEAR for n in consumers):
-            return value.reshape(len(value), h, w, c).transpose(0, 3, 1, 2).reshape(len(value), -1)
+    nhwc = flattened_in_nhwc_order(graph, node) if node is not None else None
+    if nhwc is not None:
+        c, h, w = nhwc
+        return value.reshape(len(value), h, w, c).transpose(0, 3, 1, 2).reshape(len(value), -1)
     return value
 
 
