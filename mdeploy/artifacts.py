@@ -3,12 +3,12 @@ precision a file is, its converter's report, and an output folder's manifest."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from mdeploy.converters import REGISTRY
 from mdeploy.errors import BadInputError, MdeployError, first_line
+from mdeploy.manifest import Manifest
 from mdeploy.types import Precision, Target
 
 
@@ -49,12 +49,6 @@ def inspect_artifact(path: Path) -> dict[str, Any]:
                             "Convert again") from err
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        valid = isinstance(manifest, dict) and all(isinstance(entry["file"], str) for entry in manifest["artifacts"])
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise BadInputError(f"{path} is not a valid mdeploy manifest ({err}): convert again") from None
-    if not valid:
-        raise BadInputError(f"{path} is not a valid mdeploy manifest (artifact entries without a file): convert again")
-    return manifest
+def read_manifest(path: Path) -> Manifest:
+    """An output folder's manifest.json, typed; one-line BadInputError naming the file and the field otherwise."""
+    return Manifest.read(path)

@@ -15,6 +15,7 @@ from mdeploy.converters.base import Converter, Precision, artifact_size, missing
 from mdeploy.artifacts import precision_of, read_manifest
 from mdeploy.errors import BadInputError, ExitCode, MdeployError, first_line
 from mdeploy.latency import measure_latency
+from mdeploy.manifest import ArtifactRecord, Failure
 from mdeploy.ui import Reporter, SilentReporter
 
 
@@ -72,34 +73,33 @@ def machine() -> dict[str, Any]:
             "emulated": False, "note": "latency of this machine's CPU, not of a phone"}
 
 
-def _status(entry: dict[str, Any], converter: Converter | None) -> tuple[str, str]:
-    if entry.get("error"):
-        return "conversion failed", entry["error"]
+def _status(entry: ArtifactRecord | Failure, converter: Converter | None) -> tuple[str, str]:
+    if isinstance(entry, Failure):
+        return "conversion failed", entry.error
     if converter is None:
-        return "skipped", f"target {entry['target']} is not available in this version"
+        return "skipped", f"target {entry.target} is not available in this version"
     missing = missing_modules(converter)
     if missing:
         return "skipped", f"needs {', '.join(missing)} (pip install 'mdeploy[{converter.target.value}]')"
     if not converter.times_latency:
         return "skipped", f"runs on the {converter.runtime_name}, whose timings say nothing about a device"
-    parity = entry.get("parity") or {}
-    if not parity.get("passed", False):
-        return "parity failed", "; ".join(parity.get("failures", [])) or "parity failed at conversion"
+    if not entry.parity.passed:
+        return "parity failed", "; ".join(entry.parity.failures) or "parity failed at conversion"
     return "passed", ""
 
 
-def _precision(entry: dict[str, Any], path: Path | None, override: Precision | None) -> str | None:
+def _precision(entry: ArtifactRecord | Failure, path: Path | None, override: Precision | None) -> str | None:
     if override is not None:
         return override.value
-    if entry.get("precision") in {p.value for p in Precision}:
-        return str(entry["precision"])
+    if entry.precision in {p.value for p in Precision}:
+        return entry.precision
     if path is None or not path.exists():
-        return entry.get("precision")
+        return entry.precision
 
     try:
         return precision_of(path).value
     except MdeployError:  # unreadable: its row says why (failed)
-        return entry.get("precision")
+        return entry.precision
 
 
 def _time(converter: Converter, path: Path, sample: np.ndarray, threads: int, options: BenchOptions) -> dict[str, Any]:
@@ -139,23 +139,24 @@ def bench_folder(options: BenchOptions, reporter: Reporter | None = None) -> dic
     manifest = read_manifest(manifest_path)
     paths = manifest_paths(options.folder, manifest)
     mismatches = checksum_mismatches(options.folder, [name for name, p in paths.items() if p.exists()])
-    shape = tuple(manifest.get("input", {}).get("shape", (1, 3, 224, 224)))
+    shape = tuple(manifest.input.shape)
     sample = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
     rows = []
-    converted = len(manifest["artifacts"])
-    for index, entry in enumerate(manifest["artifacts"] + manifest.get("failures", [])):
-        converter = next((c for t, c in REGISTRY.items() if t.value == entry["target"]), None)
+    entries: list[ArtifactRecord | Failure] = [*manifest.artifacts, *manifest.failures]
+    for entry in entries:
+        converter = next((c for t, c in REGISTRY.items() if t.value == entry.target), None)
         status, reason = _status(entry, converter)
-        path = paths[entry["file"]] if index < converted else None
-        if path is not None and entry["file"] in mismatches:
-            status, reason = CHECKSUM_MISMATCH, mismatches[entry["file"]]
+        file = entry.file if isinstance(entry, ArtifactRecord) else None
+        path = paths[file] if file is not None else None
+        if file is not None and file in mismatches:
+            status, reason = CHECKSUM_MISMATCH, mismatches[file]
         elif path is not None and not path.exists() and status in ("passed", "parity failed"):
             status, reason = FAILED, "listed in manifest.json but missing from the folder"
         precision = _precision(entry, path, options.precision)
         for threads in options.threads:
             row: dict[str, Any] = {
-                "file": entry.get("file") or f"{entry['target']} {entry.get('precision', '')}".strip(),
-                "target": entry["target"], "precision": precision,
+                "file": file or f"{entry.target} {entry.precision}".strip(),
+                "target": entry.target, "precision": precision,
                 "runtime": converter.runtime_name if converter else None, "status": status, "reason": reason,
                 "threads": threads, "runs": 0, "warmup": 0, "p50_ms": None, "p90_ms": None, "p99_ms": None,
                 "mean_ms": None, "size_bytes": artifact_size(path) if path and path.exists() else None,

@@ -23,6 +23,7 @@ from mdeploy.config import Tolerances
 from mdeploy.errors import BadInputError, ConversionError, MdeployError, first_line
 from mdeploy.graph.ir import Graph
 from mdeploy.loading import LoadedModel, load_model
+from mdeploy.manifest import Manifest
 from mdeploy.parity import ParityResult, judge, run_batches, torch_runner
 from mdeploy.paths import checksum_mismatches, manifest_paths, resolve_inside
 from mdeploy.records import DataOptions, Limits, ModelSource
@@ -98,7 +99,7 @@ class CheckReport:
         }
 
 
-def artifacts_to_check(artifact: Path) -> tuple[list[Path], dict[str, Any] | None]:
+def artifacts_to_check(artifact: Path) -> tuple[list[Path], Manifest | None]:
     """The artifacts to check and the manifest beside them. Every path the manifest names must stay inside its
     folder, and the artifacts must still be what was converted (the folder's ``SHA256SUMS``, when it has one)."""
     if artifact.is_dir() and not any(artifact.name.endswith(c.suffix) for c in REGISTRY.values()):
@@ -129,11 +130,11 @@ def verify_checksums(folder: Path, names: list[str]) -> None:
                             "again, or restore them (if you changed them on purpose, update SHA256SUMS)")
 
 
-def resolve_preprocess(options: CheckOptions, manifest: dict[str, Any] | None, files: list[Path]) -> Preprocess:
+def resolve_preprocess(options: CheckOptions, manifest: Manifest | None, files: list[Path]) -> Preprocess:
     if options.preprocess is not None:
         return options.preprocess
-    if manifest is not None and "preprocess" in manifest:
-        return Preprocess.from_dict(manifest["preprocess"])
+    if manifest is not None:
+        return Preprocess.from_dict(manifest.preprocess.to_dict())
     embedded = embedded_preprocess(files[0])
     if embedded is not None:
         return embedded
@@ -169,10 +170,10 @@ def run_artifact(path: Path, inputs: np.ndarray, threads: int, reporter: Reporte
             from err
 
 
-def artifact_graph(graph: Graph, path: Path, precision: Precision, manifest: dict[str, Any] | None) -> Graph | None:
+def artifact_graph(graph: Graph, path: Path, precision: Precision, manifest: Manifest | None) -> Graph | None:
     """For an int8 artifact quantised with equalisation: the rescaled float graph it was written from."""
-    record = (manifest or {}).get("quantization") or {}
-    scales_file = record.get("channel_scales_file")
+    record = manifest.quantization if manifest is not None else None
+    scales_file = record.channel_scales_file if record is not None else None
     if precision is not Precision.int8 or not scales_file:
         return None
     scales_path = resolve_inside(path.parent, scales_file, f"quantization.channel_scales_file of "
@@ -183,7 +184,7 @@ def artifact_graph(graph: Graph, path: Path, precision: Precision, manifest: dic
         return apply_scales(graph, {name: scales[name] for name in scales.files})
 
 
-def diagnosis_of(graph: Graph, path: Path, precision: Precision, inputs: np.ndarray, manifest: dict[str, Any] | None,
+def diagnosis_of(graph: Graph, path: Path, precision: Precision, inputs: np.ndarray, manifest: Manifest | None,
                  reporter: Reporter) -> dict[str, Any]:
     """``graph``: the PyTorch model's IR, the float reference every layer is compared with."""
     from mdeploy.diagnose import diagnose

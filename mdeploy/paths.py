@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from mdeploy.errors import BadInputError
+from mdeploy.manifest import MANIFEST_FILE, Golden, GoldenArray, GoldenArtifact, GoldenInputs, Manifest
 
 CHECKSUMS_FILE = "SHA256SUMS"  # the bundle's list of every file and its sha256 (mdeploy.bundle writes it)
 _FIX = "mdeploy reads only files inside the package or folder that lists them; the entry is damaged or crafted, " \
@@ -49,34 +50,30 @@ def check_tree_inside(root: Path, what: str) -> None:
                 resolve_inside(root, path.relative_to(root).as_posix(), f"a symlink in {what}")
 
 
-def manifest_paths(folder: Path, manifest: dict[str, Any]) -> dict[str, Path]:
+def manifest_paths(folder: Path, manifest: Manifest) -> dict[str, Path]:
     """Checks every path an output folder's manifest.json names (artifacts, channel scales, labels, golden vectors)
     and returns the artifacts' paths by their ``file`` entry."""
-    source = folder / "manifest.json"
-    artifacts = {entry["file"]: resolve_inside(folder, entry["file"], f"artifact entry 'file' of {source}")
-                 for entry in manifest["artifacts"]}
-    for entry in manifest.get("failures") or []:
-        if isinstance(entry, dict) and entry.get("file"):
-            resolve_inside(folder, entry["file"], f"failure entry 'file' of {source}")
-    for key, value in (("quantization.channel_scales_file", (manifest.get("quantization") or {})
-                        .get("channel_scales_file")), ("labels_file", manifest.get("labels_file"))):
+    source = folder / MANIFEST_FILE
+    artifacts = {entry.file: resolve_inside(folder, entry.file, f"artifact entry 'file' of {source}")
+                 for entry in manifest.artifacts}
+    scales = manifest.quantization.channel_scales_file if manifest.quantization else None
+    for key, value in (("quantization.channel_scales_file", scales), ("labels_file", manifest.labels_file)):
         if value is not None:
             resolve_inside(folder, value, f"{key} of {source}")
-    for where, value in _golden_paths(manifest.get("golden")):
+    for where, value in _golden_paths(manifest.golden):
         resolve_inside(folder, value, f"golden entry {where} of {source}")
     return artifacts
 
 
-def _golden_paths(golden: Any) -> list[tuple[str, Any]]:
-    if not isinstance(golden, dict):
+def _golden_paths(golden: Golden | None) -> list[tuple[str, str]]:
+    if golden is None:
         return []
-    found: list[tuple[str, Any]] = [(f"images[{i}]", image) for i, image in enumerate(golden.get("images") or [])
-                                    if image is not None]
-    arrays = [("inputs", golden.get("inputs")), ("pytorch_outputs", golden.get("pytorch_outputs"))]
-    arrays += [(f"artifacts.{name}", entry) for name, entry in (golden.get("artifacts") or {}).items()]
+    found = [(f"images[{i}]", image) for i, image in enumerate(golden.images) if image is not None]
+    arrays: list[tuple[str, GoldenArray | GoldenInputs | GoldenArtifact]] = [
+        ("inputs", golden.inputs), ("pytorch_outputs", golden.pytorch_outputs)]
+    arrays += [(f"artifacts.{name}", entry) for name, entry in golden.artifacts.items()]
     for where, entry in arrays:
-        if isinstance(entry, dict):
-            found += [(f"{where}.{kind}", entry[kind]) for kind in ("npy", "f32") if kind in entry]
+        found += [(f"{where}.npy", entry.npy), (f"{where}.f32", entry.f32)]
     return found
 
 

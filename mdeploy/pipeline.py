@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -29,7 +28,8 @@ from mdeploy.parity import judge, run_batches, torch_runner
 from mdeploy.quantize.params import QuantizedGraph
 from mdeploy.quantize.ptq import quantize
 from mdeploy.records import Artifact, ConvertOptions, Evaluation
-from mdeploy.reports import is_mdeploy_output, save_manifest, write_manifest, write_summary
+from mdeploy.manifest import Bundle, Failure, Manifest
+from mdeploy.reports import is_mdeploy_output, write_manifest, write_summary
 from mdeploy.samples import load_samples
 from mdeploy.types import Precision, Target
 from mdeploy.ui import Reporter, SilentReporter
@@ -46,8 +46,8 @@ class ConvertResult:
     model: LoadedModel
     artifacts: list[Artifact]
     evaluation: Evaluation
-    manifest: dict[str, Any]
-    failures: list[dict[str, str]] = field(default_factory=list)  # conversions that failed under keep_going
+    manifest: Manifest
+    failures: list[Failure] = field(default_factory=list)  # conversions that failed under keep_going
 
     @property
     def passed(self) -> bool:
@@ -212,7 +212,7 @@ def convert(options: ConvertOptions, reporter: Reporter | None = None) -> Conver
                                  progress=lambda done, total, node: advance(1))
         reporter.step(f"int8 parameters chosen in {clock.seconds['quantize']:.1f} s")
     info = ArtifactInfo(model.name, options.preprocess.to_dict(), labels, __version__, options.provenance.entries())
-    failures: list[dict[str, str]] = []
+    failures: list[Failure] = []
     with staged_output(options.out, options.overwrite, output) as stage:
         artifacts = []
         with clock.stage("export_parity_latency"):
@@ -227,7 +227,7 @@ def convert(options: ConvertOptions, reporter: Reporter | None = None) -> Conver
                         precision = Precision.int8 if q is not None else Precision.fp32
                         remove_partial(stage / f"{info.model_name}.{precision.value}{options.converter(target).suffix}")
                         reporter.step(f"{target.value} {precision.value} failed: {err}")
-                        failures.append({"target": target.value, "precision": precision.value, "error": str(err)})
+                        failures.append(Failure(target=target.value, precision=precision.value, error=str(err)))
         if quantized is not None and quantized.channel_scales:
             np.savez_compressed(stage / CHANNEL_SCALES_FILE, **quantized.channel_scales)
         if labels:
@@ -237,9 +237,9 @@ def convert(options: ConvertOptions, reporter: Reporter | None = None) -> Conver
         static_files = copy_static_files(stage)
         manifest = write_manifest(stage, options, model, graph, artifacts, evaluation, calib, eval_set, quantized,
                                   clock.record(), failures, golden)
-        manifest["bundle"] = {"readmes": write_readmes(stage, manifest), "files": static_files,
-                              "checksums": CHECKSUMS_FILE}
-        save_manifest(stage, manifest)
+        manifest = manifest.with_bundle(Bundle(readmes=write_readmes(stage, manifest), files=static_files,
+                                               checksums=CHECKSUMS_FILE))
+        manifest.write(stage)
         write_summary(stage, manifest)
         write_checksums(stage)
     return ConvertResult(options.out, model, artifacts, evaluation, manifest, failures)

@@ -12,6 +12,9 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 
 from mdeploy.converters.base import artifact_files, artifact_size
+from mdeploy.manifest import (MANIFEST_VERSION, SCHEMA_FILE, ArtifactIO, ArtifactRecord, EvaluationInfo, Failure,
+                              Golden, InputSpec, LatencyRecord, Manifest, ModelInfo, OutputSpec, ParityMetricsRecord,
+                              ParityRecord, PreprocessRecord, QuantizationInfo, SampleSetRecord, SkippedFile)
 from mdeploy.paths import feed_file
 from mdeploy import __version__
 
@@ -22,7 +25,6 @@ if TYPE_CHECKING:
     from mdeploy.records import Artifact, ConvertOptions, Evaluation
     from mdeploy.quantize.params import QuantizedGraph
 
-MANIFEST_VERSION = "1.1"  # manifest.schema.json's version; bump both together
 # What two conversions from the same inputs on the same machine share (tests/test_bundle.py checks it).
 REPRODUCIBILITY = {
     "identical": "every artifact, labels.txt, golden/, the READMEs and int8_channel_scales.npz are byte-identical "
@@ -57,72 +59,79 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def sample_set_record(samples: SampleSet | None) -> dict[str, Any] | None:
+def sample_set_record(samples: SampleSet | None) -> SampleSetRecord | None:
     if samples is None:
         return None
     report = samples.report
-    return {
-        "samples": len(samples),
-        "sha256": samples.sha256,
-        "files_seen": report.total_files,
-        "skipped": [{"file": str(item.path), "reason": item.reason} for item in report.skipped],
-        "small_images": report.small_images,
-    }
+    return SampleSetRecord(
+        samples=len(samples),
+        sha256=samples.sha256,
+        files_seen=report.total_files,
+        skipped=[SkippedFile(str(item.path), item.reason) for item in report.skipped],
+        small_images=report.small_images,
+    )
+
+
+def artifact_record(stage: Path, artifact: Artifact) -> ArtifactRecord:
+    parity = artifact.parity.to_dict()
+    return ArtifactRecord(
+        target=artifact.target.value,
+        precision=artifact.precision.value,
+        file=str(artifact.path),
+        runtime=artifact.runtime,
+        settings=artifact.settings,
+        io=ArtifactIO(**artifact.io),
+        parity=ParityRecord(passed=artifact.parity.passed, inputs=artifact.parity.inputs,
+                            metrics=ParityMetricsRecord(**parity["metrics"]),  # type: ignore[arg-type]
+                            thresholds=artifact.parity.thresholds.to_dict(), failures=list(artifact.parity.failures)),
+        latency=LatencyRecord(**artifact.latency.to_dict()) if artifact.latency else None,
+        seconds_to_export=round(artifact.seconds_to_export, 2),
+        sha256=sha256_of(stage / artifact.path),
+        size_bytes=artifact_size(stage / artifact.path),
+    )
 
 
 def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, graph: Graph,
                    artifacts: list[Artifact], evaluation: Evaluation, calib: SampleSet | None,
                    eval_set: SampleSet | None, quantized: QuantizedGraph | None,
-                   seconds: dict[str, float], failures: list[dict[str, str]] | None = None,
-                   golden: dict[str, Any] | None = None) -> dict[str, Any]:
+                   seconds: dict[str, float], failures: list[Failure], golden: Golden) -> Manifest:
     config = model.config
-    manifest: dict[str, Any] = {
-        "$schema": "manifest.schema.json",
-        "manifest_version": MANIFEST_VERSION,
-        "model": {
-            "name": model.name,
-            "source_file": model.source.name,
-            "source_sha256": model.source_sha256,
-            "format": model.format.value,
-            "arch": config.arch.value if config else None,
-            "width_mult": config.width_mult if config else None,
-            "num_classes": graph.shapes[graph.output_name][-1],
-            "ops": graph.op_histogram(),
-        },
-        "input": {
-            "name": "input",
-            "shape": list(options.preprocess.input_shape(batch=1)),
-            "dtype": "float32",
-            "layout": "NCHW",
-        },
-        "output": {"name": "logits", "shape": [1, graph.shapes[graph.output_name][-1]], "meaning": "raw logits"},
-        "preprocess": options.preprocess.to_dict(),
-        "labels_file": "labels.txt" if (stage / "labels.txt").exists() else None,
-        "quantization": {
-            "recipe": {**options.recipe.to_dict(), **quantized.recipe},  # the quantiser adds samples and time
-            "float_nodes": sorted(quantized.float_nodes),
-            "calibration_set": sample_set_record(calib),
-            "channel_scales_file": "int8_channel_scales.npz" if quantized.channel_scales else None,
-        } if quantized is not None else None,
-        "evaluation": {"inputs": evaluation.description, "set": sample_set_record(eval_set)},
-        "artifacts": [
-            {**artifact.to_dict(), "sha256": sha256_of(stage / artifact.path),
-             "size_bytes": artifact_size(stage / artifact.path)}
-            for artifact in artifacts
-        ],
-        "failures": failures or [],  # targets that failed to convert (only with --keep-going)
-        "parity_passed": all(a.parity.passed for a in artifacts),
-        "golden": golden,
-        "reproducibility": REPRODUCIBILITY,
-        "seconds": seconds,  # wall time per pipeline stage
-        "tool_versions": tool_versions(),
-    }
-    save_manifest(stage, manifest)
+    classes = graph.shapes[graph.output_name][-1]
+    manifest = Manifest(
+        schema=SCHEMA_FILE,
+        manifest_version=MANIFEST_VERSION,
+        model=ModelInfo(
+            name=model.name,
+            source_file=model.source.name,
+            source_sha256=model.source_sha256,
+            format=model.format.value,
+            arch=config.arch.value if config else None,
+            width_mult=config.width_mult if config else None,
+            num_classes=classes,
+            ops=graph.op_histogram(),
+        ),
+        input=InputSpec(name="input", shape=list(options.preprocess.input_shape(batch=1)), dtype="float32",
+                        layout="NCHW"),
+        output=OutputSpec(name="logits", shape=[1, classes], meaning="raw logits"),
+        preprocess=PreprocessRecord(**options.preprocess.to_dict()),
+        labels_file="labels.txt" if (stage / "labels.txt").exists() else None,
+        quantization=QuantizationInfo(
+            recipe={**options.recipe.to_dict(), **quantized.recipe},  # the quantiser adds samples and time
+            float_nodes=sorted(quantized.float_nodes),
+            calibration_set=sample_set_record(calib),
+            channel_scales_file="int8_channel_scales.npz" if quantized.channel_scales else None,
+        ) if quantized is not None else None,
+        evaluation=EvaluationInfo(inputs=evaluation.description, set=sample_set_record(eval_set)),
+        artifacts=[artifact_record(stage, artifact) for artifact in artifacts],
+        failures=list(failures),  # targets that failed to convert (only with --keep-going)
+        parity_passed=all(a.parity.passed for a in artifacts),
+        golden=golden,
+        reproducibility=REPRODUCIBILITY,
+        seconds=seconds,  # wall time per pipeline stage
+        tool_versions=tool_versions(),
+    )
+    manifest.write(stage)
     return manifest
-
-
-def save_manifest(stage: Path, manifest: dict[str, Any]) -> None:
-    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
 
 
 def is_mdeploy_output(folder: Path) -> bool:
@@ -142,21 +151,23 @@ def fmt(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
-def summary_rows(manifest: dict[str, Any]) -> list[list[str]]:
+def summary_rows(manifest: Manifest) -> list[list[str]]:
     rows = []
-    for artifact in manifest["artifacts"]:
-        metrics = artifact["parity"]["metrics"]
-        latency = artifact["latency"] or {}
+    for artifact in manifest.artifacts:
+        metrics = artifact.parity.metrics
+        latency = artifact.latency
+        p50: Any = latency.p50_ms if latency and latency.p50_ms is not None else \
+            "n/a (reference executor)" if latency is None or not latency.to_dict() else "-"
         rows.append([
-            artifact["file"],
-            artifact["runtime"],
-            fmt(metrics["max_abs_error"], ".2e"),
-            fmt(metrics["snr_db"], ".1f"),
-            fmt(metrics["top1_agreement"] * 100, ".1f") + "%",
-            fmt(metrics["top5_agreement"] * 100, ".1f") + "%",
-            fmt(latency.get("p50_ms", "n/a (reference executor)" if not latency else "-"), ".2f"),
-            f"{artifact['size_bytes'] / 1e6:.1f} MB",
-            "pass" if artifact["parity"]["passed"] else "FAIL: " + "; ".join(artifact["parity"]["failures"]),
+            artifact.file,
+            artifact.runtime,
+            fmt(metrics.max_abs_error, ".2e"),
+            fmt(metrics.snr_db, ".1f"),
+            fmt(metrics.top1_agreement * 100, ".1f") + "%",
+            fmt(metrics.top5_agreement * 100, ".1f") + "%",
+            fmt(p50, ".2f"),
+            f"{artifact.size_bytes / 1e6:.1f} MB",
+            "pass" if artifact.parity.passed else "FAIL: " + "; ".join(artifact.parity.failures),
         ])
     return rows
 
@@ -164,8 +175,8 @@ def summary_rows(manifest: dict[str, Any]) -> list[list[str]]:
 HEADERS = ["artifact", "runtime", "max abs err", "SNR dB", "top-1", "top-5", "p50 ms", "size", "parity"]
 
 
-def console_table(manifest: dict[str, Any]) -> Table:
-    table = Table(title=f"{manifest['model']['name']}: parity vs PyTorch fp32 on {manifest['evaluation']['inputs']}")
+def console_table(manifest: Manifest) -> Table:
+    table = Table(title=f"{manifest.model.name}: parity vs PyTorch fp32 on {manifest.evaluation.inputs}")
     for header in HEADERS:
         table.add_column(header, justify="left" if header in ("artifact", "runtime", "parity") else "right")
     for row in summary_rows(manifest):
@@ -173,15 +184,15 @@ def console_table(manifest: dict[str, Any]) -> Table:
     return table
 
 
-def write_summary(stage: Path, manifest: dict[str, Any]) -> None:
+def write_summary(stage: Path, manifest: Manifest) -> None:
+    model = manifest.model
     lines = [
-        f"# {manifest['model']['name']} — mdeploy conversion",
+        f"# {model.name} — mdeploy conversion",
         "",
-        f"Source: `{manifest['model']['source_file']}` ({manifest['model']['format']}), "
-        f"sha256 `{manifest['model']['source_sha256'][:16]}…`.",
-        f"Input: `{manifest['input']['shape']}` float32 NCHW, preprocessing: `{json.dumps(manifest['preprocess'])}`.",
-        f"Parity vs PyTorch fp32 on {manifest['evaluation']['inputs']}: "
-        f"**{'PASSED' if manifest['parity_passed'] else 'FAILED'}**.",
+        f"Source: `{model.source_file}` ({model.format}), sha256 `{model.source_sha256[:16]}…`.",
+        f"Input: `{manifest.input.shape}` float32 NCHW, preprocessing: `{json.dumps(manifest.preprocess.to_dict())}`.",
+        f"Parity vs PyTorch fp32 on {manifest.evaluation.inputs}: "
+        f"**{'PASSED' if manifest.parity_passed else 'FAILED'}**.",
         "",
         "| " + " | ".join(HEADERS) + " |",
         "|" + "---|" * len(HEADERS),

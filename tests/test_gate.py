@@ -198,9 +198,9 @@ def test_bench_statuses_for_failed_and_unrunnable_targets(project: dict[str, Pat
     folder = tmp_path / "mixed"
     shutil.copytree(project["out"], folder)
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["artifacts"][1]["parity"] = {"passed": False, "failures": ["SNR 3.0 dB < 15.0 dB"]}
-    manifest["artifacts"].append({"file": "mobilenet_v2.fp32.mlpackage", "target": "coreml", "precision": "fp32",
-                                  "parity": {"passed": True, "failures": []}})
+    manifest["artifacts"][1]["parity"].update(passed=False, failures=["SNR 3.0 dB < 15.0 dB"])
+    manifest["artifacts"].append({**manifest["artifacts"][0], "file": "mobilenet_v2.fp32.mlpackage", "target": "coreml",
+                                  "precision": "fp32", "runtime": "MIL reference (not Core ML)", "latency": None})
     manifest["failures"] = [{"target": "coreml", "precision": "int8", "error": "coreml int8 export failed: boom"}]
     (folder / "manifest.json").write_text(json.dumps(manifest))
     result = runner.invoke(app, ["bench", str(folder), "--threads", "1", "--runs", "5", "--warmup", "1", "--json"])

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from mdeploy.manifest import Golden, GoldenArray, GoldenArtifact, GoldenInputs, GoldenTolerance
 from mdeploy.types import Precision, Target
 
 GOLDEN_SAMPLES = 4
@@ -46,16 +47,15 @@ def tolerance(golden: GoldenOutput) -> dict[str, Any]:
     return {"max_abs_error": FP32_TOLERANCE}
 
 
-def _write_array(folder: Path, stem: str, array: np.ndarray) -> dict[str, Any]:
+def _write_array(folder: Path, stem: str, array: np.ndarray) -> GoldenArray:
     array = np.ascontiguousarray(array, dtype="<f4")
     np.save(folder / f"{stem}.npy", array)
     (folder / f"{stem}.f32").write_bytes(array.tobytes())
-    return {"npy": f"golden/{stem}.npy", "f32": f"golden/{stem}.f32", "shape": list(array.shape),
-            "dtype": "float32", "byte_order": "little"}
+    return GoldenArray(f"golden/{stem}.npy", f"golden/{stem}.f32", list(array.shape), "float32", "little")
 
 
 def write_golden(stage: Path, inputs: np.ndarray, reference: np.ndarray, paths: list[str],
-                 outputs: list[GoldenOutput], layout: str) -> dict[str, Any]:
+                 outputs: list[GoldenOutput], layout: str) -> Golden:
     """Writes ``stage/golden/`` and returns the manifest's ``golden`` section."""
     folder = stage / "golden"
     (folder / "images").mkdir(parents=True)
@@ -70,14 +70,15 @@ def write_golden(stage: Path, inputs: np.ndarray, reference: np.ndarray, paths: 
         else:
             images.append(None)  # a preprocessed tensor from a .npy/.npz file: no raw image exists
     images += [None] * (count - len(images))
-    return {
-        "samples": count,
-        "images": images,
-        "inputs": {**_write_array(folder, "inputs", inputs[:count]), "layout": layout},
-        "pytorch_outputs": _write_array(folder, "pytorch", reference[:count]),
-        "artifacts": {
-            golden.file: {**_write_array(folder, golden.file, golden.outputs[:count]), "runtime": golden.runtime,
-                          "tolerance": tolerance(golden)}
+    written = {golden.file: _write_array(folder, golden.file, golden.outputs[:count]) for golden in outputs}
+    return Golden(
+        samples=count,
+        images=images,
+        inputs=GoldenInputs(**vars(_write_array(folder, "inputs", inputs[:count])), layout=layout),
+        pytorch_outputs=_write_array(folder, "pytorch", reference[:count]),
+        artifacts={
+            golden.file: GoldenArtifact(**vars(written[golden.file]), runtime=golden.runtime,
+                                        tolerance=GoldenTolerance(**tolerance(golden)))
             for golden in outputs
         },
-    }
+    )

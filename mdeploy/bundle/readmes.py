@@ -12,6 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from mdeploy.manifest import Manifest
+
 QUANTISED = ("int8", "uint8")
 
 
@@ -147,10 +149,13 @@ def ios_readme(manifest: dict[str, Any]) -> str:
         contract=_contract(manifest), code=code, note=note, golden=_golden(manifest), files=_files(manifest))
 
 
-def write_readmes(stage: Path, manifest: dict[str, Any]) -> list[str]:
+def write_readmes(stage: Path, manifest: Manifest | dict[str, Any]) -> list[str]:
+    """The READMEs for the platforms ``manifest`` has artifacts for; the renderers read its JSON form (the trimmed
+    manifests of tests/test_readmes.py are such dicts)."""
+    data = manifest.to_dict() if isinstance(manifest, Manifest) else manifest
     written = []
     for name, render in (("README_android.md", android_readme), ("README_ios.md", ios_readme)):
-        text = render(manifest)
+        text = render(data)
         if text:
             (stage / name).write_text(text, encoding="utf-8")
             written.append(name)

@@ -114,12 +114,12 @@ def convert(
 
     result = run_guarded(debug, action)
     if json_output:
-        print(dump_json(result.manifest))
+        print(dump_json(result.manifest.to_dict()))
     else:
         stdout.print(console_table(result.manifest))
         stdout.print(f"wrote {result.out}/ (manifest.json, SUMMARY.md)", highlight=False)
     for failure in result.failures:
-        print_error(f"{failure['target']} {failure['precision']}: {failure['error']}")
+        print_error(f"{failure.target} {failure.precision}: {failure.error}")
     if result.failures:
         raise typer.Exit(int(ExitCode.CONVERSION_FAILED))
     if not result.passed:

@@ -1,0 +1,380 @@
+"""The typed manifest.json of an output folder: one dataclass tree, one read/write pair.
+
+Every object of ``mdeploy/data/manifest.schema.json`` is a dataclass here, its properties are the fields in the order
+the file lists them (tests/test_manifest.py walks both and checks they agree, and that a written manifest validates).
+``to_dict`` gives the JSON object as written; :meth:`Manifest.read` checks the structure and names the file and the
+field on bad input. The parts that are free-form per target (artifact ``settings``, ``io`` tensors, the quantisation
+``recipe``, the ``ops`` histogram, ``reproducibility``) stay ``dict[str, Any]``.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar, Union
+
+from mdeploy.errors import BadInputError
+
+MANIFEST_FILE = "manifest.json"
+SCHEMA_FILE = "manifest.schema.json"
+MANIFEST_VERSION = "1.1"  # manifest.schema.json's version; bump both together
+
+R = TypeVar("R", bound="Record")
+
+
+def optional(default: Any = None) -> Any:
+    """A property the schema does not require: left out of the file when None."""
+    return field(default=default, metadata={"omit_none": True})
+
+
+def _json(value: Any) -> Any:
+    if isinstance(value, Record):
+        return value.to_dict()
+    if isinstance(value, list):
+        return [_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json(v) for k, v in value.items()}
+    return value
+
+
+class Record:
+    """A JSON object of the manifest: fields in file order; ``KEYS`` maps a field to a key that is no identifier."""
+
+    KEYS: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def key(cls, name: str) -> str:
+        return cls.KEYS.get(name, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is None and f.metadata.get("omit_none"):
+                continue
+            out[self.key(f.name)] = _json(value)
+        return out
+
+    @classmethod
+    def from_dict(cls: type[R], data: Any, where: str = "") -> R:
+        if not isinstance(data, dict):
+            raise _Invalid(where or "(top level)", "an object", data)
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for f in fields(cls):  # type: ignore[arg-type]
+            key = cls.key(f.name)
+            at = f"{where}.{key}" if where else key
+            if key not in data:
+                if f.metadata.get("omit_none"):
+                    values[f.name] = None
+                    continue
+                raise _Invalid(at, "present", _ABSENT)
+            values[f.name] = _parse(hints[f.name], data[key], at)
+        return cls(**values)
+
+
+_ABSENT = object()
+
+
+class _Invalid(Exception):
+    def __init__(self, where: str, expected: str, got: Any) -> None:
+        shown = "missing" if got is _ABSENT else f"{type(got).__name__} {json.dumps(got)[:40]}" if _dumpable(got) \
+            else type(got).__name__
+        super().__init__(f"field {where} is {shown}, expected {expected}")
+
+
+def _dumpable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+_SIMPLE = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
+
+
+def _parse(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _parse(option, value, where)
+            except _Invalid as err:
+                errors.append(err)
+        raise errors[0] if len(errors) == 1 else _Invalid(where, " or ".join(_describe(o) for o in options), value)
+    if hint is Any:
+        return value
+    if isinstance(hint, type) and issubclass(hint, Record):
+        return hint.from_dict(value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _Invalid(where, "a list", value)
+        (item,) = typing.get_args(hint)
+        return [_parse(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _Invalid(where, "an object", value)
+        _, item = typing.get_args(hint)
+        return {k: _parse(item, v, f"{where}.{k}") for k, v in value.items()}
+    if hint in _SIMPLE:
+        ok = isinstance(value, hint) and not (hint is not bool and isinstance(value, bool))
+        if hint is float:
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise _Invalid(where, _SIMPLE[hint], value)
+        return value
+    raise TypeError(f"no parser for {hint}")
+
+
+def _describe(hint: Any) -> str:
+    return _SIMPLE.get(hint, "an object" if isinstance(hint, type) and issubclass(hint, Record) else str(hint))
+
+
+# -- the tree, in the order of manifest.schema.json ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelInfo(Record):
+    name: str
+    source_file: str
+    source_sha256: str
+    format: str
+    arch: str | None
+    width_mult: float | None
+    num_classes: int
+    ops: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class InputSpec(Record):
+    name: str
+    shape: list[int]
+    dtype: str
+    layout: str
+
+
+@dataclass(frozen=True)
+class OutputSpec(Record):
+    name: str
+    shape: list[int]
+    meaning: str
+
+
+@dataclass(frozen=True)
+class PreprocessRecord(Record):
+    """mdeploy.calibration.preprocess.Preprocess's ``to_dict`` form (``Preprocess.from_dict(p.to_dict())``)."""
+
+    resize: int | None
+    crop: int
+    interpolation: str
+    mean: list[float]
+    std: list[float]
+    scale: float
+    channel_order: str
+    layout: str
+
+
+@dataclass(frozen=True)
+class SkippedFile(Record):
+    file: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SampleSetRecord(Record):
+    samples: int
+    sha256: str
+    files_seen: int
+    skipped: list[SkippedFile]
+    small_images: int | None = optional()
+
+
+@dataclass(frozen=True)
+class QuantizationInfo(Record):
+    recipe: dict[str, Any]
+    float_nodes: list[str]
+    calibration_set: SampleSetRecord | None
+    channel_scales_file: str | None
+
+
+@dataclass(frozen=True)
+class EvaluationInfo(Record):
+    inputs: str
+    set: SampleSetRecord | None
+
+
+@dataclass(frozen=True)
+class ArtifactIO(Record):
+    inputs: list[dict[str, Any]]  # per tensor: name, dtype, shape, and for quantised I/O scale and zero_point
+    outputs: list[dict[str, Any]]
+
+
+Metric = Union[float, str]  # a number; non-finite values are spelled out ("inf", "nan")
+
+
+@dataclass(frozen=True)
+class ParityMetricsRecord(Record):
+    samples: int
+    max_abs_error: Metric
+    mean_abs_error: Metric
+    cosine: Metric
+    snr_db: Metric
+    top1_agreement: Metric
+    top5_agreement: Metric
+
+
+@dataclass(frozen=True)
+class ParityRecord(Record):
+    passed: bool
+    inputs: str
+    metrics: ParityMetricsRecord
+    thresholds: dict[str, float]
+    failures: list[str]
+
+
+@dataclass(frozen=True)
+class LatencyRecord(Record):
+    runs: int | None = optional()
+    threads: int | None = optional()
+    p50_ms: float | None = optional()
+    p90_ms: float | None = optional()
+    p99_ms: float | None = optional()
+    mean_ms: float | None = optional()
+
+
+@dataclass(frozen=True)
+class ArtifactRecord(Record):
+    target: str
+    precision: str
+    file: str
+    runtime: str
+    settings: dict[str, Any]
+    io: ArtifactIO
+    parity: ParityRecord
+    latency: LatencyRecord | None
+    seconds_to_export: float
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True)
+class Failure(Record):
+    """A target that failed to convert (only with --keep-going)."""
+
+    target: str
+    precision: str
+    error: str
+
+
+@dataclass(frozen=True)
+class GoldenArray(Record):
+    npy: str
+    f32: str
+    shape: list[int]
+    dtype: str
+    byte_order: str
+
+
+@dataclass(frozen=True)
+class GoldenInputs(Record):
+    npy: str
+    f32: str
+    shape: list[int]
+    dtype: str
+    byte_order: str
+    layout: str | None = optional()
+
+
+@dataclass(frozen=True)
+class GoldenTolerance(Record):
+    max_abs_error: float | None = optional()
+    min_snr_db: float | None = optional()
+    note: str | None = optional()
+
+
+@dataclass(frozen=True)
+class GoldenArtifact(Record):
+    npy: str
+    f32: str
+    shape: list[int]
+    dtype: str
+    byte_order: str
+    runtime: str
+    tolerance: GoldenTolerance
+
+
+@dataclass(frozen=True)
+class Golden(Record):
+    samples: int
+    images: list[str | None]
+    inputs: GoldenInputs
+    pytorch_outputs: GoldenArray
+    artifacts: dict[str, GoldenArtifact]
+
+
+@dataclass(frozen=True)
+class Bundle(Record):
+    readmes: list[str]
+    files: list[str]
+    checksums: str
+
+
+@dataclass(frozen=True)
+class Manifest(Record):
+    KEYS: ClassVar[dict[str, str]] = {"schema": "$schema"}
+
+    schema: str
+    manifest_version: str
+    model: ModelInfo
+    input: InputSpec
+    output: OutputSpec
+    preprocess: PreprocessRecord
+    labels_file: str | None
+    quantization: QuantizationInfo | None
+    evaluation: EvaluationInfo
+    artifacts: list[ArtifactRecord]
+    failures: list[Failure]
+    parity_passed: bool
+    golden: Golden
+    reproducibility: dict[str, Any]
+    seconds: dict[str, float]  # wall time per pipeline stage
+    tool_versions: dict[str, str]
+    bundle: Bundle | None = optional()  # None only while the bundle is being written (and in folders from before)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    def write(self, folder: Path) -> Path:
+        path = folder / MANIFEST_FILE
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    def with_bundle(self, bundle: Bundle) -> Manifest:
+        return replace(self, bundle=bundle)
+
+    @classmethod
+    def read(cls, path: Path) -> Manifest:
+        """The manifest at ``path``; a BadInputError (one line, naming the file and the field) when it is not one."""
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadInputError(f"{path} is not a valid mdeploy manifest ({err}): convert again") from None
+        try:
+            return cls.from_dict(data)
+        except _Invalid as err:
+            raise BadInputError(f"{path} is not a valid mdeploy manifest ({err}): convert again") from None
+
+    def artifact(self, target: str, precision: str) -> ArtifactRecord | None:
+        return next((a for a in self.artifacts if a.target == target and a.precision == precision), None)
+
+
+assert all(is_dataclass(c) for c in Record.__subclasses__())
