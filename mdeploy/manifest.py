@@ -285,12 +285,7 @@ class GoldenArray(Record):
 
 
 @dataclass(frozen=True)
-class GoldenInputs(Record):
-    npy: str
-    f32: str
-    shape: list[int]
-    dtype: str
-    byte_order: str
+class GoldenInputs(GoldenArray):
     layout: str | None = optional()
 
 
@@ -302,12 +297,7 @@ class GoldenTolerance(Record):
 
 
 @dataclass(frozen=True)
-class GoldenArtifact(Record):
-    npy: str
-    f32: str
-    shape: list[int]
-    dtype: str
-    byte_order: str
+class GoldenArtifact(GoldenArray):
     runtime: str
     tolerance: GoldenTolerance
 
