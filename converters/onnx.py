@@ -17,7 +17,7 @@ import numpy as np
 
 from mdeploy.converters.base import ArtifactInfo, Precision, Runner, Target, require_content
 from mdeploy.errors import BadInputError, UnsupportedOpError
-from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
+from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs
 from mdeploy.quantize.params import QuantizedGraph, quantize_bias
 from mdeploy.types import INPUT_NAME, OUTPUT_NAME
 
@@ -25,15 +25,8 @@ OPSET = 17
 
 Emitter = Callable[["_Writer", Node, list[str], str], str]
 # IR op -> its ONNX emitter (a _Writer method): one per member of Op (tests/test_ops.py checks).
-EMITTERS: dict[Op, Emitter] = {}
-
-
-def emits(kind: Op) -> Callable[[Emitter], Emitter]:
-    def register(fn: Emitter) -> Emitter:
-        EMITTERS[kind] = fn
-        return fn
-
-    return register
+EMITTERS: OpRegistry[Emitter] = OpRegistry()
+emits = EMITTERS.register
 
 
 class _Writer:

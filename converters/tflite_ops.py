@@ -30,7 +30,7 @@ import numpy as np
 from mdeploy.converters.tflite_options import HardSwishMode, IOType, Options
 from mdeploy.converters.tflite_flatbuffer import ModelBuilder, Quant, fb
 from mdeploy.errors import UnsupportedOpError
-from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
+from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs
 from mdeploy.quantize.params import QuantizedGraph, TensorQuant, quantize_bias
 from mdeploy.quantize.policy import policy_of
 from mdeploy.types import INPUT_NAME, OUTPUT_NAME
@@ -51,16 +51,8 @@ INT32_MAX = np.iinfo(np.int32).max
 
 Emitter = Callable[["Translator", Node], None]
 # IR op -> its TFLite emitter (a Translator method): one per member of Op (tests/test_ops.py checks).
-EMITTERS: dict[Op, Emitter] = {}
-
-
-def emits(*kinds: Op) -> Callable[[Emitter], Emitter]:
-    def register(fn: Emitter) -> Emitter:
-        for kind in kinds:
-            EMITTERS[kind] = fn
-        return fn
-
-    return register
+EMITTERS: OpRegistry[Emitter] = OpRegistry()
+emits = EMITTERS.register
 
 
 def _quant(tq: TensorQuant) -> Quant:

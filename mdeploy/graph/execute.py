@@ -8,21 +8,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
+from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs
 
 # Called with (tensor name, value) for the graph input and every node output; returns the value to propagate.
 TensorHook = Callable[[str, torch.Tensor], torch.Tensor]
 OpFn = Callable[[Node, list[torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]
 
-OPS: dict[Op, OpFn] = {}
-
-
-def op(kind: Op) -> Callable[[OpFn], OpFn]:
-    def register(fn: OpFn) -> OpFn:
-        OPS[kind] = fn
-        return fn
-
-    return register
+OPS: OpRegistry[OpFn] = OpRegistry()
+op = OPS.register
 
 
 def activate(x: torch.Tensor, activation: Activation) -> torch.Tensor:

@@ -6,10 +6,14 @@ is. Tensors are named; parameters are float32 numpy arrays in PyTorch's layout (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any, TypeVar
 
 import numpy as np
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Op(str, Enum):
@@ -26,6 +30,19 @@ class Op(str, Enum):
     FLATTEN = "flatten"  # (N,C,H,W) -> (N, C*H*W) in PyTorch's element order
     PAD = "pad"  # zero padding; attrs: PadAttrs
     SOFTMAX = "softmax"  # over the last axis
+
+
+class OpRegistry(dict["Op", F]):
+    """One backend's handlers keyed by ``Op``, one small function per op, filled by the ``register`` decorator
+    (tests/test_ops.py checks that every backend's registry covers the whole enum)."""
+
+    def register(self, *ops: Op) -> Callable[[F], F]:
+        def add(fn: F) -> F:
+            for op in ops:
+                self[op] = fn
+            return fn
+
+        return add
 
 
 class Activation(str, Enum):
