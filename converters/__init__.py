@@ -13,4 +13,13 @@ REGISTRY: dict[Target, Converter] = {
     Target.coreml: CoremlConverter(),
 }
 
-__all__ = ["REGISTRY", "Converter", "Precision", "Target"]
+CORE_PACKAGES = ("torch", "numpy")
+
+
+def tool_packages() -> tuple[str, ...]:
+    """The pip distributions whose versions the manifest and ``mdeploy doctor`` report: mdeploy's own numerics and
+    every registered target's runtime packages."""
+    return tuple(dict.fromkeys([*CORE_PACKAGES, *(name for c in REGISTRY.values() for name in c.packages)]))
+
+
+__all__ = ["REGISTRY", "Converter", "Precision", "Target", "tool_packages"]

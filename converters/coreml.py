@@ -27,17 +27,26 @@ import platform
 import shutil
 import uuid
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from enum import Enum
 from typing import Any, TypeVar
 
 import numpy as np
 
-from mdeploy.converters.base import ArtifactInfo, Precision, Runner, Target
+from mdeploy.converters.base import (
+    ArtifactInfo, BundleRunner, CliOption, Converter, ConverterBase, Precision, Runner, Target,
+)
+from mdeploy.converters.base import AppReadme, ReadmeParts
+from mdeploy.converters.coreml_readme import ios_readme
 from mdeploy.converters.coreml_mil_reference import RUNTIME_NAME, MilExecutor, load_program, package_items
 from mdeploy.converters.coreml_program import OUTPUT_NAME, ImageNormalization, ProgramOptions, build_program, import_coremltools
 from mdeploy.errors import BadInputError
-from mdeploy.graph.ir import Graph
+from mdeploy.manifest import GoldenTolerance
+from mdeploy.converters.base import ONE_OUTPUT_STAGE
+from mdeploy.graph.ir import Graph, only_output
+from mdeploy.types import OutputsRunner
+from mdeploy.manifest import Manifest
 from mdeploy.quantize.params import QuantizedGraph
 
 SPEC_VERSION_TARGET = {6: "iOS15", 7: "iOS16", 8: "iOS17", 9: "iOS18"}
@@ -118,10 +127,11 @@ def _package_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
-class CoremlConverter:
+class CoremlConverter(ConverterBase):
     target = Target.coreml
     suffix = ".mlpackage"
     requires = ("coremltools",)
+    packages = ("coremltools",)
 
     def __init__(self, compute_precision: ComputePrecision | str | None = None,
                  minimum_target: DeploymentTarget | str = DeploymentTarget.iOS17, image_input: bool = False,
@@ -140,6 +150,37 @@ class CoremlConverter:
         self._use_core_ml = use_core_ml  # None: Core ML where it runs (macOS), else the MIL reference
         self.fields = {"author": author, "license": license, "description": description}
 
+    def golden_tolerance(self, precision: Precision, output_scale: float | None) -> GoldenTolerance:
+        # Recorded on the MIL reference; Core ML on a device computes in its own fp16/fp32 order.
+        return GoldenTolerance(min_snr_db=30.0 if precision == Precision.int8 else 60.0,
+                               note="outputs of the MIL reference executor: compare Core ML on a device by SNR, "
+                                    "not exactly")
+
+    def cli_options(self) -> tuple[CliOption, ...]:
+        return (
+            CliOption("coreml_precision", ComputePrecision | None, None,
+                      "Core ML compute precision [default: fp32 for fp32, fp16 for int8]"),
+            CliOption("coreml_input", InputKind, InputKind.tensor,
+                      "Core ML input: a preprocessed tensor, or an image (normalisation inside)"),
+            CliOption("coreml_target", DeploymentTarget, DeploymentTarget.iOS17,
+                      "Core ML minimum deployment target (W8A8 needs iOS17)"),
+            CliOption("coreml_compute_units", ComputeUnits, ComputeUnits.ALL,
+                      "Core ML compute units for parity runs on macOS (elsewhere the MIL reference runs)"),
+            CliOption("coreml_weights_only", bool, False,
+                      "int8 Core ML: int8 weights only (W8), activations stay float"),
+        )
+
+    def configured(self, values: Mapping[str, Any], int8: bool) -> Converter:
+        minimum = DeploymentTarget(values["coreml_target"])
+        weights_only = bool(values["coreml_weights_only"])
+        if int8 and not weights_only and list(DeploymentTarget).index(minimum) < list(DeploymentTarget).index(
+                DeploymentTarget.iOS17):
+            raise BadInputError(f"int8 Core ML (W8A8) needs --coreml-target iOS17 or later, not {minimum.value}: "
+                                "raise the target or pass --coreml-weights-only")
+        return CoremlConverter(compute_precision=values["coreml_precision"], minimum_target=minimum,
+                               image_input=InputKind(values["coreml_input"]) is InputKind.image,
+                               activations=not weights_only, compute_units=values["coreml_compute_units"])
+
     @property
     def use_core_ml(self) -> bool:
         if self._use_core_ml is None:
@@ -153,6 +194,9 @@ class CoremlConverter:
     @property
     def runtime_name(self) -> str:
         return f"Core ML (compute units {self.compute_units})" if self.use_core_ml else RUNTIME_NAME
+
+    def app_readme(self, manifest: Manifest, parts: ReadmeParts) -> AppReadme | None:
+        return ios_readme(manifest, parts)  # README_ios.md: Swift, with Vision for an image input
 
     # -- export ------------------------------------------------------------------------------------------------
     def settings(self, precision: Precision) -> dict[str, Any]:
@@ -186,8 +230,10 @@ class CoremlConverter:
         else:
             inputs = [ct.ImageType(name=graph.input_name, shape=shape, scale=image.image_scale,
                                    bias=list(image.bias), color_layout=getattr(ct.colorlayout, image.color_layout))]
-        classes = graph.shapes.get(graph.output_name, (1, 0))[-1]
-        classifier = self._classifier(info.labels, classes)
+        classifier = False
+        if len(graph.outputs) == 1 or self.classifier:  # a Core ML classifier has one scores output
+            classes = graph.shapes.get(graph.single_output("a Core ML classifier", info.model_name), (1, 0))[-1]
+            classifier = self._classifier(info.labels, classes)
         precision = self.compute_precision_for(quantized is not None)
         with contextlib.redirect_stderr(io.StringIO()):  # coremltools' pass progress bars
             model = ct.convert(
@@ -241,8 +287,11 @@ class CoremlConverter:
         if classifier:
             model.output_description["classLabel"] = "most likely class"
             model.output_description["classLabel_probs"] = "score of every class (the model's outputs)"
-        else:
+        elif len(graph.outputs) == 1:
             model.output_description[OUTPUT_NAME] = "scores of every class (the model's outputs)"
+        else:
+            for i, name in enumerate(graph.artifact_names.values()):
+                model.output_description[name] = f"output {i} of the model, in the order its forward() returns"
 
     def export(self, graph: Graph, quantized: QuantizedGraph | None, path: Path, info: ArtifactInfo) -> None:
         model = self.convert(graph, quantized, info)
@@ -264,13 +313,35 @@ class CoremlConverter:
         executor = MilExecutor.from_program(program)
         image = self._image_input(spec)
         input_name = executor.input_names[0]
-        scores = executor.classifier_scores() or executor.output_names[0]
+        scores = executor.classifier_scores() or only_output(executor.output_names, ONE_OUTPUT_STAGE, Path(path).name)
 
         def run(batch: np.ndarray) -> np.ndarray:
             batch = np.asarray(batch, dtype=np.float32)
             feeds = image.pixels(batch) if image is not None else batch
             outs = [executor.run({input_name: feeds[i : i + 1]}, keep={scores})[scores] for i in range(len(batch))]
-            return np.concatenate(outs).astype(np.float32).reshape(len(batch), -1)
+            return _batched(np.concatenate(outs).astype(np.float32), len(batch))
+
+        return run
+
+    def outputs_runner(self, path: Path, threads: int = 1) -> OutputsRunner:
+        """As :meth:`runner`, every output of the program by name, in the model's order (a classifier's one output
+        is its scores, under the one-output name)."""
+        if self.use_core_ml:
+            return self._core_ml_outputs_runner(Path(path))
+        spec, program = load_program(Path(path))
+        executor = MilExecutor.from_program(program)
+        if executor.classifier_scores():
+            one = self.runner(path, threads)
+            return lambda batch: {OUTPUT_NAME: one(batch)}
+        image = self._image_input(spec)
+        input_name, names = executor.input_names[0], executor.output_names
+
+        def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+            batch = np.asarray(batch, dtype=np.float32)
+            feeds = image.pixels(batch) if image is not None else batch
+            outs = [executor.run({input_name: feeds[i : i + 1]}) for i in range(len(batch))]
+            return {name: _batched(np.concatenate([o[name] for o in outs]).astype(np.float32), len(batch))
+                    for name in names}
 
         return run
 
@@ -296,6 +367,7 @@ class CoremlConverter:
         input_name = spec.description.input[0].name
         classifier = spec.description.predictedProbabilitiesName
         labels = json.loads(spec.description.metadata.userDefined.get("mdeploy.labels", "[]"))
+        output = classifier or only_output([o.name for o in spec.description.output], ONE_OUTPUT_STAGE, path.name)
 
         def one(x: np.ndarray) -> np.ndarray:
             if image is None:
@@ -306,11 +378,32 @@ class CoremlConverter:
             out = model.predict({input_name: feed})
             if classifier:
                 return np.array([out[classifier][label] for label in labels], np.float32)
-            return np.asarray(out[OUTPUT_NAME], np.float32).reshape(-1)
+            return np.asarray(out[output], np.float32).reshape(-1)
 
         return lambda batch: np.stack([one(np.asarray(batch, np.float32)[i : i + 1]) for i in range(len(batch))])
 
+    def _core_ml_outputs_runner(self, path: Path) -> OutputsRunner:  # pragma: no cover - macOS only
+        ct = import_coremltools()
+        spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+        if spec.description.predictedProbabilitiesName or len(spec.description.output) == 1:
+            one = self._core_ml_runner(path)
+            return lambda batch: {OUTPUT_NAME: one(batch)}
+        if self._image_input(spec) is not None:
+            raise BadInputError(f"{path.name}: image input with several outputs is not run here yet (issue 15)")
+        package_items(path)
+        model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, self.compute_units))
+        input_name, names = spec.description.input[0].name, [o.name for o in spec.description.output]
+
+        def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+            outs = [model.predict({input_name: np.asarray(batch, np.float32)[i : i + 1]}) for i in range(len(batch))]
+            return {name: np.concatenate([np.asarray(o[name], np.float32) for o in outs]) for name in names}
+
+        return run
+
     # -- inspect -----------------------------------------------------------------------------------------------
+    def bundle_runner(self) -> BundleRunner:
+        return BundleRunner("Core ML", None, why_not="runs on Apple platforms only")
+
     def inspect(self, path: Path) -> dict[str, Any]:
         from mdeploy.converters.coreml_inspect import describe_program
 
@@ -329,3 +422,8 @@ class CoremlConverter:
         }
         report.update(describe_program(spec, program))
         return report
+
+
+def _batched(out: np.ndarray, count: int) -> np.ndarray:
+    """Outputs of ``count`` images stacked on the batch axis; a classifier's per-image score vectors become rows."""
+    return out if out.ndim >= 2 and out.shape[0] == count else out.reshape(count, -1)

@@ -21,7 +21,7 @@ import numpy as np
 from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.quantize.params import QuantizedGraph, TensorQuant, quantize_bias
-from mdeploy.types import INPUT_NAME, OUTPUT_NAME
+from mdeploy.types import INPUT_NAME, OUTPUT_NAME  # OUTPUT_NAME: re-exported for coreml.py and tests
 
 
 # MIL ops the program emits outside any one IR op's lowering: the activation quantize -> dequantize pairs and the
@@ -268,15 +268,17 @@ class _Emitter:
         elif gain is not None:
             x = self.mb.mul(x=x, y=np.asarray(gain, np.float32).reshape(1, -1, 1, 1), name="input_gain")
         values = {graph.input_name: x}
+        names = graph.artifact_names  # MIL outputs are named after their vars
         for node in graph.nodes:
-            out = OUTPUT_NAME if node.output == graph.output_name else node.output
+            out = names.get(node.output, node.output)
             xs = [values[name] for name in node.inputs]
             if self.quantize_activations and quantized is not None and node.output in quantized.activations:
                 y = self.qdq(emit(node, xs, out + "_float"), node.output, out)
             else:
                 y = emit(node, xs, out)
             values[node.output] = y
-        return values[graph.output_name]
+        outputs = tuple(values[name] for name in graph.outputs)
+        return outputs[0] if len(outputs) == 1 else outputs  # a tuple: one program output each, in order
 
 
 def build_program(graph: Graph, quantized: QuantizedGraph | None, options: ProgramOptions) -> Any:

@@ -15,11 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from mdeploy.converters.base import ArtifactInfo, Precision, Runner, Target, require_content
+from mdeploy.converters.base import (ONE_OUTPUT_STAGE, ArtifactInfo, BundleRunner, ConverterBase, Precision, Runner,
+                                  Target, require_content)
 from mdeploy.errors import BadInputError, UnsupportedOpError
-from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs
+from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs, only_output
 from mdeploy.quantize.params import QuantizedGraph, quantize_bias
-from mdeploy.types import INPUT_NAME, OUTPUT_NAME
+from mdeploy.types import INPUT_NAME, OutputsRunner, outputs_entry
 
 OPSET = 17
 
@@ -175,15 +176,18 @@ class _Writer:
         return emitter(self, node, inputs, out)
 
     def io_description(self) -> dict[str, Any]:
-        """Float input and output; for int8, the grids the model quantises them onto inside (QDQ)."""
-        described: dict[str, Any] = {"input": {"name": INPUT_NAME, "dtype": "float32"},
-                                     "output": {"name": OUTPUT_NAME, "dtype": "float32", "meaning": "raw logits"}}
+        """Float input and outputs; for int8, the grids the model quantises them onto inside (QDQ)."""
+        names = self.graph.artifact_names
+        tensors: dict[str, dict[str, Any]] = {self.graph.input_name: {"name": INPUT_NAME, "dtype": "float32"}}
+        meaning = {"meaning": "raw logits"} if len(names) == 1 else {}  # what several outputs mean: issue 15
+        for tensor, name in names.items():
+            tensors[tensor] = {"name": name, "dtype": "float32", **meaning}
         if self.quantized is not None:
-            for side, tensor in (("input", self.graph.input_name), ("output", self.graph.output_name)):
+            for tensor, entry in tensors.items():
                 tq = self.quantized.activations.get(tensor)
                 if tq is not None:
-                    described[side]["int8_grid"] = {"scale": float(tq.scale), "zero_point": int(tq.zero_point)}
-        return described
+                    entry["int8_grid"] = {"scale": float(tq.scale), "zero_point": int(tq.zero_point)}
+        return {"input": tensors[self.graph.input_name], **outputs_entry([tensors[t] for t in names])}
 
     def write(self, info: ArtifactInfo) -> Any:
         from onnx import TensorProto, helper
@@ -205,14 +209,17 @@ class _Writer:
                 self.qdq(out, out + "/float")
             else:
                 emit(node, inputs, out)
-        self.add("Identity", [renamed.get(graph.output_name, graph.output_name)], OUTPUT_NAME)
+        outputs = []
+        for tensor, name in graph.artifact_names.items():  # each output, in order, under the artifact's name
+            self.add("Identity", [renamed.get(tensor, tensor)], name)
+            shape = graph.shapes.get(tensor, (1, 0))[1:]
+            outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", *shape]))
         channels, height, width = graph.input_shape[1:]
-        classes = graph.shapes.get(graph.output_name, (1, 0))[-1]
         onnx_graph = helper.make_graph(
             self.nodes,
             info.model_name,
             [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", channels, height, width])],
-            [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", classes])],
+            outputs,
             self.initializers,
         )
         model = helper.make_model(
@@ -234,11 +241,14 @@ class _Writer:
         return model
 
 
-class OnnxConverter:
+class OnnxConverter(ConverterBase):
     target = Target.onnx
     suffix = ".onnx"
     runtime_name = "ONNX Runtime (CPU)"
     requires = ("onnx", "onnxruntime")
+    packages = ("onnx", "onnxruntime")
+    taps_runtime = "ONNX Runtime (CPU, graph optimisations off)"
+    arm_format = "onnx"
     times_latency = True
 
     def export(self, graph: Graph, quantized: QuantizedGraph | None, path: Path, info: ArtifactInfo) -> None:
@@ -248,26 +258,41 @@ class OnnxConverter:
         onnx.checker.check_model(model, full_check=True)
         onnx.save(model, str(path))
 
+    def layer_taps(self, path: Path, graph: Graph, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        from mdeploy.converters.onnx_taps import onnx_layer_taps
+
+        return onnx_layer_taps(path, graph, inputs)
+
     def settings(self, precision: Precision) -> dict[str, Any]:
         if precision is Precision.int8:
             return {"opset": OPSET, "int8_format": "QDQ (QuantizeLinear/DequantizeLinear pairs)"}
         return {"opset": OPSET}
 
     def runner(self, path: Path, threads: int = 1) -> Runner:
-        import onnxruntime as ort
-
-        require_content(Path(path), "an ONNX model")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = _session(Path(path), threads)
         input_name = session.get_inputs()[0].name
+        only_output([o.name for o in session.get_outputs()], ONE_OUTPUT_STAGE, Path(path).name)
 
         def run(batch: np.ndarray) -> np.ndarray:
             return session.run(None, {input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
         return run
+
+    def outputs_runner(self, path: Path, threads: int = 1) -> OutputsRunner:
+        session = _session(Path(path), threads)
+        input_name = session.get_inputs()[0].name
+        names = [o.name for o in session.get_outputs()]
+
+        def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+            values = session.run(names, {input_name: np.ascontiguousarray(batch, dtype=np.float32)})
+            return dict(zip(names, values, strict=True))
+
+        return run
+
+    def bundle_runner(self) -> BundleRunner:
+        from mdeploy.converters.onnx_runs import run_onnx_in_bundle
+
+        return BundleRunner("onnxruntime", run_onnx_in_bundle)
 
     def inspect(self, path: Path) -> dict[str, Any]:
         import onnx
@@ -309,3 +334,13 @@ class OnnxConverter:
             "metadata": {p.key: p.value for p in model.metadata_props},
         }
 
+
+def _session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    require_content(path, "an ONNX model")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

@@ -19,20 +19,27 @@ and, with one label per class, ``labels.txt`` zipped after the flatbuffer.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mdeploy.converters.base import ArtifactInfo, Precision, Runner, Target, require_content
+from mdeploy.converters.base import (ArtifactInfo, BundleRunner, CliOption, Converter, ConverterBase, Precision,
+                                  Runner, Target, require_content)
+from mdeploy.converters.tflite_io import tensor_decoder, tensor_encoder
 from mdeploy.converters.tflite_options import HardSwishMode, IOType, Options
-from mdeploy.graph.ir import Graph
+from mdeploy.converters.base import AppReadme, ReadmeParts
+from mdeploy.converters.tflite_readme import android_readme
+from mdeploy.manifest import Manifest
+from mdeploy.converters.base import ONE_OUTPUT_STAGE
+from mdeploy.graph.ir import Graph, only_output
 from mdeploy.quantize.params import QuantizedGraph
-from mdeploy.types import INPUT_NAME, OUTPUT_NAME
+from mdeploy.types import INPUT_NAME, OutputsRunner, outputs_entry
 
 
-__all__ = ["HardSwishMode", "IOType", "Kernels", "TfliteConverter"]
+__all__ = ["HardSwishMode", "IOType", "Kernels", "TfliteConverter", "tensor_decoder", "tensor_encoder"]
 
 
 class Kernels(str, Enum):
@@ -46,16 +53,33 @@ class Kernels(str, Enum):
         return self.value
 
 
-class TfliteConverter:
+class TfliteConverter(ConverterBase):
     target = Target.tflite
     suffix = ".tflite"
     runtime_name = "LiteRT (XNNPACK)"
     requires = ("ai_edge_litert", "flatbuffers")
+    packages = ("ai-edge-litert", "flatbuffers")
+    taps_runtime = "LiteRT (builtin kernels)"
+    arm_format = "tflite"
     times_latency = True
 
     def __init__(self, io: IOType | str = IOType.int8,
                  hardswish: HardSwishMode | str = HardSwishMode.decomposed) -> None:
         self.options = Options(IOType(io), HardSwishMode(hardswish))
+
+    def layer_taps(self, path: Path, graph: Graph, inputs: np.ndarray) -> dict[str, np.ndarray]:
+        from mdeploy.converters.tflite_taps import tflite_layer_taps
+
+        return tflite_layer_taps(path, graph, inputs)
+
+    def cli_options(self) -> tuple[CliOption, ...]:
+        return (CliOption("tflite_io", IOType, IOType.int8, "type of the int8 TFLite model's input and output"),)
+
+    def configured(self, values: Mapping[str, Any], int8: bool) -> Converter:
+        return TfliteConverter(io=values["tflite_io"], hardswish=self.options.hardswish)
+
+    def app_readme(self, manifest: Manifest, parts: ReadmeParts) -> AppReadme | None:
+        return android_readme(manifest, parts)  # README_android.md: Kotlin with LiteRT
 
     def settings(self, precision: Precision) -> dict[str, Any]:
         if precision is Precision.int8:
@@ -66,8 +90,9 @@ class TfliteConverter:
         from mdeploy.converters import tflite_metadata
         from mdeploy.converters.tflite_ops import Translator
 
-        builder = Translator(graph, quantized, self.options).translate(INPUT_NAME, OUTPUT_NAME)
-        io = {"input": _io_description(builder, INPUT_NAME), "output": _io_description(builder, OUTPUT_NAME)}
+        builder = Translator(graph, quantized, self.options).translate(INPUT_NAME)
+        outputs = [_io_description(builder, name) for name in builder.outputs]
+        io = {"input": _io_description(builder, INPUT_NAME), **outputs_entry(outputs)}
         metadata = {
             "mdeploy.preprocess": json.dumps(info.preprocess, sort_keys=True),
             "mdeploy.labels": json.dumps(list(info.labels)),
@@ -82,7 +107,7 @@ class TfliteConverter:
         support = tflite_metadata.build_metadata(info, io, metadata["mdeploy.precision"])
         binary = {tflite_metadata.METADATA_NAME: support} if support is not None else {}
         content = builder.serialize(info.model_name, metadata, description, binary)
-        if support is not None and tflite_metadata.labels_attached(info.labels, io["output"]["shape"][-1]):
+        if support is not None and tflite_metadata.labels_attached(info.labels, outputs[0]["shape"][-1]):
             labels = tflite_metadata.labels_file(info.labels)
             content = tflite_metadata.pack_associated_files(content, {tflite_metadata.LABELS_FILE: labels})
         return content
@@ -95,23 +120,20 @@ class TfliteConverter:
         outputs: quantises the input and dequantises the output with the I/O tensors' own parameters."""
         require_content(Path(path), "a TFLite model")
         interpreter = load_interpreter(path, threads, Kernels(kernels))
-        (input_detail,) = interpreter.get_input_details()
-        (output_detail,) = interpreter.get_output_details()
-        encode = tensor_encoder(input_detail)
-        decode = tensor_decoder(output_detail)
+        name = only_output([d["name"] for d in interpreter.get_output_details()], ONE_OUTPUT_STAGE, Path(path).name)
+        run_all = _outputs_run(interpreter)
+        return lambda batch: run_all(batch)[name]
 
-        def run(batch: np.ndarray) -> np.ndarray:
-            batch = np.asarray(batch, dtype=np.float32)
-            images = np.transpose(batch, (0, 2, 3, 1)) if batch.ndim == 4 else batch
-            outputs = []
-            for image in images:
-                interpreter.set_tensor(input_detail["index"], encode(image[None]))
-                interpreter.invoke()
-                outputs.append(decode(interpreter.get_tensor(output_detail["index"])))
-            out = np.concatenate(outputs)
-            return np.transpose(out, (0, 3, 1, 2)) if out.ndim == 4 else out
+    def outputs_runner(self, path: Path, threads: int = 1, kernels: Kernels | str = Kernels.xnnpack
+                       ) -> OutputsRunner:
+        """As :meth:`runner`, every output by name in the model's order (rank-4 ones back in NCHW)."""
+        require_content(Path(path), "a TFLite model")
+        return _outputs_run(load_interpreter(path, threads, Kernels(kernels)))
 
-        return run
+    def bundle_runner(self) -> BundleRunner:
+        from mdeploy.converters.tflite_runs import run_tflite_in_bundle
+
+        return BundleRunner("LiteRT", run_tflite_in_bundle, helpers=(tensor_encoder, tensor_decoder))
 
     def inspect(self, path: Path) -> dict[str, Any]:
         from mdeploy.converters import tflite_metadata
@@ -147,6 +169,30 @@ class TfliteConverter:
         }
 
 
+def _outputs_run(interpreter: Any) -> OutputsRunner:
+    (input_detail,) = interpreter.get_input_details()
+    fetches = interpreter.get_output_details()  # the subgraph's outputs, in the model's order
+    encode = tensor_encoder(input_detail)
+    decoders = [tensor_decoder(detail) for detail in fetches]
+
+    def run(batch: np.ndarray) -> dict[str, np.ndarray]:
+        batch = np.asarray(batch, dtype=np.float32)
+        images = np.transpose(batch, (0, 2, 3, 1)) if batch.ndim == 4 else batch
+        outputs: list[list[np.ndarray]] = [[] for _ in fetches]
+        for image in images:
+            interpreter.set_tensor(input_detail["index"], encode(image[None]))
+            interpreter.invoke()
+            for collected, detail, decode in zip(outputs, fetches, decoders):
+                collected.append(decode(interpreter.get_tensor(detail["index"])))
+        found = {}
+        for detail, collected in zip(fetches, outputs):
+            out = np.concatenate(collected)
+            found[detail["name"]] = np.transpose(out, (0, 3, 1, 2)) if out.ndim == 4 else out
+        return found
+
+    return run
+
+
 def _io_description(builder: Any, name: str) -> dict[str, Any]:
     tensor = builder.tensors[builder.tensor_index[name]]
     described: dict[str, Any] = {"name": name, "dtype": builder.dtype(name).name,
@@ -175,20 +221,3 @@ def load_interpreter(path: Path | str, threads: int = 1, kernels: Kernels = Kern
 
     interpreter, _ = capture_stderr(load)  # drops "INFO: Created TensorFlow Lite XNNPACK delegate for CPU."
     return interpreter
-
-
-def tensor_encoder(detail: dict[str, Any]) -> Any:
-    dtype = np.dtype(detail["dtype"])
-    if dtype == np.float32:
-        return lambda x: np.ascontiguousarray(x, dtype=np.float32)
-    scale, zero_point = detail["quantization"]
-    info = np.iinfo(dtype)
-    return lambda x: np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
-
-
-def tensor_decoder(detail: dict[str, Any]) -> Any:
-    dtype = np.dtype(detail["dtype"])
-    if dtype == np.float32:
-        return lambda y: np.array(y, dtype=np.float32)
-    scale, zero_point = detail["quantization"]
-    return lambda y: ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)

@@ -260,9 +260,10 @@ def build_metadata(info: ArtifactInfo, io_tensors: dict[str, dict[str, Any]], pr
     std (NormalizationOptions cannot be stated, and the Task Library rejects a float input without them).
 
     ``io_tensors``: ``{"input": ..., "output": ...}`` as in the
-    ``mdeploy.io`` entry (name, dtype, shape and, quantised, scale and zero_point)."""
+    ``mdeploy.io`` entry (name, dtype, shape and, quantised, scale and zero_point); None for a multi-output model
+    (``{"input": ..., "outputs": [...]}``)."""
     norm = Normalization.from_preprocess(info.preprocess)
-    if norm is None:
+    if norm is None or "output" not in io_tensors:  # it describes one classifier output (several: issue 15)
         return None
     source, target = io_tensors["input"], io_tensors["output"]
     extra = dict(info.extra)

@@ -33,7 +33,7 @@ from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs
 from mdeploy.quantize.params import QuantizedGraph, TensorQuant, quantize_bias
 from mdeploy.quantize.policy import policy_of
-from mdeploy.types import INPUT_NAME, OUTPUT_NAME
+from mdeploy.types import INPUT_NAME
 
 B = fb.BuiltinOperator
 O = fb.BuiltinOptions
@@ -68,6 +68,8 @@ def flattened_in_nhwc_order(graph: Graph, node: Node) -> tuple[int, int, int] | 
         return None
     _, c, h, w = shape
     consumers = graph.consumers(node.output)
+    if node.output in graph.outputs:  # an app reads it: in PyTorch's order
+        return None
     return (c, h, w) if h * w > 1 and consumers and all(n.op is Op.LINEAR for n in consumers) else None
 
 
@@ -373,7 +375,8 @@ class Translator:
         return self.op(B.PAD, [x, paddings], out)
 
     # -- the whole graph -----------------------------------------------------------------------------------------
-    def translate(self, input_name: str = INPUT_NAME, output_name: str = OUTPUT_NAME) -> ModelBuilder:
+    def translate(self, input_name: str = INPUT_NAME) -> ModelBuilder:
+        """The subgraph: its outputs, in the model's order, carry the artifact's names (``Graph.artifact_names``)."""
         graph, b, io = self.graph, self.b, self.options.io
         shape = _nhwc(graph.input_shape)
         if self.quantized is None:
@@ -393,17 +396,23 @@ class Translator:
             if emitter is None:
                 raise UnsupportedOpError(f"IR op {node.op.value} at {node.source or node.name} has no TFLite emitter")
             emitter(self, node)
-        final = self.value[graph.output_name]
+        for tensor, name in graph.artifact_names.items():
+            self.output_tensor(tensor, name)
+        b.outputs = list(graph.artifact_names.values())
+        return b
+
+    def output_tensor(self, tensor: str, name: str) -> None:
+        """The IR output ``tensor`` as the artifact's output ``name``, of the I/O type the options ask for."""
+        b, io = self.b, self.options.io
+        final = self.value[tensor]
         final_is_float = b.dtype(final) == np.float32
         if self.quantized is None or (final_is_float and io is IOType.float) or (
                 not final_is_float and io is IOType.int8):
-            b.rename(final, output_name)
+            b.rename(final, name)  # ops already emitted refer to tensors by index: consumers keep reading it
         else:
-            q_out = _quant(self.tq(graph.output_name))
-            out = b.tensor(output_name, b.shape(final), *_io_type(io, q_out))
+            q_out = _quant(self.tq(tensor))
+            out = b.tensor(name, b.shape(final), *_io_type(io, q_out))
             self.op(B.DEQUANTIZE if io is IOType.float else B.QUANTIZE, [final], out)
-        b.outputs = [output_name]
-        return b
 
 
 def _io_type(io: IOType, quant: Quant) -> tuple[type, Quant | None]:

@@ -216,7 +216,7 @@ def check(options: CheckOptions, reporter: Reporter | None = None) -> CheckRepor
                            reporter, 1)
     inputs = samples.to_array()
     with reporter.track("PyTorch reference", len(inputs)) as advance:
-        reference = run_batches(torch_runner(model.module), inputs, advance)
+        reference = run_batches(torch_runner(model.module, options.model.path.name), inputs, advance)
     description = f"{len(inputs)} samples from {options.data.eval}"
     outputs: dict[str, np.ndarray] = {}
     results = []

@@ -2,7 +2,8 @@
 
 ```toml
 [tool.mdeploy.thresholds.fp32]      # in mdeploy.toml: [thresholds.fp32]
-max_abs_error = 1e-4
+max_error_of_peak = 7.5e-5          # max |error| <= max(1e-4, this * peak |PyTorch output|): the default
+# max_abs_error = 1e-4              # alone: an absolute limit (no scaling); with max_error_of_peak: the floor
 [tool.mdeploy.thresholds.int8]
 min_snr_db = 15.0
 min_top1 = 0.85
@@ -19,7 +20,7 @@ ones: a typo must not silently keep the default limit.
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ def load_config(path: Path | None) -> GateConfig:
     for precision in Precision:
         values = given.get(precision.value, {})
         _only(values, {f.name for f in fields(Thresholds)}, f"{path} [{prefix}thresholds.{precision.value}]")
-        thresholds[precision] = replace(thresholds[precision], **_numbers(values, path))
+        thresholds[precision] = thresholds[precision].override(**_numbers(values, path))
     tolerance_values = table.get("baseline", {})
     _only(tolerance_values, {f.name for f in fields(Tolerances)}, f"{path} [{prefix}baseline]")
     return GateConfig(thresholds, Tolerances(**_numbers(tolerance_values, path)), str(path))

@@ -13,13 +13,12 @@ not by ``drop_db``: in int8 every layer's rounding is comparable to the error it
 on a clean MobileNetV2 (ReLU6 after a depthwise conv discards most of the error and the next projection brings it
 back), while local SNRs stay within +-6 dB of their median and a broken layer falls tens of dB below it.
 
-Adding a target means one ``taps`` function registered in :data:`TAPS`.
+Each target's ``Converter.layer_taps`` runs its artifact and exposes the tensors (``taps_runtime`` names what runs it).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,20 +36,6 @@ JUMP_DB = 10.0  # a layer whose own error is 10x the typical layer's (in power) 
 SNR_CEILING_DB = 60.0  # SNRs are capped here when compared: float32 rounding (110-150 dB) counts as exact
 WORST = 3
 CHUNK = 2  # samples per runtime call: every tensor of a chunk is held 3 times (MobileNetV2 at 224: ~170 MB)
-
-# Runs the artifact at ``path`` on (N, C, H, W) float32 inputs and returns, for every IR tensor it exposes, that
-# tensor as float32 in the IR's layout: (N, C, H, W) or (N, K).
-Taps = Callable[[Path, Graph, np.ndarray], dict[str, np.ndarray]]
-TAPS: dict[Target, Taps] = {}
-TAP_RUNTIMES: dict[Target, str] = {}  # what runs the artifact for a diagnosis (may differ from the parity runtime)
-
-
-def taps(target: Target, runtime: str) -> Callable[[Taps], Taps]:
-    def register(fn: Taps) -> Taps:
-        TAPS[target], TAP_RUNTIMES[target] = fn, runtime
-        return fn
-
-    return register
 
 
 @dataclass(frozen=True)
@@ -134,9 +119,12 @@ def diagnose(graph: Graph, artifact: Path, target: Target, inputs: np.ndarray, r
     then expressed in the artifact's units (channel by channel) and layers are re-run with its parameters.
     """
     artifact = Path(artifact)
-    run_taps = TAPS.get(target)
-    if run_taps is None:
-        raise BadInputError(f"per-layer diagnosis is available for {' and '.join(t.value for t in TAPS)} "
+    from mdeploy.converters import REGISTRY
+
+    converter = REGISTRY.get(target)
+    if converter is None or converter.taps_runtime is None:
+        tapped_targets = [t.value for t, c in REGISTRY.items() if c.taps_runtime is not None]
+        raise BadInputError(f"per-layer diagnosis is available for {' and '.join(tapped_targets)} "
                             f"artifacts, not {target.value}")
     if not artifact.exists():
         raise BadInputError(f"no artifact at {artifact}")
@@ -149,7 +137,7 @@ def diagnose(graph: Graph, artifact: Path, target: Target, inputs: np.ndarray, r
     local: dict[str, _Stats] = {}
     for start in range(0, len(inputs), CHUNK):
         batch = inputs[start : start + CHUNK]
-        tapped = run_taps(artifact, graph, batch)
+        tapped = converter.layer_taps(artifact, graph, batch)
         expected = _reference(reference, own, batch, set(tapped))
         exposed = {name: v for name, v in tapped.items() if v.shape == expected[name].shape}
         recomputed = _recompute(own, batch, exposed)
@@ -161,7 +149,7 @@ def diagnose(graph: Graph, artifact: Path, target: Target, inputs: np.ndarray, r
     exposed_outputs = {layer.name for layer in layers}
     return Diagnosis(
         artifact=artifact.name,
-        runtime=runtime_name or TAP_RUNTIMES[target],
+        runtime=runtime_name or converter.taps_runtime,
         samples=len(inputs),
         typical_local_snr_db=typical,
         layers=layers,
@@ -180,7 +168,7 @@ def _reference(runner: GraphRunner, own: GraphRunner, batch: np.ndarray, names: 
         return values
     graph = runner.graph
     theirs = own.run(batch, keep=names)
-    for name in names - {graph.input_name, graph.output_name}:  # never rescaled
+    for name in names - {graph.input_name, *graph.outputs}:  # never rescaled
         ours, other = values[name].astype(np.float64), theirs[name].double().numpy()
         if ours.shape != other.shape or ours.ndim < 2:
             continue
@@ -228,80 +216,3 @@ def _layer_errors(graph: Graph, stats: dict[str, _Stats], local: dict[str, _Stat
         for node, s, drop, own in rows
     )
     return layers, typical
-
-
-# -- taps, one per target --------------------------------------------------------------------------------------
-@taps(Target.onnx, "ONNX Runtime (CPU, graph optimisations off)")
-def _onnx_taps(path: Path, graph: Graph, inputs: np.ndarray) -> dict[str, np.ndarray]:
-    """Every IR tensor is an ONNX value of the same name: the plain float value in fp32 graphs and, in int8 QDQ
-    graphs, the DequantizeLinear output the next op consumes (the quantised input's is ``input/dq``). They become
-    extra outputs of an in-memory copy, run with graph optimisations off so that none is fused away (QDQ groups are
-    then evaluated as written, in float, rather than by ONNX Runtime's fused integer kernels)."""
-    import onnx
-    import onnxruntime as ort
-
-    model = onnx.load(str(path))
-    produced = {name for node in model.graph.node for name in node.output}
-    names = {t: t for t in _ir_tensors(graph) if t in produced}
-    if f"{graph.input_name}/dq" in produced:
-        names[graph.input_name] = f"{graph.input_name}/dq"
-    outputs = {o.name for o in model.graph.output}
-    model.graph.output.extend(onnx.helper.make_tensor_value_info(v, onnx.TensorProto.FLOAT, None)
-                              for v in sorted(set(names.values()) - outputs))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    wanted = list(names.values())
-    results = session.run(wanted, {session.get_inputs()[0].name: np.ascontiguousarray(inputs)})
-    by_value = dict(zip(wanted, results, strict=True))
-    return {t: np.asarray(by_value[v], dtype=np.float32) for t, v in names.items()}
-
-
-@taps(Target.tflite, "LiteRT (builtin kernels)")
-def _tflite_taps(path: Path, graph: Graph, inputs: np.ndarray) -> dict[str, np.ndarray]:
-    """TFLite tensors are named after the IR tensors they hold (NHWC; int8 ones carry their scale and zero point),
-    except the output, renamed ``logits``, and a quantised input behind a QUANTIZE op, ``input/int8``."""
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    from mdeploy.converters.tflite import INPUT_NAME, OUTPUT_NAME, tensor_decoder, tensor_encoder
-
-    # XNNPACK (the default delegate) runs the graph as a few fused partitions and keeps no intermediate tensors:
-    # LiteRT's builtin kernels, with every tensor preserved, expose them all.
-    interpreter = Interpreter(model_path=str(path), experimental_preserve_all_tensors=True,
-                              experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    interpreter.allocate_tensors()
-    details = {d["name"]: d for d in interpreter.get_tensor_details()}
-    names = {t: t for t in _ir_tensors(graph) if t in details and t != graph.input_name}
-    if graph.output_name not in names and OUTPUT_NAME in details:
-        names[graph.output_name] = OUTPUT_NAME
-    for name in (f"{graph.input_name}/int8", INPUT_NAME):  # the input is worth comparing only when quantised
-        if name in details and np.dtype(details[name]["dtype"]) != np.float32:
-            names[graph.input_name] = name
-            break
-    (input_detail,) = interpreter.get_input_details()
-    encode = tensor_encoder(input_detail)
-    collected: dict[str, list[np.ndarray]] = {t: [] for t in names}
-    for image in inputs:
-        interpreter.set_tensor(input_detail["index"], encode(np.transpose(image, (1, 2, 0))[None]))
-        interpreter.invoke()
-        for t, name in names.items():
-            collected[t].append(tensor_decoder(details[name])(interpreter.get_tensor(details[name]["index"])))
-    return {t: _nchw(graph, t, np.concatenate(values)) for t, values in collected.items()}
-
-
-def _nchw(graph: Graph, tensor: str, value: np.ndarray) -> np.ndarray:
-    if value.ndim == 4:
-        return np.ascontiguousarray(np.transpose(value, (0, 3, 1, 2)))
-    from mdeploy.converters.tflite_ops import flattened_in_nhwc_order
-
-    node = graph.producer(tensor)
-    nhwc = flattened_in_nhwc_order(graph, node) if node is not None else None
-    if nhwc is not None:
-        c, h, w = nhwc
-        return value.reshape(len(value), h, w, c).transpose(0, 3, 1, 2).reshape(len(value), -1)
-    return value
-
-
-def _ir_tensors(graph: Graph) -> list[str]:
-    return [graph.input_name] + [node.output for node in graph.nodes]

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .errors import BadInputError, captured_logs, first_line, logged_cause
+from .graph.programs import BatchedProgram, batched_program, unwrap_module
 from .model_archive import SAVE_FIX, check_records, pt2_code_risk, sniff_format
 from .paths import sha256_file
 from .zoo import Arch, ModelConfig, build_model, guess_arch, infer_config, parse_arch
@@ -76,7 +77,7 @@ def load_model(path: str | Path, arch: Arch | str | None = None, allow_pickle: b
         obj = _torch_load(path, allow_pickle)
         found = _find_module(obj) if allow_pickle else None
         if found is not None:
-            fmt, module = ModelFormat.pickled_module, found
+            fmt, module = ModelFormat.pickled_module, unwrap_module(found)  # torch.compile, DataParallel
         else:
             fmt = ModelFormat.state_dict
             state_dict = _as_state_dict(obj, path)
@@ -93,6 +94,8 @@ def load_model(path: str | Path, arch: Arch | str | None = None, allow_pickle: b
 
 def _all_tensors(module: nn.Module) -> list[tuple[str, Any]]:
     """Parameters, buffers and plain tensor attributes (an ExportedProgram's lifted constants) of every submodule."""
+    if isinstance(module, BatchedProgram):
+        module = module.program  # its tensors under their own names
     found: dict[int, tuple[str, Any]] = {}
     try:
         items = list(module.state_dict(keep_vars=True).items())
@@ -211,9 +214,12 @@ def _as_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
             what = f"a {type(obj).__name__}"
         raise BadInputError(f"{path} holds {what}, not a model: {SAVE_FIX}")
     state_dict = dict(obj)
-    for prefix in STRIP_PREFIXES:
-        if all(k.startswith(prefix) for k in state_dict):
-            state_dict = {k[len(prefix) :]: v for k, v in state_dict.items()}
+    stripped = True
+    while stripped:  # wrappers nest: "module._orig_mod.", "_orig_mod.module."
+        stripped = False
+        for prefix in STRIP_PREFIXES:
+            if all(k.startswith(prefix) for k in state_dict):
+                state_dict, stripped = {k[len(prefix) :]: v for k, v in state_dict.items()}, True
     return state_dict
 
 
@@ -303,7 +309,8 @@ def _load_exported(path: Path, allow_pickle: bool) -> nn.Module:
             )
     with captured_logs("torch") as logged:
         try:
-            module = torch.export.load(str(path)).module()
+            program = torch.export.load(str(path))
+            module = program.module()
         except Exception as err:  # noqa: BLE001
             cause = logged_cause(logged) or err  # torch logs the real error, then raises "check the warnings above"
             raise BadInputError(
@@ -329,7 +336,7 @@ def _load_exported(path: Path, allow_pickle: bool) -> nn.Module:
         del module.eval
     except AttributeError:
         pass
-    return module
+    return batched_program(program, module)  # runs at any batch, whatever batch it was exported with
 
 
 def _inference_only_train(self: nn.Module, mode: bool = True) -> nn.Module:

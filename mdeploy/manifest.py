@@ -20,7 +20,7 @@ from mdeploy.errors import BadInputError
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_FILE = "manifest.schema.json"
-MANIFEST_VERSION = "1.1"  # manifest.schema.json's version; bump both together
+MANIFEST_VERSION = "1.2"  # manifest.schema.json's version; bump both together
 
 R = TypeVar("R", bound="Record")
 
@@ -237,8 +237,9 @@ class ParityRecord(Record):
     passed: bool
     inputs: str
     metrics: ParityMetricsRecord
-    thresholds: dict[str, float]
+    thresholds: dict[str, float]  # the limits applied, absolute
     failures: list[str]
+    threshold_notes: dict[str, str] | None = optional()  # how a limit was derived, keyed like thresholds (1.2)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from mdeploy.graph.ir import Graph
 from mdeploy.latency import measure_latency
 from mdeploy.loading import LoadedModel, load_model
 from mdeploy.outputs import OutputRules, check_output_path, staged_output
-from mdeploy.parity import judge, run_batches, torch_runner
+from mdeploy.parity import judge, run_batches, torch_outputs, torch_runner
 from mdeploy.quantize.params import QuantizedGraph
 from mdeploy.quantize.ptq import quantize
 from mdeploy.records import Artifact, ConvertOptions, Evaluation
@@ -86,11 +86,10 @@ def check_targets(targets: tuple[Target, ...]) -> None:
 def check_translation(graph: Graph, model: LoadedModel, shape: tuple[int, ...]) -> None:
     """The IR must compute what PyTorch computes before any target is written from it."""
     x = np.random.default_rng(0).standard_normal((2, *shape[1:])).astype(np.float32)
-    expected = torch_runner(model.module)(x)
-    actual = GraphRunner(graph)(x).numpy()
-    error = float(np.abs(expected - actual).max())
-    if not error <= 1e-4 * max(1.0, float(np.abs(expected).max())):
-        raise ConversionError(f"internal: the traced graph differs from PyTorch by {error:.3g}; please report it")
+    for want, got in zip(torch_outputs(model.module)(x), GraphRunner(graph).outputs(x), strict=True):  # in order
+        error = float(np.abs(want - got.numpy()).max())
+        if not error <= 1e-4 * max(1.0, float(np.abs(want).max())):
+            raise ConversionError(f"internal: the traced graph differs from PyTorch by {error:.3g}; please report it")
 
 
 def prepare_evaluation(options: ConvertOptions, model: LoadedModel, reporter: Reporter,
@@ -145,9 +144,10 @@ def export_and_check(options: ConvertOptions, graph: Graph, quantized: Quantized
         latency = measure_latency(run, evaluation.inputs[0], options.threads, runs=options.latency_runs)
     report = converter.inspect(stage / path)
     io = {"inputs": report["inputs"], "outputs": report["outputs"]}
-    output_scale = quantized.activations[graph.output_name].scale if quantized is not None else None
+    output = graph.single_output("the golden outputs' tolerance", info.model_name)
+    output_scale = quantized.activations[output].scale if quantized is not None else None
     golden = GoldenOutput(str(path), target, precision, converter.runtime_name, outputs[:GOLDEN_SAMPLES],
-                          output_scale)
+                          converter.golden_tolerance(precision, output_scale))
     return Artifact(target, precision, path, converter.runtime_name, parity, latency, seconds,
                     converter.settings(precision), io, golden)
 
@@ -195,7 +195,10 @@ def convert(options: ConvertOptions, reporter: Reporter | None = None) -> Conver
         shape = options.preprocess.input_shape(batch=1)
         graph = graph_from_torch(model.module, shape)
         check_translation(graph, model, shape)
-    classes = graph.shapes[graph.output_name][-1]
+    # Parity (top-1/top-5), labels, golden outputs and the manifest describe one classifier output.
+    scores = graph.single_output("mdeploy convert (classifier parity, labels, golden outputs)",
+                                 options.model.path.name)
+    classes = graph.shapes[scores][-1]
     labels = read_labels(options.labels, classes)
     reporter.step(f"traced {len(graph.nodes)} ops: {graph.op_histogram()}")
     calib = None

@@ -88,7 +88,7 @@ class ConvertOptions:
     converters: tuple[Converter, ...] = ()
 
     def converter(self, target: Target) -> Converter:
-        return next((c for c in self.converters if c.target is target), REGISTRY[target])
+        return next((c for c in self.converters if c.target == target), REGISTRY[target])
 
 
 @dataclass

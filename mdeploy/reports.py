@@ -11,11 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from mdeploy.converters import tool_packages
 from mdeploy.converters.base import artifact_files, artifact_size
 from mdeploy.manifest import (MANIFEST_VERSION, SCHEMA_FILE, ArtifactIO, ArtifactRecord, EvaluationInfo, Failure,
                               Golden, InputSpec, LatencyRecord, Manifest, ModelInfo, OutputSpec, ParityMetricsRecord,
                               ParityRecord, PreprocessRecord, QuantizationInfo, SampleSetRecord, SkippedFile)
 from mdeploy.paths import feed_file
+from mdeploy.reporting.common import limit_notes
+from mdeploy.types import INPUT_NAME, OUTPUT_NAME
 from mdeploy import __version__
 
 if TYPE_CHECKING:
@@ -36,7 +39,6 @@ REPRODUCIBILITY = {
     "across_machines": "int8 parameters come from float arithmetic on calibration data: another CPU or thread count "
                        "may round a weight or range differently; parity is rechecked for every artifact",
 }
-VERSIONED_PACKAGES = ("torch", "numpy", "onnx", "onnxruntime", "tensorflow-cpu", "ai-edge-litert", "coremltools")
 
 
 def sha256_of(path: Path) -> str:
@@ -51,7 +53,7 @@ def sha256_of(path: Path) -> str:
 
 def tool_versions() -> dict[str, str]:
     versions = {"mdeploy": __version__, "python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
+    for name in tool_packages():
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -83,7 +85,8 @@ def artifact_record(stage: Path, artifact: Artifact) -> ArtifactRecord:
         io=ArtifactIO(**artifact.io),
         parity=ParityRecord(passed=artifact.parity.passed, inputs=artifact.parity.inputs,
                             metrics=ParityMetricsRecord(**parity["metrics"]),  # type: ignore[arg-type]
-                            thresholds=artifact.parity.thresholds.to_dict(), failures=list(artifact.parity.failures)),
+                            thresholds=artifact.parity.thresholds.to_dict(), failures=list(artifact.parity.failures),
+                            threshold_notes=dict(artifact.parity.threshold_notes) or None),
         latency=LatencyRecord(**artifact.latency.to_dict()) if artifact.latency else None,
         seconds_to_export=round(artifact.seconds_to_export, 2),
         sha256=sha256_of(stage / artifact.path),
@@ -96,7 +99,7 @@ def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, gra
                    eval_set: SampleSet | None, quantized: QuantizedGraph | None,
                    seconds: dict[str, float], failures: list[Failure], golden: Golden) -> Manifest:
     config = model.config
-    classes = graph.shapes[graph.output_name][-1]
+    classes = graph.shapes[graph.single_output("the manifest's output spec", model.source.name)][-1]
     manifest = Manifest(
         schema=SCHEMA_FILE,
         manifest_version=MANIFEST_VERSION,
@@ -110,9 +113,9 @@ def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, gra
             num_classes=classes,
             ops=graph.op_histogram(),
         ),
-        input=InputSpec(name="input", shape=list(options.preprocess.input_shape(batch=1)), dtype="float32",
+        input=InputSpec(name=INPUT_NAME, shape=list(options.preprocess.input_shape(batch=1)), dtype="float32",
                         layout="NCHW"),
-        output=OutputSpec(name="logits", shape=[1, classes], meaning="raw logits"),
+        output=OutputSpec(name=OUTPUT_NAME, shape=[1, classes], meaning="raw logits"),
         preprocess=PreprocessRecord(**options.preprocess.to_dict()),
         labels_file="labels.txt" if (stage / "labels.txt").exists() else None,
         quantization=QuantizationInfo(
@@ -175,8 +178,14 @@ def summary_rows(manifest: Manifest) -> list[list[str]]:
 HEADERS = ["artifact", "runtime", "max abs err", "SNR dB", "top-1", "top-5", "p50 ms", "size", "parity"]
 
 
+def manifest_limit_notes(manifest: Manifest) -> list[str]:
+    return limit_notes([artifact.to_dict() for artifact in manifest.artifacts])
+
+
 def console_table(manifest: Manifest) -> Table:
-    table = Table(title=f"{manifest.model.name}: parity vs PyTorch fp32 on {manifest.evaluation.inputs}")
+    notes = manifest_limit_notes(manifest)
+    table = Table(title=f"{manifest.model.name}: parity vs PyTorch fp32 on {manifest.evaluation.inputs}",
+                  caption="limits: " + "; ".join(notes) if notes else None, caption_justify="left")
     for header in HEADERS:
         table.add_column(header, justify="left" if header in ("artifact", "runtime", "parity") else "right")
     for row in summary_rows(manifest):
@@ -198,6 +207,8 @@ def write_summary(stage: Path, manifest: Manifest) -> None:
         "|" + "---|" * len(HEADERS),
     ]
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(manifest)]
+    notes = manifest_limit_notes(manifest)
+    lines += ["", "Limits:", *(f"- {note}" for note in notes)] if notes else []
     lines += ["", "Latency: batch 1, median of timed runs after warm-up on this machine's CPU "
               f"({platform.machine()}); not a phone measurement.", ""]
     (stage / "SUMMARY.md").write_text("\n".join(lines), encoding="utf-8")

@@ -3,20 +3,48 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, ClassVar
 from enum import Enum
 
 import numpy as np
 
 
-# The tensor names of every artifact's input and output (the IR's input tensor has the input's name too).
+# The tensor names of every artifact's input and output (the IR's input tensor has the input's name too). Every
+# target names its outputs with ``output_names``, the one place that decides them.
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-class Target(str, Enum):
-    onnx = "onnx"
-    tflite = "tflite"
-    coreml = "coreml"
+def output_names(count: int) -> tuple[str, ...]:
+    """An artifact's output names, in the model's order: a single output keeps the classifier's name (so today's
+    artifacts stay byte for byte the same), several are ``output_0``, ``output_1``, ..."""
+    return (OUTPUT_NAME,) if count == 1 else tuple(f"output_{i}" for i in range(count))
+
+
+def outputs_entry(described: list[dict[str, Any]]) -> dict[str, Any]:
+    """The outputs part of an artifact's ``mdeploy.io`` metadata: ``{"output": {...}}`` for one output (as before
+    multi-output models, byte for byte), ``{"outputs": [{...}, ...]}`` in the model's order for several."""
+    return {"output": described[0]} if len(described) == 1 else {"outputs": described}
+
+
+class Target(str):
+    """A target's name, the key of ``mdeploy.converters.REGISTRY``: which targets exist is the registry's business
+    (a test can register one), so this is a name, not a closed enum. The built-in ones are constants for code that
+    means one of them; ``value`` reads like an Enum member's."""
+
+    onnx: ClassVar[Target]
+    tflite: ClassVar[Target]
+    coreml: ClassVar[Target]
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    def __repr__(self) -> str:
+        return f"Target({str.__repr__(self)})"
+
+
+Target.onnx, Target.tflite, Target.coreml = Target("onnx"), Target("tflite"), Target("coreml")
 
 
 class Precision(str, Enum):
@@ -26,3 +54,6 @@ class Precision(str, Enum):
 
 # Runs a batch (N, C, H, W) float32, preprocessed as in the manifest, and returns (N, classes) float32 logits.
 Runner = Callable[[np.ndarray], np.ndarray]
+# Runs a batch the same way and returns every output, (N, ...) float32 in the model's layout, keyed by the
+# artifact's output names in the model's order (a dict keeps it).
+OutputsRunner = Callable[[np.ndarray], dict[str, np.ndarray]]

@@ -27,8 +27,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("commands", ("mdeploy.bench", "mdeploy.pipeline", "mdeploy.check")),
     ("interfaces", ("mdeploy.cli", "mdeploy.demo")),
 ]
-# Run outside mdeploy (in the app team's Python, in the ARM guest): they import nothing of it.
-STANDALONE = {"mdeploy.data.verify_bundle", "mdeploy.arm.guest_runner"}
+# Run outside mdeploy (in the app team's Python, in the ARM guest): they import nothing of it. tflite_io is also
+# mdeploy's own, copied into the guest and (its functions) into the bundle's verifier.
+STANDALONE = {"mdeploy.data.verify_bundle", "mdeploy.arm.guest_runner", "mdeploy.converters.tflite_io"}
 
 
 def modules() -> dict[str, Path]:

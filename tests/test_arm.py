@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -23,13 +24,13 @@ import numpy as np
 import pytest
 import torch
 
-from mdeploy.converters import REGISTRY, Target
-from mdeploy.converters.tflite import tensor_decoder, tensor_encoder
+from mdeploy.converters import REGISTRY, Target, tflite, tflite_io
 from mdeploy.arm import (
     CPU_MODELS, SandboxState, codes_on_host, compare_codes, default_sandbox_dir, guest_runner, guest_sees,
     parse_cpu_list, run_on_arm, sandbox_status, setup_sandbox,
 )
 from mdeploy.arm.host import host_requirements
+from mdeploy.arm.run import GUEST_MODULES, RUNNER, arm_formats, copy_runner
 from mdeploy.arm.sandbox import STAMP, download_cache_dir, remove_sandbox, sandbox_paths
 from mdeploy.arm.userland import wanted_versions
 from mdeploy.errors import BadInputError, ConversionError
@@ -215,7 +216,8 @@ def host_python_folders() -> list[Path]:
     return sorted(Path(name) for name in names if Path(name).is_dir())
 
 
-GUEST_FILE_NAMES = re.compile(r"^(a\d+\.(onnx|tflite)|inputs\.npy|re(quest|sult)\.json|guest_runner\.py|.*\.npy|"
+GUEST_FILE_NAMES = re.compile(r"^(a\d+\.(onnx|tflite)|inputs\.npy|re(quest|sult)\.json|guest_runner\.py|tflite_io\.py|"
+                              r".*\.npy|"
                               r".*\.load\.log|__pycache__|[0-9a-f]{32})$")
 
 
@@ -261,14 +263,52 @@ def test_guest_crash_is_a_conversion_error(sandbox: SandboxState, tmp_path: Path
     assert list((sandbox.path / "work").iterdir()) == []
 
 
-def test_guest_runner_codes_int8_io_like_the_converter() -> None:
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((1, 8, 8, 3)).astype(np.float32) * 3
-    for dtype, quantization in ((np.int8, (0.02, -3)), (np.uint8, (0.03, 128)), (np.float32, (0.0, 0))):
-        detail = {"dtype": dtype, "quantization": quantization}
-        np.testing.assert_array_equal(guest_runner.encoder(detail)(x), tensor_encoder(detail)(x))
-        codes = tensor_encoder(detail)(x)
-        np.testing.assert_array_equal(guest_runner.decoder(detail)(codes), tensor_decoder(detail)(codes))
+# Runs WORK/guest_runner.py WORK as the guest does (its folder first on sys.path), with mdeploy unimportable.
+AS_IN_THE_GUEST = ("import runpy, sys\n"
+                   "for name in ('mdeploy', 'converters', 'calibration'): sys.modules[name] = None\n"
+                   "sys.path.insert(0, sys.argv[1])\n"
+                   "sys.argv = [sys.argv[1] + '/guest_runner.py', sys.argv[1]]\n"
+                   "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+
+
+def test_guest_files_are_the_runner_and_the_converters_own_io_coding(tmp_path: Path) -> None:
+    """The guest encodes and decodes TFLite I/O with converters/tflite_io.py itself (copied, not a twin), and it
+    runs whatever format a registered converter names."""
+    assert copy_runner(tmp_path) == tmp_path / RUNNER.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["guest_runner.py", "tflite_io.py"]
+    assert (tmp_path / "tflite_io.py").read_bytes() == GUEST_MODULES["tflite_io.py"].read_bytes()
+    assert GUEST_MODULES["tflite_io.py"].resolve() == Path(tflite_io.__file__).resolve()
+    assert tflite.tensor_encoder is tflite_io.tensor_encoder and tflite.tensor_decoder is tflite_io.tensor_decoder
+    assert not hasattr(guest_runner, "encoder") and not hasattr(guest_runner, "decoder")
+    assert arm_formats() == {c.suffix: c.arm_format for c in REGISTRY.values() if c.arm_format is not None}
+    assert arm_formats() == {".onnx": "onnx", ".tflite": "tflite"}
+
+
+def test_guest_runner_on_the_host_codes_int8_io_like_the_converter(artifacts: tuple[list[Path], np.ndarray],
+                                                                   tmp_path: Path) -> None:
+    """The guest's work folder exactly as run_on_arm lays it out, run by the host's Python with mdeploy
+    unimportable: the same int8 codes and outputs as the host's own run of the same artifacts."""
+    paths, inputs = artifacts
+    copy_runner(tmp_path)
+    entries = [{"key": f"a{index}", "file": f"a{index}{path.suffix}", "format": arm_formats()[path.suffix]}
+               for index, path in enumerate(paths)]
+    for entry, path in zip(entries, paths, strict=True):
+        shutil.copyfile(path, tmp_path / entry["file"])
+    np.save(tmp_path / "inputs.npy", inputs)
+    request = {"inputs": "inputs.npy", "artifacts": entries, "kernels": "xnnpack", "threads": 1}
+    (tmp_path / "request.json").write_text(json.dumps(request), encoding="utf-8")
+    done = subprocess.run([sys.executable, "-E", "-s", "-c", AS_IN_THE_GUEST, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "result.json").read_text(encoding="utf-8"))
+    for entry, path in zip(entries, paths, strict=True):
+        host = codes_on_host(path, inputs)
+        np.testing.assert_array_equal(np.load(tmp_path / f"{entry['key']}.outputs.npy"), host.outputs)
+        if path.suffix == ".tflite":
+            assert result["artifacts"][entry["key"]]["has_codes"]
+            codes = np.load(tmp_path / f"{entry['key']}.codes.npy")
+            assert codes.dtype == np.int8
+            np.testing.assert_array_equal(codes, host.codes)
 
 
 def test_status_and_setup_refuse_folders_that_are_not_sandboxes(tmp_path: Path) -> None:

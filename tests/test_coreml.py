@@ -294,7 +294,7 @@ def test_w8a8_program_holds_our_int8_parameters(precision: str, tmp_path: Path) 
         if kind != "add":
             assert (dtype(entry["scale"]), zero_point) == (dtype(tq.scale), tq.zero_point), name
     out, simulated = converter.runner(path)(x), simulate(quantized, x)
-    lsb = quantized.activations[graph.output_name].scale
+    lsb = quantized.activations[graph.outputs[0]].scale
     assert np.abs(out - simulated).max() <= (1.01 if precision == "fp32" else 8) * lsb
     reference = torch_runner(model)(x)
     assert 0 < np.abs(out - reference).max() < 64 * lsb
@@ -315,7 +315,7 @@ def test_weight_only_int8_and_ios18_blockwise(tmp_path: Path) -> None:
     assert report["minimum_deployment_target"] == "iOS18"
     weighted = len(graph.weighted_nodes)
     assert report["ops"]["constexpr_blockwise_shift_scale"] == report["int8_weight_tensors"] == weighted
-    lsb = quantized.activations[graph.output_name].scale
+    lsb = quantized.activations[graph.outputs[0]].scale
     assert np.abs(ios18.runner(tmp_path / "ios18.mlpackage")(x) - simulate(quantized, x)).max() <= 1.01 * lsb
     with pytest.raises(BadInputError, match="iOS17"):
         CoremlConverter(minimum_target="iOS16").export(graph, quantized, tmp_path / "ios16.mlpackage", INFO)
@@ -345,7 +345,7 @@ def test_image_input_classifier_with_labels(std: tuple[float, ...], int8: bool, 
     if quantized is None:
         assert np.abs(out - torch_runner(model)(x)).max() <= 1e-4
     else:  # the per-channel std lives in the input quantisation's scales
-        assert np.abs(out - simulate(quantized, x)).max() <= 1.01 * quantized.activations[graph.output_name].scale
+        assert np.abs(out - simulate(quantized, x)).max() <= 1.01 * quantized.activations[graph.outputs[0]].scale
 
 
 def test_image_normalization_round_trip() -> None:

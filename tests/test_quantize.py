@@ -121,7 +121,7 @@ def _one_conv_graph() -> Graph:
         params={"weight": rng.normal(size=(2, 3, 1, 1)).astype(np.float32),
                 "bias": rng.normal(size=2).astype(np.float32)},
     )
-    return Graph([conv], "input", (1, 3, 2, 2), "conv", {"input": (1, 3, 2, 2), "conv": (1, 2, 2, 2)})
+    return Graph([conv], "input", (1, 3, 2, 2), ("conv",), {"input": (1, 3, 2, 2), "conv": (1, 2, 2, 2)})
 
 
 def test_simulate_matches_a_hand_computed_int8_conv() -> None:

@@ -42,7 +42,7 @@ def quantized_model(arch: Arch, width: float, size: int, classes: int = 1000
 
 def lsb_errors(output: np.ndarray, quantized: QuantizedGraph, x: np.ndarray) -> np.ndarray:
     """|artifact - simulation| in units of the output's int8 step (both sit on that grid: whole numbers)."""
-    errors = np.abs(output - simulate(quantized, x)) / quantized.activations[quantized.graph.output_name].scale
+    errors = np.abs(output - simulate(quantized, x)) / quantized.activations[quantized.graph.outputs[0]].scale
     return np.round(errors, 2)
 
 
@@ -127,7 +127,7 @@ def test_io_types_carry_their_quantisation(io: IOType, tmp_path: Path) -> None:
     assert lsb_errors(output, quantized, x).mean() <= 0.75
     TfliteConverter(io=IOType.int8).export(graph, quantized, tmp_path / "int8_io.tflite", INFO)
     same_graph_int8_io = TfliteConverter().runner(tmp_path / "int8_io.tflite")(x)
-    lsb = quantized.activations[graph.output_name].scale
+    lsb = quantized.activations[graph.outputs[0]].scale
     assert np.abs(output - same_graph_int8_io).max() <= 1.01 * lsb
 
 
@@ -136,7 +136,7 @@ def test_reference_kernels_agree_with_xnnpack(tmp_path: Path) -> None:
     converter = TfliteConverter()
     path = tmp_path / "model.int8.tflite"
     converter.export(graph, quantized, path, INFO)
-    lsb = quantized.activations[graph.output_name].scale
+    lsb = quantized.activations[graph.outputs[0]].scale
     xnnpack = converter.runner(path, threads=2)(x)
     reference = converter.runner(path, kernels=Kernels.reference)(x)
     assert np.abs(xnnpack - reference).max() <= 3 * lsb

@@ -227,3 +227,70 @@ def test_a_corrupt_artifact_whose_hash_matches_is_corrupt(bundle: Path, artifact
     runtime = "onnxruntime" if artifact.endswith(".onnx") else "LiteRT"
     assert_exit(verify(bundle), 2, f"CORRUPT: {artifact}: {runtime} cannot load or run it (",
                 f"ok      {FP32_ONNX}")
+
+
+def test_the_bundles_verifier_is_the_static_one_with_every_targets_runner_written_in(pristine: Path) -> None:
+    """Composed at bundle time (mdeploy/bundle/verifier.py), byte for byte the same each time; the static file in
+    mdeploy/data knows no target and runs nothing."""
+    from mdeploy.bundle.verifier import MARKER, compose_verifier, static_verifier
+    from mdeploy.converters import REGISTRY
+
+    shipped = (pristine / "verify_bundle.py").read_text(encoding="utf-8")
+    assert shipped == compose_verifier() == compose_verifier()
+    static = static_verifier()
+    before, after = static.split(MARKER)
+    assert shipped.startswith(before + MARKER) and shipped.endswith(after)
+    written = shipped[len(before + MARKER): len(shipped) - len(after)]
+    for target, converter in REGISTRY.items():
+        runner = converter.bundle_runner()
+        assert runner is not None, target
+        if runner.run is not None:
+            assert any(line.startswith(f"def {runner.run.__name__}(") for line in written.splitlines())
+            assert f'register("{target}", "{converter.suffix}", "{runner.runtime}", {runner.run.__name__})\n' \
+                in written
+        else:
+            assert f'register("{target}", "{converter.suffix}", "{runner.runtime}", None, "{runner.why_not}")' \
+                in written
+    assert written.count("def tensor_encoder(") == 1 and written.count("def tensor_decoder(") == 1
+    static_copy = pristine.parent / "static" / "verify_bundle.py"
+    static_copy.parent.mkdir(exist_ok=True)
+    static_copy.write_text(static, encoding="utf-8")
+    done = subprocess.run([sys.executable, "-I", "-c", BLOCKED, str(static_copy), str(pristine), "mdeploy"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok " not in done.stdout, done.stdout + done.stderr
+    assert f"skipped  {INT8_TFLITE}: this script does not know how to run it" in done.stdout
+
+
+def helper_of_a_target() -> None:
+    """A module-level function, as a bundle runner's must be."""
+
+
+def inside(path: Path, inputs: np.ndarray) -> np.ndarray:
+    """Module-level, but named like one of the verifier's own functions."""
+    return inputs
+
+
+def test_a_runner_that_cannot_be_copied_in_is_refused_when_composing() -> None:
+    from mdeploy.bundle.verifier import compose_verifier
+    from mdeploy.converters.base import BundleRunner, ConverterBase
+
+    def local_run(path: Path, inputs: np.ndarray) -> np.ndarray:  # a closure: its source alone would not run
+        return inputs
+
+    class Target(ConverterBase):
+        suffix = ".x"
+
+        def __init__(self, runner: BundleRunner | None) -> None:
+            self.runner = runner
+
+        def bundle_runner(self) -> BundleRunner | None:
+            return self.runner
+
+    with pytest.raises(TypeError, match="module-level"):
+        compose_verifier({"x": Target(BundleRunner("X", local_run))})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="inside .* would replace another function"):
+        compose_verifier({"x": Target(BundleRunner("X", inside))})  # type: ignore[dict-item]
+    cannot_run = BundleRunner("Y", None, "needs a Y device", helpers=(helper_of_a_target,))
+    composed = compose_verifier({"x": Target(None), "y": Target(cannot_run)})  # type: ignore[dict-item]
+    assert 'register("x", ".x", "x", None, "verify_bundle.py cannot run x artifacts")' in composed
+    assert 'register("y", ".x", "Y", None, "needs a Y device")' in composed and "def helper_of_a_target(" in composed

@@ -9,7 +9,8 @@ never import mdeploy). ``python3 guest_runner.py WORK`` reads ``WORK/request.jso
 
 runs every artifact on one image at a time, and writes ``WORK/<key>.outputs.npy`` (float32, dequantised),
 ``WORK/<key>.codes.npy`` (the raw int8/uint8 output tensor of a quantised TFLite output) and ``WORK/result.json``.
-Int8 inputs are encoded and outputs decoded exactly as ``converters/tflite.py`` (``tensor_encoder``/``tensor_decoder``) does.
+Int8 inputs are encoded and outputs decoded by ``tflite_io.py``, the very ``converters/tflite_io.py`` mdeploy uses,
+which ``mdeploy/arm/run.py`` copies beside this script.
 """
 
 from __future__ import annotations
@@ -23,25 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def encoder(detail: dict[str, Any]) -> Any:
-    """Same as converters.tflite.tensor_encoder."""
-    dtype = np.dtype(detail["dtype"])
-    if dtype == np.float32:
-        return lambda x: np.ascontiguousarray(x, dtype=np.float32)
-    scale, zero_point = detail["quantization"]
-    info = np.iinfo(dtype)
-    return lambda x: np.clip(np.round(x / scale) + zero_point, info.min, info.max).astype(dtype)
-
-
-def decoder(detail: dict[str, Any]) -> Any:
-    """Same as converters.tflite.tensor_decoder."""
-    dtype = np.dtype(detail["dtype"])
-    if dtype == np.float32:
-        return lambda y: np.array(y, dtype=np.float32)
-    scale, zero_point = detail["quantization"]
-    return lambda y: ((y.astype(np.float32) - zero_point) * scale).astype(np.float32)
 
 
 def describe_guest() -> dict[str, Any]:
@@ -125,12 +107,13 @@ def xnnpack_announced(load_log: str) -> bool:
 
 def run_tflite(path: Path, images: np.ndarray, kernels: str, threads: int, work: Path) -> dict[str, Any]:
     from ai_edge_litert import __version__ as litert_version
+    from tflite_io import tensor_decoder, tensor_encoder  # beside this script in the guest's work folder
 
     start = time.perf_counter()
     interpreter, load_log = load_interpreter(path, kernels, threads, work)
     (input_detail,) = interpreter.get_input_details()
     (output_detail,) = interpreter.get_output_details()
-    encode, decode = encoder(input_detail), decoder(output_detail)
+    encode, decode = tensor_encoder(input_detail), tensor_decoder(output_detail)
     loaded = time.perf_counter()
     nhwc = np.transpose(images, (0, 2, 3, 1)) if images.ndim == 4 else images
     raw = []

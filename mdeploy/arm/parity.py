@@ -14,13 +14,12 @@ from typing import Any
 import numpy as np
 
 from mdeploy.arm.compare import codes_on_host, compare_codes
-from mdeploy.arm.run import run_on_arm
+from mdeploy.arm.run import arm_formats, run_on_arm
 from mdeploy.arm.sandbox import sandbox_status
 from mdeploy.errors import BadInputError
 from mdeploy.parity import ParityResult
 
 ARM_SAMPLES = 8  # emulation is slow: parity on a handful of inputs
-EMULATED_SUFFIXES = (".onnx", ".tflite")
 
 
 def arm_parity(files: list[Path], inputs: np.ndarray, cpus: tuple[str, ...],
@@ -30,7 +29,7 @@ def arm_parity(files: list[Path], inputs: np.ndarray, cpus: tuple[str, ...],
     state = sandbox_status()
     if not state.ready:
         raise BadInputError(f"the ARM sandbox is not ready ({state.reason}): run `mdeploy arm setup` first")
-    runnable = [path for path in files if path.suffix in EMULATED_SUFFIXES]
+    runnable = [path for path in files if path.suffix in arm_formats()]
     if not runnable:
         raise BadInputError("--platform linux-arm64 runs ONNX and TFLite artifacts, and there is none to run")
     samples = np.ascontiguousarray(inputs[:ARM_SAMPLES], dtype=np.float32)

@@ -19,13 +19,21 @@ from mdeploy.arm.compare import CodeDifference, HostRun, codes_on_host, compare_
 from mdeploy.arm.cpus import check_cpu
 from mdeploy.arm.guest import GUEST_WORK, run_guest
 from mdeploy.arm.sandbox import default_sandbox_dir, sandbox_status
+from mdeploy.converters import REGISTRY, tflite_io
 from mdeploy.errors import BadInputError, ConversionError
 
-__all__ = ["ArmRun", "CodeDifference", "HostRun", "codes_on_host", "compare_codes", "guest_sees", "run_on_arm"]
+__all__ = ["ArmRun", "CodeDifference", "HostRun", "arm_formats", "codes_on_host", "compare_codes", "guest_sees",
+           "run_on_arm"]
 
-FORMATS = {".onnx": "onnx", ".tflite": "tflite"}
 KERNELS = ("xnnpack", "builtin", "reference")
 RUNNER = Path(__file__).with_name("guest_runner.py")
+# Copied beside the runner into each work folder (as the file name given): the guest imports them from there.
+GUEST_MODULES = {"tflite_io.py": Path(tflite_io.__file__)}
+
+
+def arm_formats() -> dict[str, str]:
+    """Artifact suffix -> the guest runner's name for its format, for every registered target it can run."""
+    return {converter.suffix: converter.arm_format for converter in REGISTRY.values() if converter.arm_format}
 
 
 @dataclass(frozen=True)
@@ -55,7 +63,7 @@ def run_on_arm(artifacts: Sequence[Path], inputs: np.ndarray, cpu: str, sandbox:
     timeout = timeout if timeout is not None else 120.0 + 30.0 * len(images) * max(len(paths), 1)
     with work_folder(root) as (host_dir, guest_dir):
         keys = {f"a{index}": path for index, path in enumerate(paths)}
-        entries = [{"key": key, "file": key + path.suffix, "format": FORMATS[path.suffix]}
+        entries = [{"key": key, "file": key + path.suffix, "format": arm_formats()[path.suffix]}
                    for key, path in keys.items()]
         for entry, path in zip(entries, paths, strict=True):
             shutil.copyfile(path, host_dir / entry["file"])
@@ -76,9 +84,9 @@ def guest_sees(paths: Sequence[str], cpu: str = "cortex-a53", sandbox: Path | No
 
 
 def checked_artifact(path: Path) -> Path:
-    if path.suffix not in FORMATS:
-        raise BadInputError(f"{path.name} cannot run on emulated ARM: only .onnx and .tflite artifacts can "
-                            "(Core ML runs on Apple devices only)")
+    if path.suffix not in arm_formats():
+        raise BadInputError(f"{path.name} cannot run on emulated ARM: only {' and '.join(arm_formats())} artifacts "
+                            "can")
     if not path.is_file():
         raise BadInputError(f"{path} does not exist: pass an existing artifact file")
     return path
@@ -112,13 +120,21 @@ def work_folder(root: Path) -> Iterator[tuple[Path, str]]:
 
 def run_request(root: Path, cpu: str, host_dir: Path, guest_dir: str, request: dict[str, Any], timeout: float,
                 what: str) -> dict[str, Any]:
-    shutil.copyfile(RUNNER, host_dir / RUNNER.name)  # the current runner, never a stale copy in the sandbox
+    copy_runner(host_dir)
     (host_dir / "request.json").write_text(json.dumps(request), encoding="utf-8")
     run_guest(root, cpu, [f"{guest_dir}/{RUNNER.name}", guest_dir], timeout, what)
     try:
         return json.loads((host_dir / "result.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
         raise ConversionError(f"the ARM guest on {cpu} wrote no readable result ({err})") from None
+
+
+def copy_runner(folder: Path) -> Path:
+    """The current guest_runner.py and the modules it imports (never stale copies in the sandbox), into ``folder``;
+    returns the runner's path there."""
+    for name, source in {RUNNER.name: RUNNER, **GUEST_MODULES}.items():
+        shutil.copyfile(source, folder / name)
+    return folder / RUNNER.name
 
 
 def read_run(host_dir: Path, key: str, path: Path, cpu: str, result: dict[str, Any]) -> ArmRun:

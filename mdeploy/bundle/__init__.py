@@ -1,7 +1,8 @@
 """The hand-off bundle: the output folder an Android or iOS engineer can use without asking anyone anything.
 
 Besides the artifacts, ``manifest.json`` and ``labels.txt``: golden vectors (``golden.py``), the manifest's JSON
-Schema, a README per platform with code that matches the preprocessing (``readmes.py``), a verifier that needs only
+Schema, a README per platform with code that matches the preprocessing (``readmes.py``: the shared sections; the
+code is each target's converter's ``app_readme``), a verifier that needs only
 NumPy and the runtimes, and ``SHA256SUMS`` over every file (written last).
 """
 
@@ -14,19 +15,18 @@ from pathlib import Path
 from mdeploy.bundle.golden import GoldenOutput, write_golden
 from mdeploy.paths import CHECKSUMS_FILE, sha256_file
 from mdeploy.bundle.readmes import write_readmes
+from mdeploy.bundle.verifier import VERIFIER_FILE, compose_verifier
 
 SCHEMA_FILE = "manifest.schema.json"
-VERIFIER_FILE = "verify_bundle.py"
 
 __all__ = ["GoldenOutput", "copy_static_files", "write_checksums", "write_golden", "write_readmes"]
 
 
 def copy_static_files(stage: Path) -> list[str]:
-    """The manifest's schema and the stand-alone verifier, from the package's data."""
-    data = resources.files("mdeploy") / "data"
-    for name in (SCHEMA_FILE, VERIFIER_FILE):
-        with resources.as_file(data / name) as source:
-            shutil.copyfile(source, stage / name)
+    """The manifest's schema (the package's data) and the stand-alone verifier (``verifier.py``)."""
+    with resources.as_file(resources.files("mdeploy") / "data" / SCHEMA_FILE) as source:
+        shutil.copyfile(source, stage / SCHEMA_FILE)
+    (stage / VERIFIER_FILE).write_bytes(compose_verifier().encode("utf-8"))  # the registered targets' runners in it
     return [SCHEMA_FILE, VERIFIER_FILE]
 
 

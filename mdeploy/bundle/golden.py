@@ -9,19 +9,17 @@ Python, and raw little-endian float32 ``.f32`` (shape in the manifest) for Kotli
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from mdeploy.manifest import Golden, GoldenArray, GoldenArtifact, GoldenInputs, GoldenTolerance
+from mdeploy.parity import FP32_MAX_ERROR_OF_PEAK
 from mdeploy.types import Precision, Target
 
 GOLDEN_SAMPLES = 4
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-FP32_TOLERANCE = 1e-4  # another CPU's float kernels sum in another order
-INT8_TOLERANCE_LSB = 1.01  # ARM and x86 int8 kernels may round one output step apart (DESIGN.md §5)
 
 
 @dataclass(frozen=True)
@@ -31,20 +29,24 @@ class GoldenOutput:
     precision: Precision
     runtime: str
     outputs: np.ndarray  # (GOLDEN_SAMPLES, classes) float32, as the runtime answered
-    output_scale: float | None  # one int8 output step, for int8 artifacts
+    tolerance: GoldenTolerance  # how close another run must come (the target's ``Converter.golden_tolerance``)
 
 
-def tolerance(golden: GoldenOutput) -> dict[str, Any]:
-    """How close another run of the same artifact must come to its golden outputs."""
-    if golden.target is Target.coreml:
-        # Recorded on the MIL reference; Core ML on a device computes in its own fp16/fp32 order.
-        return {"min_snr_db": 30.0 if golden.precision is Precision.int8 else 60.0,
-                "note": "outputs of the MIL reference executor: compare Core ML on a device by SNR, not exactly"}
-    if golden.precision is Precision.int8 and golden.output_scale:
-        # Four significant digits, not a number of decimals: a tiny output scale must not round to 0.
-        return {"max_abs_error": float(f"{INT8_TOLERANCE_LSB * golden.output_scale:.4g}"),
-                "note": "one int8 output step: ARM and x86 kernels may round differently"}
-    return {"max_abs_error": FP32_TOLERANCE}
+def scaled_tolerance(golden: GoldenOutput) -> GoldenTolerance:
+    """An fp32 artifact's absolute tolerance (the converter's) is a floor: another CPU's float kernels sum in another
+    order, and float32 error grows with the magnitudes summed, so the tolerance is max(it, 7.5e-5 * peak |golden
+    output|), the relative limit of fp32 parity (mdeploy.parity.FP32_MAX_ERROR_OF_PEAK)."""
+    tolerance = golden.tolerance
+    if golden.precision != Precision.fp32 or tolerance.max_abs_error is None:
+        return tolerance
+    finite = np.abs(golden.outputs[np.isfinite(golden.outputs)])
+    peak = float(finite.max(initial=0.0))
+    limit = float(f"{max(tolerance.max_abs_error, FP32_MAX_ERROR_OF_PEAK * peak):.3g}")
+    if limit <= tolerance.max_abs_error:
+        return tolerance
+    note = (f"max({tolerance.max_abs_error:.3g}, {FP32_MAX_ERROR_OF_PEAK:.3g} * peak |golden output| {peak:.4g}): "
+            "float32 error grows with the output's magnitude")
+    return replace(tolerance, max_abs_error=limit, note=f"{tolerance.note}; {note}" if tolerance.note else note)
 
 
 def _write_array(folder: Path, stem: str, array: np.ndarray) -> GoldenArray:
@@ -78,7 +80,7 @@ def write_golden(stage: Path, inputs: np.ndarray, reference: np.ndarray, paths: 
         pytorch_outputs=_write_array(folder, "pytorch", reference[:count]),
         artifacts={
             golden.file: GoldenArtifact(**vars(written[golden.file]), runtime=golden.runtime,
-                                        tolerance=GoldenTolerance(**tolerance(golden)))
+                                        tolerance=scaled_tolerance(golden))
             for golden in outputs
         },
     )

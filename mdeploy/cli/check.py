@@ -17,12 +17,15 @@ from mdeploy.cli.options import (
 )
 from mdeploy.errors import BadInputError
 from mdeploy.records import DataOptions, Limits, ModelSource
+from mdeploy.reporting.common import limit_notes
 from mdeploy.reports import fmt
 from mdeploy.ui import ConsoleReporter
 
 
 def parity_table(report: dict[str, Any]) -> Table:
-    table = Table(title=f"parity vs PyTorch on {report['inputs']}")
+    notes = limit_notes(report["artifacts"])
+    table = Table(title=f"parity vs PyTorch on {report['inputs']}",
+                  caption="limits: " + "; ".join(notes) if notes else None, caption_justify="left")
     for header in ("artifact", "runtime", "max abs err", "SNR dB", "top-1", "top-5", "parity"):
         table.add_column(header)
     for artifact in report["artifacts"]:

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import inspect
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -10,26 +15,25 @@ import typer
 
 from mdeploy.calibration.config import QuantRecipe, RangeMethod
 from mdeploy.calibration.preprocess import Preprocess
+from mdeploy.converters import REGISTRY, Converter
+from mdeploy.converters.base import CliOption
 from mdeploy.types import Target
-from mdeploy.converters.coreml import ComputePrecision, ComputeUnits, CoremlConverter, DeploymentTarget, InputKind
-from mdeploy.converters.tflite import IOType, TfliteConverter
 from mdeploy.cli.app import app, print_error, run_guarded, stdout
 from mdeploy.cli.options import (
     ArchOpt, ConfigOpt, DebugOpt, EvalOpt, EvalSizeOpt, InputSizeOpt, JsonOpt, MaxAbsOpt, MeanOpt, MinSnrOpt, MinTop1Opt,
     ModelArg, StdOpt, ThreadsOpt, TrustPickleOpt, build_preprocess, gate_config, parse_targets,
 )
-from mdeploy.errors import BadInputError, ExitCode
+from mdeploy.errors import ExitCode
 from mdeploy.cli.output import dump_json
 from mdeploy.records import ConvertOptions, DataOptions, Limits, ModelSource, Provenance
 from mdeploy.reports import console_table
 from mdeploy.ui import ConsoleReporter
 
 
-@app.command()
 def convert(
     model: ModelArg,
     out: Annotated[Path, typer.Option("--out", help="output folder (written atomically)")],
-    to: Annotated[str, typer.Option("--to", help="targets, comma-separated: onnx,tflite,coreml")] = "onnx",
+    to: Annotated[str, typer.Option("--to", help="targets, comma-separated: {targets}")] = "onnx",
     arch: ArchOpt = None,
     int8: Annotated[bool, typer.Option("--int8", help="also write int8 artifacts (needs --calib)")] = False,
     calib: Annotated[Path | None, typer.Option("--calib", help="calibration images or .npy/.npz")] = None,
@@ -54,20 +58,6 @@ def convert(
     keep_going: Annotated[bool, typer.Option(
         "--keep-going", help="when a target fails to convert, record it and still write the others (exit 3)")] = False,
     config: ConfigOpt = None,
-    tflite_io: Annotated[IOType, typer.Option(
-        "--tflite-io", help="type of the int8 TFLite model's input and output")] = IOType.int8,
-    coreml_precision: Annotated[ComputePrecision | None, typer.Option(
-        "--coreml-precision", help="Core ML compute precision [default: fp32 for fp32, fp16 for int8]")] = None,
-    coreml_input: Annotated[InputKind, typer.Option(
-        "--coreml-input", help="Core ML input: a preprocessed tensor, or an image (normalisation inside)")]
-    = InputKind.tensor,
-    coreml_target: Annotated[DeploymentTarget, typer.Option(
-        "--coreml-target", help="Core ML minimum deployment target (W8A8 needs iOS17)")] = DeploymentTarget.iOS17,
-    coreml_compute_units: Annotated[ComputeUnits, typer.Option(
-        "--coreml-compute-units", help="Core ML compute units for parity runs on macOS (elsewhere the MIL reference "
-        "runs)")] = ComputeUnits.ALL,
-    coreml_weights_only: Annotated[bool, typer.Option(
-        "--coreml-weights-only", help="int8 Core ML: int8 weights only (W8), activations stay float")] = False,
     author: Annotated[str, typer.Option("--author", help="written into each artifact's metadata")] = "",
     license_: Annotated[str, typer.Option("--license", help="licence of the model, into each artifact's metadata")] = "",
     description: Annotated[str, typer.Option("--description", help="one line on what the model does")] = "",
@@ -75,16 +65,15 @@ def convert(
     trust_pickle: TrustPickleOpt = False,
     json_output: JsonOpt = False,
     debug: DebugOpt = False,
+    *,
+    target_values: Mapping[str, Any] | None = None,  # the registered targets' own options (see WithTargetOptions)
 ) -> None:
     """Convert MODEL to the chosen targets, check parity against PyTorch, and write the output folder."""
     from mdeploy.pipeline import convert as run_convert
 
     def action() -> Any:
         targets = parse_targets(to)
-        w8a8 = int8 and Target.coreml in targets and not coreml_weights_only
-        if w8a8 and list(DeploymentTarget).index(coreml_target) < list(DeploymentTarget).index(DeploymentTarget.iOS17):
-            raise BadInputError(f"int8 Core ML (W8A8) needs --coreml-target iOS17 or later, not {coreml_target.value}: "
-                                "raise the target or pass --coreml-weights-only")
+        converters = configured_converters(targets, target_values or {}, int8)
         recipe = QuantRecipe.default()
         if calib_method is not None:
             recipe = replace(recipe, range_method=calib_method)
@@ -103,12 +92,7 @@ def convert(
             overwrite_any=overwrite_any,
             keep_going=keep_going,
             threads=threads,
-            converters=(
-                TfliteConverter(io=tflite_io),
-                CoremlConverter(compute_precision=coreml_precision, minimum_target=coreml_target,
-                                image_input=coreml_input is InputKind.image, activations=not coreml_weights_only,
-                                compute_units=coreml_compute_units),
-            ),
+            converters=converters,
         )
         return run_convert(options, ConsoleReporter(quiet=json_output))
 
@@ -126,3 +110,70 @@ def convert(
         failed = "; ".join(f"{a.path}: {', '.join(a.parity.failures)}" for a in result.artifacts if not a.parity.passed)
         print_error(f"parity failed: {failed} (artifacts written, marked failed in manifest.json)")
         raise typer.Exit(int(ExitCode.PARITY_FAILED))
+
+
+def configured_converters(targets: tuple[Target, ...], values: Mapping[str, Any], int8: bool
+                          ) -> tuple[Converter, ...]:
+    """Each chosen target's converter with the user's values of its options (an option left out keeps its default)."""
+    chosen = []
+    for target in targets:
+        converter = REGISTRY[target]
+        own = {option.name: values.get(option.name, option.default) for option in converter.cli_options()}
+        chosen.append(converter.configured(own, int8))
+    return tuple(chosen)
+
+
+def target_options() -> list[CliOption]:
+    return [option for converter in REGISTRY.values() for option in converter.cli_options()]
+
+
+def _with_target_names(annotation: Any) -> Any:
+    """An option whose help says ``{targets}`` lists the registered targets there."""
+    extras = getattr(annotation, "__metadata__", ())
+    info = next((e for e in extras if isinstance(getattr(e, "help", None), str) and "{targets}" in e.help), None)
+    if info is None:
+        return annotation
+    named = copy.copy(info)
+    named.help = info.help.replace("{targets}", ",".join(REGISTRY))
+    return Annotated[(annotation.__origin__, *(named if e is info else e for e in extras))]
+
+
+class WithTargetOptions:
+    """A command whose signature is its own parameters followed by every registered target's ``cli_options()``.
+
+    typer reads a command's signature each time it builds the CLI, so the options come from ``REGISTRY`` as it is
+    then (a target registered later, e.g. by a test, gets its flags) and no target's option is written here. The
+    targets' values reach the command as one ``target_values`` mapping."""
+
+    def __init__(self, command: Callable[..., Any]) -> None:
+        functools.update_wrapper(self, command, assigned=("__module__", "__name__", "__qualname__", "__doc__"),
+                                 updated=())
+        self.command = command
+
+    def _own(self) -> list[inspect.Parameter]:
+        signature = inspect.signature(self.command, eval_str=True)
+        hints = typing.get_type_hints(self.command, include_extras=True)
+        return [p.replace(annotation=_with_target_names(hints[p.name])) for p in signature.parameters.values()
+                if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+
+    @staticmethod
+    def _parameter(option: CliOption) -> inspect.Parameter:
+        annotation = Annotated[option.annotation, typer.Option(option.flag, help=option.help)]
+        return inspect.Parameter(option.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option.default,
+                                 annotation=annotation)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.Signature(self._own() + [self._parameter(option) for option in target_options()])
+
+    @property
+    def __annotations__(self) -> dict[str, Any]:  # type: ignore[override]  # read by typing.get_type_hints
+        return {p.name: p.annotation for p in self.__signature__.parameters.values()}
+
+    def __call__(self, **values: Any) -> Any:
+        names = {option.name for option in target_options()}
+        mine = {name: value for name, value in values.items() if name in names}
+        return self.command(**{k: v for k, v in values.items() if k not in names}, target_values=mine)
+
+
+app.command(name="convert")(WithTargetOptions(convert))

@@ -11,14 +11,12 @@ from typing import Any
 
 from rich.table import Table
 
-from mdeploy.converters import REGISTRY
-from mdeploy.converters.base import missing_modules
+from mdeploy.converters import REGISTRY, tool_packages
 from mdeploy import __version__
 from mdeploy.cli.app import app, stdout
 from mdeploy.cli.options import JsonOpt
 from mdeploy.cli.output import dump_json
 
-PACKAGES = ("torch", "numpy", "onnx", "onnxruntime", "ai-edge-litert", "flatbuffers", "coremltools")
 
 
 def package_version(name: str) -> str | None:
@@ -31,14 +29,8 @@ def package_version(name: str) -> str | None:
 def target_rows() -> list[dict[str, Any]]:
     rows = []
     for target, converter in REGISTRY.items():
-        missing = missing_modules(converter)
-        if missing:
-            status, note = "unavailable", f"needs {', '.join(missing)}: pip install 'mdeploy[{target.value}]'"
-        elif not converter.times_latency:
-            status, note = "convert + check", f"parity on the {converter.runtime_name}; no latency on this OS"
-        else:
-            status, note = "convert + check + bench", f"runs on {converter.runtime_name}"
-        rows.append({"target": target.value, "status": status, "note": note})
+        availability = converter.availability()
+        rows.append({"target": target.value, "status": availability.status, "note": availability.note})
     return rows
 
 
@@ -106,7 +98,7 @@ def diagnosis() -> dict[str, Any]:
         "mdeploy": __version__,
         "python": platform.python_version(),
         "machine": f"{platform.system()} {platform.machine()}",
-        "packages": {name: package_version(name) for name in PACKAGES},
+        "packages": {name: package_version(name) for name in tool_packages()},
         "targets": target_rows(),
         "arm_sandbox": sandbox_status().to_dict(),
         "arm_host": host_requirements(),

@@ -2,8 +2,9 @@
 """Checks an mdeploy bundle with nothing but NumPy and the runtimes (no mdeploy needed):
 
 1. every file matches SHA256SUMS, and every file of the bundle is listed there;
-2. each ONNX (onnxruntime) and TFLite (ai-edge-litert or tflite-runtime) artifact reproduces its golden outputs
-   from the golden inputs within the tolerance manifest.json gives. Core ML needs macOS: it is reported as skipped.
+2. each artifact this script can run (ONNX with onnxruntime, TFLite with ai-edge-litert or tflite-runtime)
+   reproduces its golden outputs from the golden inputs within the tolerance manifest.json gives; the others (Core
+   ML needs an Apple platform) are reported as skipped, with the reason.
 
     python3 verify_bundle.py [BUNDLE_DIR]      exit 0: all good; 1: an output is off; 2: a file is corrupt
 
@@ -19,7 +20,7 @@ import os
 import re
 import sys
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
@@ -178,43 +179,31 @@ def load_array(root: Path, name: str) -> np.ndarray:
     return array.astype(np.float32)
 
 
-def run_onnx(path: Path, inputs: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+class BundleRunner(NamedTuple):
+    """How this script runs one target's artifacts (registered below by mdeploy when it writes the bundle)."""
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[None]})[0] for x in inputs])
-
-
-def run_tflite(path: Path, inputs: np.ndarray) -> np.ndarray:
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        from tflite_runtime.interpreter import Interpreter
-    interpreter = Interpreter(model_path=str(path), num_threads=1)
-    interpreter.allocate_tensors()
-    (feed,), (fetch,) = interpreter.get_input_details(), interpreter.get_output_details()
-    outputs = []
-    for x in inputs:
-        x = x.transpose(1, 2, 0)[None] if feed["shape"][-1] == 3 else x[None]  # the model's own layout
-        if np.dtype(feed["dtype"]) != np.float32:
-            scale, zero_point = feed["quantization"]
-            info = np.iinfo(feed["dtype"])
-            x = np.clip(np.round(x / scale) + zero_point, info.min, info.max)
-        interpreter.set_tensor(feed["index"], x.astype(feed["dtype"]))
-        interpreter.invoke()
-        y = interpreter.get_tensor(fetch["index"])
-        if np.dtype(fetch["dtype"]) != np.float32:
-            scale, zero_point = fetch["quantization"]
-            y = (y.astype(np.float32) - zero_point) * scale
-        outputs.append(y.reshape(1, -1))
-    return np.concatenate(outputs).astype(np.float32)
+    suffix: str  # the artifact's file name ends with it, e.g. ".onnx"
+    runtime: str  # named in messages, e.g. "onnxruntime"
+    run: Callable[[Path, np.ndarray], np.ndarray] | None  # (artifact, inputs NCHW) -> outputs; None: cannot run here
+    why_not: str  # why not, when ``run`` is None
 
 
-RUNNERS: dict[str, tuple[str, Callable[[Path, np.ndarray], np.ndarray]]] = {
-    ".onnx": ("onnxruntime", run_onnx), ".tflite": ("LiteRT", run_tflite)}
+RUNNERS: dict[str, BundleRunner] = {}  # target name -> its runner
+
+
+def register(target: str, suffix: str, runtime: str, run: Callable[[Path, np.ndarray], np.ndarray] | None,
+             why_not: str = "") -> None:
+    RUNNERS[target] = BundleRunner(suffix, runtime, run, why_not)
+
+
+def runner_for(file: str) -> BundleRunner | None:
+    """The runner of the target whose artifacts end like ``file`` (the longest such ending), or None."""
+    found = [r for r in RUNNERS.values() if r.suffix and file.endswith(r.suffix)]
+    return max(found, key=lambda r: len(r.suffix)) if found else None
+
+
+# Each target's runner and the functions it calls, written in by mdeploy (mdeploy/bundle/verifier.py):
+# --- mdeploy: target runners ---
 
 
 def within(expected: np.ndarray, actual: np.ndarray, tolerance: tuple[str, float]) -> tuple[bool, str]:
@@ -238,13 +227,14 @@ def verify_artifact(root: Path, file: str, record: Any, inputs: np.ndarray | Non
             inside(root, name, "manifest.json")
     if inputs is None or bad & {file, npy}:
         return None  # what is wrong with its files is already reported: running it would only repeat that
-    if Path(file).suffix not in RUNNERS:
-        print(f"skipped  {show(file)}: runs on Apple platforms only")
+    found = runner_for(file)
+    if found is None or found.run is None:
+        print(f"skipped  {show(file)}: {found.why_not if found else 'this script does not know how to run it'}")
         return None
-    runtime, runner = RUNNERS[Path(file).suffix]
+    runtime = found.runtime
     expected = load_array(root, npy)
     try:
-        actual = runner(root / file, inputs)
+        actual = np.asarray(found.run(root / file, inputs), dtype=np.float32)
     except ImportError as err:  # the runners import their runtime first: nothing was read yet
         print(f"skipped  {show(file)}: runtime not installed ({err.name or first_line(err)})")
         return None
@@ -253,7 +243,7 @@ def verify_artifact(root: Path, file: str, record: Any, inputs: np.ndarray | Non
     if expected.shape != actual.shape:
         raise Corrupt(f"{show(npy)}: shape {expected.shape}, but {show(file)} answers {actual.shape}")
     ok, detail = within(expected, actual, tolerance)
-    print(f"{'ok     ' if ok else 'MISMATCH'} {show(file)}: {detail}")
+    print(f"{'ok     ' if ok else 'MISMATCH'} {show(file)}: {detail} with {runtime}")
     return ok
 
 

@@ -122,8 +122,8 @@ class GraphRunner:
     def run(
         self, x: torch.Tensor | np.ndarray, hook: TensorHook | None = None, keep: set[str] | None = None
     ) -> dict[str, torch.Tensor]:
-        """Returns the output and the tensors named in ``keep``; others are freed once consumed."""
-        keep = {self.graph.output_name} | (keep or set())
+        """Returns the outputs and the tensors named in ``keep``; others are freed once consumed."""
+        keep = set(self.graph.outputs) | (keep or set())
         last_use = {name: i for i, node in enumerate(self.graph.nodes) for name in node.inputs}
         values: dict[str, torch.Tensor] = {}
         x = torch.as_tensor(x, dtype=torch.float32)
@@ -136,5 +136,11 @@ class GraphRunner:
                     del values[name]
         return {name: values[name] for name in keep if name in values}
 
+    def outputs(self, x: torch.Tensor | np.ndarray, hook: TensorHook | None = None) -> tuple[torch.Tensor, ...]:
+        """Every output of the graph, in the model's order."""
+        values = self.run(x, hook)
+        return tuple(values[name] for name in self.graph.outputs)
+
     def __call__(self, x: torch.Tensor | np.ndarray, hook: TensorHook | None = None) -> torch.Tensor:
-        return self.run(x, hook)[self.graph.output_name]
+        """The output of a one-output graph (``outputs`` for any graph)."""
+        return self.run(x, hook)[self.graph.single_output("running the graph for one output")]

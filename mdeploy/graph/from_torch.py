@@ -10,13 +10,15 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from torch import fx
 
-from mdeploy.errors import BadInputError, ConversionError, UnsupportedOpError, first_line
+from mdeploy.errors import BadInputError, ConversionError, MdeployError, UnsupportedOpError, first_line
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
+from mdeploy.graph.programs import BatchedProgram, torchscript_program, traceable, unwrap_module
 from mdeploy.types import INPUT_NAME
 
 
@@ -351,12 +353,12 @@ IGNORED = {"_assert_tensor_metadata", "_assert_scalar", "sym_size", "_set_grad_e
 
 
 def _export(module: torch.nn.Module, example: torch.Tensor) -> torch.export.ExportedProgram:
-    if isinstance(module, torch.jit.ScriptModule):
-        from torch._export.converter import TS2EPConverter
-
-        return TS2EPConverter(module, (example,)).convert()
     try:
+        if isinstance(module, torch.jit.ScriptModule):  # specialised to the input size, ops named by module path
+            return torchscript_program(module, example)
         return torch.export.export(module, (example,), strict=False)
+    except MdeployError:
+        raise
     except Exception as err:  # torch raises many types here; the user needs the first line only
         raise ConversionError(f"torch.export could not trace the model: {first_line(err)}") from err
 
@@ -364,7 +366,10 @@ def _export(module: torch.nn.Module, example: torch.Tensor) -> torch.export.Expo
 def graph_from_torch(module: torch.nn.Module, input_shape: tuple[int, ...]) -> Graph:
     """Trace ``module`` (eval mode) on an input of ``input_shape`` (1, C, H, W) and build the IR."""
     module = module.eval()
-    program = _export(module, torch.zeros(input_shape))
+    if isinstance(module, BatchedProgram):
+        module.check_input(tuple(input_shape))
+    module, batch = traceable(unwrap_module(module), input_shape[0])  # an ExportedProgram runs at its own batch
+    program = _export(module, torch.zeros((batch, *input_shape[1:])))
     signature = program.graph_signature
     state = {**program.state_dict, **program.constants}
     constants: dict[str, np.ndarray] = {}
@@ -384,12 +389,7 @@ def graph_from_torch(module: torch.nn.Module, input_shape: tuple[int, ...]) -> G
                 builder.bind(fx_node, INPUT_NAME)
             continue
         if fx_node.op == "output":
-            outputs = fx_node.args[0]
-            if len(outputs) != 1:
-                raise UnsupportedOpError(f"the model returns {len(outputs)} outputs; mdeploy converts one output")
-            if not (isinstance(outputs[0], fx.Node) and outputs[0].name in builder.tensor_of):
-                raise UnsupportedOpError("the model's output does not depend on its input: export the model itself")
-            output = builder.tensor(outputs[0])
+            outputs = _outputs(builder, fx_node.args[0])
             continue
         name = _op_name(fx_node.target)
         if name in IGNORED:
@@ -412,9 +412,29 @@ def graph_from_torch(module: torch.nn.Module, input_shape: tuple[int, ...]) -> G
                 f"operator aten.{name} (from {where}) {err}, which mdeploy does not support: compute it from "
                 "the layers' outputs and weights only (registered parameters and buffers)"
             ) from None
-    graph = Graph(builder.nodes, INPUT_NAME, tuple(input_shape), output, builder.shapes)
+    shapes = {k: (input_shape[0], *v[1:]) if v and v[0] == batch else v for k, v in builder.shapes.items()}
+    graph = Graph(builder.nodes, INPUT_NAME, tuple(input_shape), outputs, shapes)
     _check_graph(graph)
     return graph
+
+
+def _outputs(b: _Builder, returned: Any) -> tuple[str, ...]:
+    """The IR tensors a forward() returns, in its order (torch.export flattens a returned tuple or list)."""
+    returned = list(returned) if isinstance(returned, (list, tuple)) else [returned]
+    if not returned:
+        raise UnsupportedOpError("the model returns no tensor: export a model whose forward() returns its outputs")
+    names = []
+    for i, value in enumerate(returned):
+        which = "the model's output" if len(returned) == 1 else f"output {i} of the model"
+        if not (isinstance(value, fx.Node) and value.name in b.tensor_of):
+            raise UnsupportedOpError(f"{which} does not depend on its input: export the model itself")
+        if b.tensor(value) == INPUT_NAME:
+            raise UnsupportedOpError(f"{which} is its input, unchanged: leave it out of the exported model")
+        names.append(b.tensor(value))
+    if len(set(names)) != len(names):  # each output is one named tensor of the artifact
+        raise UnsupportedOpError("the model returns the same tensor more than once: return it once and reuse it "
+                                 "in the app")
+    return tuple(names)
 
 
 def _check_finite(name: str, value: torch.Tensor) -> None:

@@ -6,14 +6,18 @@ is. Tensors are named; parameters are float32 numpy arrays in PyTorch's layout (
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
 import numpy as np
 
+from mdeploy.errors import BadInputError
+from mdeploy.types import output_names
+
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 class Op(str, Enum):
@@ -116,8 +120,18 @@ class Graph:
     nodes: list[Node]
     input_name: str
     input_shape: tuple[int, ...]  # (1, C, H, W), PyTorch layout
-    output_name: str
+    outputs: tuple[str, ...]  # the model's outputs in the order its forward() returns them (any number, any rank)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every tensor's shape at batch 1
+
+    def single_output(self, stage: str, source: str = "the model") -> str:
+        """The only output, for a stage that still handles one (classifier parity, labels, the manifest's output
+        spec); else a one-line BadInputError naming ``source`` (the model file) and ``stage``."""
+        return only_output(self.outputs, stage, source)
+
+    @property
+    def artifact_names(self) -> dict[str, str]:
+        """IR output tensor -> the artifact's name for it (``mdeploy.types.output_names``), in output order."""
+        return dict(zip(self.outputs, output_names(len(self.outputs)), strict=True))
 
     def producer(self, tensor: str) -> Node | None:
         return next((n for n in self.nodes if n.output == tensor), None)
@@ -141,3 +155,11 @@ class Graph:
             key = n.op.value if n.activation is Activation.NONE else f"{n.op.value}+{n.activation.value}"
             counts[key] = counts.get(key, 0) + 1
         return dict(sorted(counts.items()))
+
+
+def only_output(outputs: Sequence[T], stage: str, source: str = "the model") -> T:
+    """The one element of ``outputs``; several are a bad input for ``stage`` until it handles them (issue 15)."""
+    if len(outputs) != 1:
+        raise BadInputError(f"{source} has {len(outputs)} outputs; {stage} handles one output so far "
+                            "(multi-output models: issue 15)")
+    return outputs[0]

@@ -75,7 +75,7 @@ def scaling_groups(graph: Graph) -> list[list[str]]:
     eligible = []
     for group in members.values():
         names = set(group)
-        if graph.input_name in names or graph.output_name in names:
+        if graph.input_name in names or names & set(graph.outputs):
             continue
         if len({_channels(graph, t) for t in group}) != 1 or _channels(graph, group[0]) is None:
             continue

@@ -34,7 +34,7 @@ from mdeploy.quantize.observe import channel_ranges, channels_last
 from mdeploy.quantize.params import QMAX, QMIN, QuantizedGraph, TensorQuant, WeightQuant, quantize_bias
 from mdeploy.quantize.policy import policy_of
 from mdeploy.quantize.ranges import tensor_quant
-from mdeploy.quantize.rounding import channel_scale, correct_bias, gptq, round_nearest
+from mdeploy.quantize.rounding import bias_scale_floor, channel_scale, correct_bias, gptq, round_nearest
 from mdeploy.quantize.stats import LayerStats
 
 # Called after each node with (index, number of nodes, node name).
@@ -94,6 +94,30 @@ def _round_layer(stats: LayerStats, recipe: QuantRecipe) -> tuple[torch.Tensor, 
     return codes, scale, correct_bias(codes, scale, weight, bias, stats.mean_input())
 
 
+def _limit_bias_codes(stats: LayerStats, recipe: QuantRecipe, codes: torch.Tensor, scale: torch.Tensor,
+                      bias: torch.Tensor, input_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+    """Keeps every int32 bias code representable. A trained network's dead or near-zero channels (a BatchNorm gamma
+    near 0 folded into the conv) keep a large bias but get a tiny weight scale, so ``bias / (input_scale * scale)``
+    overflows int32. As TFLite's converter does, such rows get the smallest scale that keeps the code within
+    ``BIAS_CODE_LIMIT`` and are rounded to nearest on it (their weights are near 0: the codes are mostly 0, and the
+    output is the bias, as in the float model). Returns codes, scale and bias, and the flat output channels limited."""
+    limited = torch.zeros_like(scale, dtype=torch.bool)
+    for _ in range(3):  # the bias correction moves the bias by a rounding error's worth: check again
+        floor = bias_scale_floor(bias, input_scale)
+        low = scale.to(torch.float64) < floor
+        if not low.any():
+            break
+        limited |= low
+        weight = stats.weight()
+        # float32 scale rounded up a hair, so that it still meets the float64 floor
+        scale = torch.where(low, (floor * (1 + 1e-6)).to(scale.dtype), scale)
+        codes = torch.where(low[..., None], round_nearest(weight, scale), codes)
+        if recipe.bias_correction:
+            corrected = correct_bias(codes, scale, weight, stats.bias(), stats.mean_input())
+            bias = torch.where(low, corrected.to(bias.dtype), bias)
+    return codes, scale, bias, limited.reshape(-1).nonzero().reshape(-1).tolist()
+
+
 def quantize(
     graph: Graph, calibration: np.ndarray, recipe: QuantRecipe | None = None, progress: Progress | None = None
 ) -> QuantizedGraph:
@@ -135,6 +159,7 @@ def _calibrate(graph: Graph, calibration: np.ndarray, recipe: QuantRecipe, progr
     tq_in = tensor_quant(x, recipe.range_method, **range_kwargs)
     activations: dict[str, TensorQuant] = {graph.input_name: tq_in}
     weights: dict[str, WeightQuant] = {}
+    bias_limited: list[dict[str, object]] = []  # channels whose weight scale was raised for their int32 bias
     stream: dict[str, _Stored] = {graph.input_name: _Stored(x, tq_in if sequential else None)}
 
     for i, node in enumerate(graph.nodes):
@@ -150,6 +175,9 @@ def _calibrate(graph: Graph, calibration: np.ndarray, recipe: QuantRecipe, progr
                 stats.add(inputs(slice(start, start + CHUNK))[0])
             codes, scale, bias = _round_layer(stats, recipe)
             s_in = activations[node.inputs[0]].scale
+            codes, scale, bias, limited = _limit_bias_codes(stats, recipe, codes, scale, bias, s_in)
+            if limited:
+                bias_limited.append({"node": node.name, "source": node.source or node.name, "channels": limited})
             wq = WeightQuant(scale.reshape(-1).float().numpy(), codes.reshape(node.weight.shape).to(torch.int8).numpy())
             weights[node.name] = wq
             bias_np = bias.reshape(-1).float().numpy()
@@ -176,4 +204,5 @@ def _calibrate(graph: Graph, calibration: np.ndarray, recipe: QuantRecipe, progr
 
     record = recipe.to_dict()
     record["calibration_samples"] = int(n)
+    record["bias_limited_channels"] = bias_limited
     return QuantizedGraph(out_graph, activations, weights, frozenset(recipe.float_nodes), record)

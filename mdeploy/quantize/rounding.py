@@ -16,6 +16,9 @@ import torch
 from mdeploy.quantize.params import WEIGHT_QMAX
 
 BLOCK = 64
+# Largest |int32 bias code| a layer may get: half of int32's range, like TFLite's converter (AdjustWeightsForBiasScale
+# keeps the bias "within the middle half of the allowable bit range"), leaving the other half to the accumulator.
+BIAS_CODE_LIMIT = 2.0**30
 
 
 def channel_scale(w: torch.Tensor) -> torch.Tensor:
@@ -23,6 +26,12 @@ def channel_scale(w: torch.Tensor) -> torch.Tensor:
     codes in range)."""
     absmax = w.abs().amax(dim=-1)
     return torch.where(absmax > 0, absmax, torch.ones_like(absmax)) / WEIGHT_QMAX
+
+
+def bias_scale_floor(bias: torch.Tensor, input_scale: float) -> torch.Tensor:
+    """The smallest weight scale per row whose int32 bias code ``bias / (input_scale * scale)`` stays within
+    ``BIAS_CODE_LIMIT`` (float64; 0 for a zero bias)."""
+    return bias.to(torch.float64).abs() / (float(input_scale) * BIAS_CODE_LIMIT)
 
 
 def round_nearest(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -49,12 +49,25 @@ class Simulator:
         return value if tq is None else fake_quant(value, tq)
 
     @torch.no_grad()
-    def __call__(self, x: np.ndarray | torch.Tensor, batch: int = 32) -> np.ndarray:
+    def outputs(self, x: np.ndarray | torch.Tensor, batch: int = 32) -> tuple[np.ndarray, ...]:
+        """Every output of the int8 model, dequantised, in the model's order."""
         x = torch.as_tensor(np.asarray(x, dtype=np.float32))
-        outs = [self.runner(channels_last(x[i : i + batch]), hook=self._hook) for i in range(0, x.shape[0], batch)]
-        return torch.cat(outs).contiguous().numpy()
+        chunks = [self.runner.outputs(channels_last(x[i : i + batch]), hook=self._hook)
+                  for i in range(0, x.shape[0], batch)]
+        return tuple(torch.cat(parts).contiguous().numpy() for parts in zip(*chunks, strict=True))
+
+    def __call__(self, x: np.ndarray | torch.Tensor, batch: int = 32) -> np.ndarray:
+        """The output of a one-output model."""
+        self.qgraph.graph.single_output("the one-output simulation")  # several: call outputs()
+        (output,) = self.outputs(x, batch)
+        return output
 
 
 def simulate(qgraph: QuantizedGraph, x: np.ndarray | torch.Tensor, batch: int = 32) -> np.ndarray:
     """Outputs (e.g. logits) of the int8 model on a float32 batch, dequantised."""
     return Simulator(qgraph)(x, batch)
+
+
+def simulate_outputs(qgraph: QuantizedGraph, x: np.ndarray | torch.Tensor, batch: int = 32) -> tuple[np.ndarray, ...]:
+    """Every output of the int8 model on a float32 batch, dequantised, in the model's order."""
+    return Simulator(qgraph).outputs(x, batch)

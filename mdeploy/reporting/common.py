@@ -121,6 +121,16 @@ def artifact_failures(artifact: Report) -> list[str]:
     return [o.failure for o in outcomes if o.failure] + unclaimed
 
 
+def limit_notes(artifacts: list[Report]) -> list[str]:
+    """How the derived limits came about (``parity.threshold_notes``, e.g. the fp32 limit relative to the output's
+    peak): one line per distinct note, naming the artifacts it applies to."""
+    grouped: dict[str, list[str]] = {}
+    for artifact in artifacts:
+        for note in ((artifact.get("parity") or {}).get("threshold_notes") or {}).values():
+            grouped.setdefault(str(note), []).append(str(artifact.get("file", "?")))
+    return [f"{note} ({', '.join(files)})" for note, files in grouped.items()]
+
+
 def bench_section(report: Report) -> Report | None:
     return report if report.get("kind") == "bench" else report.get("bench")
 

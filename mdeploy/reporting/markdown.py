@@ -7,7 +7,7 @@ import re
 
 from mdeploy.reporting.common import (
     Report, artifact_failures, baseline_regressions, bench_section, format_bytes, format_db, format_megabytes,
-    format_number, format_percent, printable, row_label, short_hash, verdict,
+    format_number, format_percent, limit_notes, printable, row_label, short_hash, verdict,
 )
 
 # Markdown punctuation that could start emphasis, links, HTML, math or a table cell, escaped wherever report text goes.
@@ -69,7 +69,8 @@ def parity_table(artifacts: list[Report]) -> list[str]:
                      format_percent(metrics.get("top1_agreement")), format_percent(metrics.get("top5_agreement")),
                      "❌ " + md("; ".join(failures)) if failures else "✅ pass"])
     header = ["Artifact", "Runtime", "Max abs err", "SNR dB", "Top-1", "Top-5", "Verdict"]
-    return ["#### Parity with PyTorch", "", *table(header, rows, "llrrrrl")]
+    notes = [f"- {md(note)}" for note in limit_notes(artifacts)]
+    return ["#### Parity with PyTorch", "", *table(header, rows, "llrrrrl"), *(["", "Limits:", *notes] if notes else [])]
 
 
 def agreement_table(agreement: Report) -> list[str]:

@@ -106,7 +106,7 @@ class TwoOutputs(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y = self.body(x)
-        return y, y
+        return y, torch.softmax(y, dim=-1)  # two tensors: the IR carries both, convert's classifier parity does not
 
 
 class HiddenNan(nn.Module):

@@ -1,0 +1,131 @@
+"""MobileNet-family classifiers built from the model libraries' own definitions (torchvision, timm), with random
+weights and BatchNorm statistics from real photos, saved the way users save them.
+
+No library weights can be downloaded here, so each model gets the library's random initialisation and then BatchNorm
+running statistics measured on real photos (one pass in training mode with a cumulative average): every layer then
+sees activations of the scale a trained network's would have, and outputs are not dominated by one exploding
+channel. torchvision 0.28.0 is the release built for torch 2.13.0; its wheel is linked against CUDA, so
+``import torchvision`` needs the ``torchvision::nms``/``qnms`` op schemas defined first (``install_torchvision_shim``;
+building models never calls them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+_SHIM: list[Any] = []  # keeps the torch.library definitions alive
+
+
+def install_torchvision_shim() -> None:
+    """Define the two torchvision op schemas its CUDA wheel's import registers kernels for (idempotent)."""
+    if _SHIM:
+        return
+    try:
+        torch.ops.torchvision.nms  # noqa: B018 - defined already (a CPU build of torchvision, or an earlier shim)
+    except (AttributeError, RuntimeError):
+        library = torch.library.Library("torchvision", "DEF")
+        library.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        library.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _SHIM.append(library)
+    else:
+        _SHIM.append(None)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One MobileNet-family classifier: where its definition comes from and what mdeploy makes of it today."""
+
+    name: str  # test id
+    library: str  # "timm" or "torchvision"
+    builder: str  # the library's model name
+    size: int = 96  # input size used in the tests (the family's smallest sensible one: tests stay fast)
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    unsupported: str | None = None  # what the expected "not supported" error names (op or module), if any
+
+    def build(self, num_classes: int = 10) -> nn.Module:
+        install_torchvision_shim()
+        kwargs = dict(self.kwargs)
+        if self.library == "timm":
+            import timm
+
+            return timm.create_model(self.builder, pretrained=False, num_classes=num_classes, **kwargs)
+        import torchvision
+
+        return getattr(torchvision.models, self.builder)(weights=None, num_classes=num_classes, **kwargs)
+
+
+FAMILIES: tuple[Family, ...] = (
+    Family("mobilenet_v1", "timm", "mobilenetv1_100"),
+    Family("mobilenet_v2_050", "torchvision", "mobilenet_v2", kwargs=(("width_mult", 0.5),)),
+    Family("mobilenet_v2_100", "torchvision", "mobilenet_v2", size=128),
+    Family("mobilenet_v3_small", "torchvision", "mobilenet_v3_small"),
+    Family("mobilenet_v3_large", "torchvision", "mobilenet_v3_large", size=128),
+    Family("tf_mobilenet_v3_small", "timm", "tf_mobilenetv3_small_100", size=128),  # TF "SAME" padding
+    Family("tf_mobilenet_v3_large", "timm", "tf_mobilenetv3_large_075", size=112),
+    Family("mobilenet_v4_conv_small", "timm", "mobilenetv4_conv_small"),
+    Family("mobilenet_v4_conv_medium", "timm", "mobilenetv4_conv_medium"),
+    Family("efficientnet_lite0", "timm", "efficientnet_lite0"),
+    Family("lcnet", "timm", "lcnet_100"),
+    Family("mnasnet", "timm", "mnasnet_100"),
+    Family("mnasnet_torchvision", "torchvision", "mnasnet0_5"),
+    Family("fbnet", "timm", "fbnetc_100"),
+    # Operators another change adds (issue 14); until then the error must name them clearly.
+    Family("ghostnet", "timm", "ghostnet_100", unsupported="aten.cat"),  # Ghost modules concatenate two convs
+    Family("tinynet", "timm", "tinynet_e", unsupported="aten.silu"),  # Swish activations
+    # LayerScale2d (a per-channel parameter multiply) comes first; attention (matmul, softmax, reshapes) after it.
+    Family("mobilenet_v4_hybrid", "timm", "mobilenetv4_hybrid_medium", unsupported="blocks.1.0.layer_scale"),
+)
+
+
+def photos(folder: Path, size: int, count: int = 32) -> torch.Tensor:
+    """``count`` real photos from ``folder``, preprocessed as mdeploy does (ImageNet mean/std) at ``size``."""
+    from mdeploy.calibration.preprocess import Preprocess, load_image
+
+    preprocess = Preprocess.imagenet(size)
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:count]
+    return torch.from_numpy(np.stack([preprocess(load_image(p)) for p in paths]))
+
+
+def with_photo_statistics(model: nn.Module, images: torch.Tensor, seed: int = 0) -> nn.Module:
+    """Random BatchNorm shifts and running statistics measured on ``images``; returns the eval model."""
+    generator = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    with torch.no_grad():
+        for bn in norms:
+            bn.reset_running_stats()
+            bn.momentum = None  # a cumulative average over the batches seen
+            if bn.affine:  # random shifts; random scales make some families chaotic (fp32 noise amplified 1000x)
+                bn.bias.copy_(0.1 * torch.randn(bn.bias.shape, generator=generator))
+        model.train()
+        for batch in images.split(16):
+            model(batch)
+    return model.eval()
+
+
+def library_model(family: Family, calib_dir: Path) -> nn.Module:
+    torch.manual_seed(0)
+    return with_photo_statistics(family.build(), photos(calib_dir, family.size))
+
+
+Saver = Callable[[nn.Module, torch.Tensor, Path], None]
+
+
+def save_exported(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """As users export: ``torch.export.export(model, (x,))`` at batch 1, then ``torch.export.save``."""
+    torch.export.save(torch.export.export(model, (example,)), path)
+
+
+def save_traced(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    """As users script: ``torch.jit.trace`` then ``torch.jit.save``."""
+    with torch.no_grad():
+        torch.jit.save(torch.jit.trace(model, example), path)
+
+
+SAVERS: dict[str, tuple[Saver, str]] = {"pt2": (save_exported, ".pt2"), "torchscript": (save_traced, ".pt")}
