@@ -94,8 +94,10 @@ def _round_layer(stats: LayerStats, recipe: QuantRecipe) -> tuple[torch.Tensor, 
     return codes, scale, correct_bias(codes, scale, weight, bias, stats.mean_input())
 
 
-def _limit_bias_codes(stats: LayerStats, recipe: QuantRecipe, codes: torch.Tensor, scale: torch.Tensor,
-                      bias: torch.Tensor, input_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
+def _limit_bias_codes(
+    stats: LayerStats, recipe: QuantRecipe, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+    input_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int]]:
     """Keeps every int32 bias code representable. A trained network's dead or near-zero channels (a BatchNorm gamma
     near 0 folded into the conv) keep a large bias but get a tiny weight scale, so ``bias / (input_scale * scale)``
     overflows int32. As TFLite's converter does, such rows get the smallest scale that keeps the code within

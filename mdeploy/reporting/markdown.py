@@ -70,7 +70,8 @@ def parity_table(artifacts: list[Report]) -> list[str]:
                      "❌ " + md("; ".join(failures)) if failures else "✅ pass"])
     header = ["Artifact", "Runtime", "Max abs err", "SNR dB", "Top-1", "Top-5", "Verdict"]
     notes = [f"- {md(note)}" for note in limit_notes(artifacts)]
-    return ["#### Parity with PyTorch", "", *table(header, rows, "llrrrrl"), *(["", "Limits:", *notes] if notes else [])]
+    limits = ["", "Limits:", *notes] if notes else []
+    return ["#### Parity with PyTorch", "", *table(header, rows, "llrrrrl"), *limits]
 
 
 def agreement_table(agreement: Report) -> list[str]:
