@@ -12,13 +12,16 @@ building models never calls them).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+
+from mdeploy.families import FAMILIES, Family
+
+__all__ = ["FAMILIES", "Family", "build", "library_model", "SAVERS"]
 
 _SHIM: list[Any] = []  # keeps the torch.library definitions alive
 
@@ -38,50 +41,17 @@ def install_torchvision_shim() -> None:
         _SHIM.append(None)
 
 
-@dataclass(frozen=True)
-class Family:
-    """One MobileNet-family classifier: where its definition comes from and what mdeploy makes of it today."""
+def build(family: Family, num_classes: int = 10) -> nn.Module:
+    """``family``'s model from its library's own definition, random weights."""
+    install_torchvision_shim()
+    kwargs = dict(family.kwargs)
+    if family.library == "timm":
+        import timm
 
-    name: str  # test id
-    library: str  # "timm" or "torchvision"
-    builder: str  # the library's model name
-    size: int = 96  # input size used in the tests (the family's smallest sensible one: tests stay fast)
-    kwargs: tuple[tuple[str, Any], ...] = ()
-    unsupported: str | None = None  # what the expected "not supported" error names (op or module), if any
+        return timm.create_model(family.builder, pretrained=False, num_classes=num_classes, **kwargs)
+    import torchvision
 
-    def build(self, num_classes: int = 10) -> nn.Module:
-        install_torchvision_shim()
-        kwargs = dict(self.kwargs)
-        if self.library == "timm":
-            import timm
-
-            return timm.create_model(self.builder, pretrained=False, num_classes=num_classes, **kwargs)
-        import torchvision
-
-        return getattr(torchvision.models, self.builder)(weights=None, num_classes=num_classes, **kwargs)
-
-
-FAMILIES: tuple[Family, ...] = (
-    Family("mobilenet_v1", "timm", "mobilenetv1_100"),
-    Family("mobilenet_v2_050", "torchvision", "mobilenet_v2", kwargs=(("width_mult", 0.5),)),
-    Family("mobilenet_v2_100", "torchvision", "mobilenet_v2", size=128),
-    Family("mobilenet_v3_small", "torchvision", "mobilenet_v3_small"),
-    Family("mobilenet_v3_large", "torchvision", "mobilenet_v3_large", size=128),
-    Family("tf_mobilenet_v3_small", "timm", "tf_mobilenetv3_small_100", size=128),  # TF "SAME" padding
-    Family("tf_mobilenet_v3_large", "timm", "tf_mobilenetv3_large_075", size=112),
-    Family("mobilenet_v4_conv_small", "timm", "mobilenetv4_conv_small"),
-    Family("mobilenet_v4_conv_medium", "timm", "mobilenetv4_conv_medium"),
-    Family("efficientnet_lite0", "timm", "efficientnet_lite0"),
-    Family("lcnet", "timm", "lcnet_100"),
-    Family("mnasnet", "timm", "mnasnet_100"),
-    Family("mnasnet_torchvision", "torchvision", "mnasnet0_5"),
-    Family("fbnet", "timm", "fbnetc_100"),
-    # Operators another change adds (issue 14); until then the error must name them clearly.
-    Family("ghostnet", "timm", "ghostnet_100", unsupported="aten.cat"),  # Ghost modules concatenate two convs
-    Family("tinynet", "timm", "tinynet_e", unsupported="aten.silu"),  # Swish activations
-    # LayerScale2d (a per-channel parameter multiply) comes first; attention (matmul, softmax, reshapes) after it.
-    Family("mobilenet_v4_hybrid", "timm", "mobilenetv4_hybrid_medium", unsupported="blocks.1.0.layer_scale"),
-)
+    return getattr(torchvision.models, family.builder)(weights=None, num_classes=num_classes, **kwargs)
 
 
 def photos(folder: Path, size: int, count: int = 32) -> torch.Tensor:
@@ -111,7 +81,7 @@ def with_photo_statistics(model: nn.Module, images: torch.Tensor, seed: int = 0)
 
 def library_model(family: Family, calib_dir: Path) -> nn.Module:
     torch.manual_seed(0)
-    return with_photo_statistics(family.build(), photos(calib_dir, family.size))
+    return with_photo_statistics(build(family), photos(calib_dir, family.size))
 
 
 Saver = Callable[[nn.Module, torch.Tensor, Path], None]

@@ -17,7 +17,7 @@ SOURCES = {"mdeploy": "mdeploy", "converters": "mdeploy.converters", "calibratio
 # Lowest first. A module belongs to the layer of the longest prefix that names it (or a package above it).
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("mdeploy.__init__", "mdeploy.types", "mdeploy.errors", "mdeploy.metrics", "mdeploy.ui")),
-    ("foundations", ("mdeploy.outputs", "mdeploy.manifest", "mdeploy.paths", "mdeploy.apt", "mdeploy.model_archive",
+    ("foundations", ("mdeploy.outputs", "mdeploy.manifest", "mdeploy.families", "mdeploy.paths", "mdeploy.apt", "mdeploy.model_archive",
                      "mdeploy.graph", "mdeploy.calibration", "mdeploy.zoo", "mdeploy.reporting")),
     ("numerics", ("mdeploy.quantize", "mdeploy.loading", "mdeploy.parity", "mdeploy.config", "mdeploy.baseline",
                   "mdeploy.latency", "mdeploy.agreement")),

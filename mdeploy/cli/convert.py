@@ -17,6 +17,7 @@ from mdeploy.calibration.config import QuantRecipe, RangeMethod
 from mdeploy.calibration.preprocess import Preprocess
 from mdeploy.converters import REGISTRY, Converter
 from mdeploy.converters.base import CliOption
+from mdeploy.families import help_epilog
 from mdeploy.types import Target
 from mdeploy.cli.app import app, print_error, run_guarded, stdout
 from mdeploy.cli.options import (
@@ -176,4 +177,4 @@ class WithTargetOptions:
         return self.command(**{k: v for k, v in values.items() if k not in names}, target_values=mine)
 
 
-app.command(name="convert")(WithTargetOptions(convert))
+app.command(name="convert", epilog=help_epilog())(WithTargetOptions(convert))
