@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from mdeploy.errors import BadInputError, UnsupportedOpError, first_line
+from mdeploy.converters.coreml_mil_structure import STRUCTURE_MIL_OPS
 
 RUNTIME_NAME = "MIL reference (not Core ML)"
 MilOpFn = Callable[..., Any]
@@ -212,6 +213,26 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
         return 1 / (1 + np.exp(-x))
 
 
+@mil_op("silu")
+def silu(x: np.ndarray) -> np.ndarray:
+    return x * sigmoid(x)
+
+
+@mil_op("leaky_relu")
+def leaky_relu(x: np.ndarray, alpha: Any) -> np.ndarray:
+    y = np.array(x, copy=True)
+    y[y < 0] *= alpha
+    return y
+
+
+@mil_op("prelu")
+def prelu(x: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """max(x, 0) + min(x, 0) * alpha[c], alpha along axis 1."""
+    shape = [1] * x.ndim
+    shape[1] = -1
+    return np.maximum(x, 0) + np.minimum(x, 0) * np.asarray(alpha).reshape(shape)
+
+
 @mil_op("softmax")
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     e = np.exp(x - np.max(x, axis=int(axis), keepdims=True))
@@ -264,6 +285,9 @@ def classify(probabilities: np.ndarray, classes: Any) -> tuple[Any, np.ndarray]:
     """(top class label, the per-class scores as given): a classifier's outputs, scores kept as an array."""
     labels = list(classes)
     return labels[int(np.argmax(probabilities.reshape(-1)))], probabilities
+
+
+MIL_OPS.update(STRUCTURE_MIL_OPS)  # concat, max_pool, avg_pool, transpose, slice_by_index
 
 
 # -- the executor --------------------------------------------------------------------------------------------

@@ -20,7 +20,10 @@ import numpy as np
 
 from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
+from mdeploy.graph.ir import LeakyReluAttrs, PoolAttrs, ShuffleAttrs, SliceAttrs
+from mdeploy.graph.pooling import pool_geometry
 from mdeploy.quantize.params import QuantizedGraph, TensorQuant, quantize_bias
+from mdeploy.quantize.rounding import affine_dequantized
 from mdeploy.types import INPUT_NAME, OUTPUT_NAME  # OUTPUT_NAME: re-exported for coreml.py and tests
 
 
@@ -246,9 +249,86 @@ class _Emitter:
         pads = np.array([0, 0, 0, 0, *attrs.pads], np.int32)  # top, bottom, left, right on the last two axes
         return self.mb.pad(x=xs[0], pad=pads, mode="constant", constant_val=np.float32(0.0), name=name)
 
+    @lowers(Op.SILU, "silu")
+    def silu(self, node: Node, xs: list[Any], name: str) -> Any:
+        return self.mb.silu(x=xs[0], name=name)
+
+    @lowers(Op.LEAKY_RELU, "leaky_relu")
+    def leaky_relu(self, node: Node, xs: list[Any], name: str) -> Any:
+        assert isinstance(node.attrs, LeakyReluAttrs)
+        return self.mb.leaky_relu(x=xs[0], alpha=np.float32(node.attrs.negative_slope), name=name)
+
+    @lowers(Op.PRELU, "prelu", "reshape")
+    def prelu(self, node: Node, xs: list[Any], name: str) -> Any:
+        slope = node.params["slope"].astype(np.float32)
+        if len(self.graph.shapes[node.output]) >= 3:
+            return self.mb.prelu(x=xs[0], alpha=slope, name=name)
+        x = self.mb.reshape(x=xs[0], shape=np.array([-1, slope.size, 1, 1], np.int32), name=name + "_4d")
+        y = self.mb.prelu(x=x, alpha=slope, name=name + "_prelu")  # MIL prelu takes rank 3 and up
+        return self.mb.reshape(x=y, shape=np.array([-1, slope.size], np.int32), name=name)
+
+    @lowers(Op.AFFINE, "conv", "mul", "add")
+    def affine(self, node: Node, xs: list[Any], name: str) -> Any:
+        """A 1x1 depthwise conv on a feature map (as the TFLite target; a mul and an add would be fused by Core ML's
+        optimiser into a batch_norm whose epsilon of 1e-5 changes the result), mul and add on (N, C); W8A8: the
+        scale and shift the int8 kernels apply (as ``bias`` does)."""
+        scale, shift = node.params["scale"], node.params["shift"]
+        if self.is_int8(node) and self.quantize_activations:
+            assert self.quantized is not None
+            scale, shift = affine_dequantized(scale, shift, self.quantized.activations[node.inputs[0]].scale)
+        scale, shift = scale.astype(np.float32), shift.astype(np.float32)
+        if len(self.graph.shapes[node.output]) == 4:
+            return self.mb.conv(x=xs[0], weight=scale.reshape(-1, 1, 1, 1), bias=shift, groups=scale.size, name=name)
+        y = self.mb.mul(x=xs[0], y=scale.reshape(1, -1), name=name + "_scaled")
+        return self.mb.add(x=y, y=shift.reshape(1, -1), name=name)
+
     @lowers(Op.SOFTMAX, "softmax")
     def softmax(self, node: Node, xs: list[Any], name: str) -> Any:
         return self.mb.softmax(x=xs[0], axis=-1, name=name)
+
+    @lowers(Op.CONCAT, "concat")
+    def concat(self, node: Node, xs: list[Any], name: str) -> Any:  # W8A8: the output's quantize requantises
+        return self.mb.concat(values=xs, axis=1, name=name)
+
+    @lowers(Op.MAX_POOL, "max_pool")
+    def max_pool(self, node: Node, xs: list[Any], name: str) -> Any:
+        attrs, geometry = self._pool(node, average=False)
+        return self.mb.max_pool(x=xs[0], kernel_sizes=list(attrs.kernel), strides=list(attrs.stride),
+                                pad_type="custom", pad=list(geometry.pads), ceil_mode=False, name=name)
+
+    @lowers(Op.AVG_POOL, "avg_pool", "mul")
+    def avg_pool(self, node: Node, xs: list[Any], name: str) -> Any:
+        """Sum / (kh * kw) over zero padding, times PyTorch's divisor correction (mdeploy.graph.pooling)."""
+        attrs, geometry = self._pool(node, average=True)
+        inner = name if geometry.correction is None else name + "_window_mean"
+        y = self.mb.avg_pool(x=xs[0], kernel_sizes=list(attrs.kernel), strides=list(attrs.stride), pad_type="custom",
+                             pad=list(geometry.pads), exclude_padding_from_average=False, ceil_mode=False, name=inner)
+        if geometry.correction is None:
+            return y
+        return self.mb.mul(x=y, y=geometry.correction.reshape(1, 1, *geometry.out).astype(np.float32), name=name)
+
+    def _pool(self, node: Node, average: bool) -> tuple[PoolAttrs, Any]:
+        attrs = node.attrs
+        assert isinstance(attrs, PoolAttrs)
+        return attrs, pool_geometry(attrs, self.graph.shapes[node.inputs[0]][2:], average)  # type: ignore[arg-type]
+
+    @lowers(Op.CHANNEL_SHUFFLE, "reshape", "transpose")
+    def channel_shuffle(self, node: Node, xs: list[Any], name: str) -> Any:  # as coremltools' torch frontend
+        assert isinstance(node.attrs, ShuffleAttrs)
+        _, c, h, w = self.graph.shapes[node.inputs[0]]
+        g = node.attrs.groups
+        y = self.mb.reshape(x=xs[0], shape=np.array([-1, g, c // g, h, w], np.int32), name=name + "_grouped")
+        y = self.mb.transpose(x=y, perm=[0, 2, 1, 3, 4], name=name + "_swapped")
+        return self.mb.reshape(x=y, shape=np.array([-1, c, h, w], np.int32), name=name)
+
+    @lowers(Op.SLICE, "slice_by_index")
+    def channel_slice(self, node: Node, xs: list[Any], name: str) -> Any:
+        attrs = node.attrs
+        assert isinstance(attrs, SliceAttrs)
+        return self.mb.slice_by_index(x=xs[0], begin=np.array([0, attrs.start, 0, 0], np.int32),
+                                      end=np.array([0, attrs.end, 0, 0], np.int32),
+                                      begin_mask=[True, False, True, True], end_mask=[True, False, True, True],
+                                      name=name)
 
     def emit(self, node: Node, xs: list[Any], name: str) -> Any:
         lowering = LOWERINGS.get(node.op)

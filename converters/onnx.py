@@ -19,7 +19,10 @@ from mdeploy.converters.base import (ONE_OUTPUT_STAGE, ArtifactInfo, BundleRunne
                                   Target, require_content)
 from mdeploy.errors import BadInputError, UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs, only_output
+from mdeploy.graph.ir import LeakyReluAttrs, PoolAttrs, ShuffleAttrs, SliceAttrs
+from mdeploy.graph.pooling import pool_geometry, shuffle_permutation
 from mdeploy.quantize.params import QuantizedGraph, quantize_bias
+from mdeploy.quantize.rounding import affine_dequantized
 from mdeploy.types import INPUT_NAME, OutputsRunner, outputs_entry
 
 OPSET = 17
@@ -165,9 +168,88 @@ class _Writer:
         pads = self.constant(out + "/pads", np.array([0, 0, top, left, 0, 0, bottom, right], np.int64))
         return self.add("Pad", [inputs[0], pads], out)
 
+    @emits(Op.SILU)
+    def silu(self, node: Node, inputs: list[str], out: str) -> str:  # opset 17 has no Swish
+        return self.add("Mul", [inputs[0], self.add("Sigmoid", inputs, out + "/sigmoid")], out)
+
+    @emits(Op.LEAKY_RELU)
+    def leaky_relu(self, node: Node, inputs: list[str], out: str) -> str:
+        assert isinstance(node.attrs, LeakyReluAttrs)
+        return self.add("LeakyRelu", inputs, out, alpha=node.attrs.negative_slope)
+
+    def along_channels(self, node: Node, name: str, value: np.ndarray) -> str:
+        """A (C,) parameter as a constant broadcasting along axis 1 of ``node``'s output."""
+        rank = len(self.graph.shapes[node.output])
+        return self.constant(name, value.astype(np.float32).reshape((-1,) + (1,) * (rank - 2)))
+
+    @emits(Op.PRELU)
+    def prelu(self, node: Node, inputs: list[str], out: str) -> str:
+        return self.add("PRelu", [inputs[0], self.along_channels(node, out + "/slope", node.params["slope"])], out)
+
+    @emits(Op.AFFINE)
+    def affine(self, node: Node, inputs: list[str], out: str) -> str:
+        """Mul and Add by constants; int8: the scale and shift the int8 kernels apply (rounding.affine_dequantized),
+        computed in float between the input's DequantizeLinear and the output's QuantizeLinear."""
+        scale, shift = node.params["scale"], node.params["shift"]
+        if self.is_int8(node):
+            assert self.quantized is not None
+            scale, shift = affine_dequantized(scale, shift, self.quantized.activations[node.inputs[0]].scale)
+        y = self.add("Mul", [inputs[0], self.along_channels(node, out + "/scale", scale)],
+                     out + "/scaled" if np.any(shift != 0) else out)
+        return self.add("Add", [y, self.along_channels(node, out + "/shift", shift)], out) if np.any(shift != 0) else y
+
     @emits(Op.SOFTMAX)
     def softmax(self, node: Node, inputs: list[str], out: str) -> str:
         return self.add("Softmax", inputs, out, axis=-1)
+
+    @emits(Op.CONCAT)
+    def concat(self, node: Node, inputs: list[str], out: str) -> str:
+        if self.quantized is not None and self.is_int8(node):  # inputs on another grid: requantised to the output's
+            grid = self.quantized.activations[node.output]
+            inputs = list(inputs)
+            for i, name in enumerate(node.inputs):
+                if self.quantized.activations[name] != grid:
+                    tag = f"{out}/input{i}"
+                    scale = self.constant(tag + "/scale", np.array(float(grid.scale), np.float32))
+                    zero_point = self.constant(tag + "/zero_point", np.array(int(grid.zero_point), np.int8))
+                    self.add("QuantizeLinear", [inputs[i], scale, zero_point], tag + "/q")
+                    inputs[i] = self.add("DequantizeLinear", [tag + "/q", scale, zero_point], tag)
+        return self.add("Concat", inputs, out, axis=1)
+
+    @emits(Op.MAX_POOL, Op.AVG_POOL)
+    def pool(self, node: Node, inputs: list[str], out: str) -> str:
+        """PyTorch's windows (mdeploy.graph.pooling): explicit pads, then a correction map for PyTorch's divisor."""
+        attrs = node.attrs
+        assert isinstance(attrs, PoolAttrs)
+        average = node.op is Op.AVG_POOL
+        geometry = pool_geometry(attrs, self.graph.shapes[node.inputs[0]][2:], average)  # type: ignore[arg-type]
+        top, bottom, left, right = geometry.pads
+        kwargs: dict[str, Any] = {"kernel_shape": list(attrs.kernel), "strides": list(attrs.stride),
+                                  "pads": [top, left, bottom, right]}
+        if not average:
+            return self.add("MaxPool", inputs, out, **kwargs)
+        if geometry.correction is None:
+            return self.add("AveragePool", inputs, out, count_include_pad=1, **kwargs)
+        y = self.add("AveragePool", inputs, out + "/window_mean", count_include_pad=1, **kwargs)
+        correction = self.constant(out + "/correction", geometry.correction.reshape(1, 1, *geometry.out)
+                                   .astype(np.float32))
+        return self.add("Mul", [y, correction], out)
+
+    @emits(Op.CHANNEL_SHUFFLE)
+    def channel_shuffle(self, node: Node, inputs: list[str], out: str) -> str:
+        assert isinstance(node.attrs, ShuffleAttrs)
+        channels = self.graph.shapes[node.inputs[0]][1]
+        perm = self.constant(out + "/perm", shuffle_permutation(channels, node.attrs.groups).astype(np.int64))
+        return self.add("Gather", [inputs[0], perm], out, axis=1)
+
+    @emits(Op.SLICE)
+    def channel_slice(self, node: Node, inputs: list[str], out: str) -> str:
+        attrs = node.attrs
+        assert isinstance(attrs, SliceAttrs)
+        starts = self.constant(out + "/starts", np.array([attrs.start], np.int64))
+        ends = self.constant(out + "/ends", np.array([attrs.end], np.int64))
+        axes = self.constant(out + "/axes", np.array([1], np.int64))
+        return self.add("Slice", [inputs[0], starts, ends, axes], out)
 
     def emit(self, node: Node, inputs: list[str], out: str) -> str:
         emitter = EMITTERS.get(node.op)

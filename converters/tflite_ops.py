@@ -27,8 +27,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from mdeploy.converters.tflite_activations import ACTIVATION_EMITTERS, ACTIVATION_VERSIONS
 from mdeploy.converters.tflite_options import HardSwishMode, IOType, Options
 from mdeploy.converters.tflite_flatbuffer import ModelBuilder, Quant, fb
+from mdeploy.converters.tflite_structure import STRUCTURE_EMITTERS, STRUCTURE_VERSIONS
 from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs
 from mdeploy.quantize.params import QuantizedGraph, TensorQuant, quantize_bias
@@ -53,6 +55,10 @@ Emitter = Callable[["Translator", Node], None]
 # IR op -> its TFLite emitter (a Translator method): one per member of Op (tests/test_ops.py checks).
 EMITTERS: OpRegistry[Emitter] = OpRegistry()
 emits = EMITTERS.register
+EMITTERS.update(STRUCTURE_EMITTERS)  # CONCAT, MAX_POOL, AVG_POOL, CHANNEL_SHUFFLE, SLICE
+VERSIONS.update(STRUCTURE_VERSIONS)
+EMITTERS.update(ACTIVATION_EMITTERS)  # SILU, LEAKY_RELU, PRELU, AFFINE
+VERSIONS.update(ACTIVATION_VERSIONS)
 
 
 def _quant(tq: TensorQuant) -> Quant:
@@ -159,10 +165,9 @@ class Translator:
         _, c_in, h, w = self.graph.shapes[node.inputs[0]]
         c_out, per_group, kh, kw = node.weight.shape
         depthwise = attrs.groups == c_in and per_group == 1 and c_out % c_in == 0
-        if attrs.groups != 1 and not depthwise:
-            raise UnsupportedOpError(
-                f"grouped convolution ({attrs.groups} groups of {per_group} channels) at {node.source or node.name}"
-                " is not supported by the TFLite target: only regular and depthwise convolutions")
+        # other groups: CONV_2D reads them from the filter's depth (c_in / per_group); version 6 (TF 2.9+), which
+        # LiteRT 2.3's builtin kernels and XNNPACK run in fp32 and int8 (tests/test_ops_structure.py)
+        grouped = attrs.groups != 1 and not depthwise
         padding, explicit = _conv_padding(attrs, (h, w), (kh, kw))
         if explicit is not None:
             x = self.pad_op(node, x, explicit)
@@ -179,7 +184,8 @@ class Translator:
         options.dilationHFactor, options.dilationWFactor = attrs.dilation
         options.fusedActivationFunction = FUSED[node.activation]
         dilated_float = depthwise and not self.is_int8(node) and attrs.dilation != (1, 1)
-        self.op(code, [x, weight, bias], self.output(node), options, options_type, version=2 if dilated_float else None)
+        version = 6 if grouped else 2 if dilated_float else None
+        self.op(code, [x, weight, bias], self.output(node), options, options_type, version=version)
 
     def weight_and_bias(self, node: Node, depthwise: bool = False) -> tuple[str, str]:
         """Filter in TFLite's layout and bias: int8 per-channel + int32, or float32."""

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs
+from mdeploy.graph.ir import LeakyReluAttrs, PoolAttrs, ShuffleAttrs, SliceAttrs
 
 # Called with (tensor name, value) for the graph input and every node output; returns the value to propagate.
 TensorHook = Callable[[str, torch.Tensor], torch.Tensor]
@@ -83,6 +84,33 @@ def _sigmoid(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tens
     return torch.sigmoid(xs[0])
 
 
+@op(Op.SILU)
+def _silu(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return F.silu(xs[0])
+
+
+@op(Op.LEAKY_RELU)
+def _leaky_relu(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    assert isinstance(node.attrs, LeakyReluAttrs)
+    return F.leaky_relu(xs[0], node.attrs.negative_slope)
+
+
+def _along_channels(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (C,) parameter shaped to broadcast along axis 1 of ``x``."""
+    return value.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+@op(Op.PRELU)
+def _prelu(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.where(xs[0] >= 0, xs[0], xs[0] * _along_channels(params["slope"], xs[0]))
+
+
+@op(Op.AFFINE)
+def _affine(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    x = xs[0]
+    return x * _along_channels(params["scale"], x) + _along_channels(params["shift"], x)
+
+
 @op(Op.GLOBAL_AVG_POOL)
 def _global_avg_pool(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return xs[0].mean(dim=(2, 3), keepdim=True)
@@ -99,6 +127,33 @@ def _pad(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor])
     assert isinstance(attrs, PadAttrs)
     top, bottom, left, right = attrs.pads
     return F.pad(xs[0], (left, right, top, bottom))
+
+
+@op(Op.CONCAT)
+def _concat(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat(xs, dim=1)
+
+
+@op(Op.MAX_POOL, Op.AVG_POOL)
+def _pool(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    a = node.attrs
+    assert isinstance(a, PoolAttrs)
+    if node.op is Op.MAX_POOL:
+        return F.max_pool2d(xs[0], a.kernel, a.stride, a.padding, ceil_mode=a.ceil_mode)
+    return F.avg_pool2d(xs[0], a.kernel, a.stride, a.padding, a.ceil_mode, a.count_include_pad, a.divisor_override)
+
+
+@op(Op.CHANNEL_SHUFFLE)
+def _channel_shuffle(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    assert isinstance(node.attrs, ShuffleAttrs)
+    n, c, h, w = xs[0].shape
+    return xs[0].reshape(n, node.attrs.groups, c // node.attrs.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+@op(Op.SLICE)
+def _slice(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    assert isinstance(node.attrs, SliceAttrs)
+    return xs[0][:, node.attrs.start : node.attrs.end]
 
 
 @op(Op.SOFTMAX)

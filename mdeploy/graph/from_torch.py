@@ -7,7 +7,6 @@ message naming the op, the module it comes from and what is supported.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +18,12 @@ from torch import fx
 from mdeploy.errors import BadInputError, ConversionError, MdeployError, UnsupportedOpError, first_line
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.graph.programs import BatchedProgram, torchscript_program, traceable, unwrap_module
+from mdeploy.graph.rewrite import simplify
+from mdeploy.graph.from_torch_elementwise import ELEMENTWISE_HANDLERS, emit_affine, fold_constant
+from mdeploy.graph.from_torch_structure import STRUCTURE_HANDLERS, adaptive_pool, rewrite_structure
+from mdeploy.graph.fx_nodes import op_name as _op_name
+from mdeploy.graph.fx_nodes import pair as _pair
+from mdeploy.graph.fx_nodes import source as _source
 from mdeploy.types import INPUT_NAME
 
 
@@ -77,28 +82,6 @@ def handles(*names: str) -> Callable[[Handler], Handler]:
         return fn
 
     return register
-
-
-def _source(fx_node: fx.Node) -> str:
-    stack = fx_node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path, cls = list(stack.values())[-1]
-    cls_name = cls.split(".")[-1] if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-    return f"{path} ({cls_name})" if path else cls_name
-
-
-def _op_name(target: object) -> str:
-    if target is operator.getitem:
-        return "getitem"
-    return getattr(target, "_opname", None) or getattr(target, "__name__", str(target))
-
-
-def _pair(value: object, default: int) -> tuple[int, int]:
-    if value is None:
-        return (default, default)
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    return (int(values[0]), int(values[-1]))
 
 
 @handles("conv2d", "convolution")
@@ -165,14 +148,8 @@ def _fold_batch_norm(b: _Builder, n: fx.Node, scale: np.ndarray, shift: np.ndarr
         conv.params["bias"] = (conv.params["bias"] * scale + shift).astype(np.float32)
         b.bind(n, conv.output)
         return
-    channels = scale.shape[0]  # a BatchNorm on its own becomes a 1x1 depthwise convolution
-    b.emit(
-        n,
-        Op.CONV,
-        [x_name],
-        attrs=ConvAttrs(groups=channels),
-        params={"weight": scale.reshape(-1, 1, 1, 1).astype(np.float32), "bias": shift.astype(np.float32)},
-    )
+    along = (-1,) + (1,) * (len(b.shapes[x_name]) - 2)  # a BatchNorm on its own: a per-channel scale and shift
+    emit_affine(b, n, n.args[0], scale.reshape(along), shift.reshape(along))
 
 
 @handles("batch_norm")
@@ -257,18 +234,6 @@ HANDLERS.update(
 )
 
 
-@handles("add", "add_", "mul", "mul_")
-def _binary(b: _Builder, n: fx.Node) -> None:
-    x, y = n.args[:2]
-    is_add = _op_name(n.target).startswith("add")
-    if not (isinstance(x, fx.Node) and isinstance(y, fx.Node)) or n.kwargs.get("alpha", 1) != 1:
-        raise UnsupportedOpError(
-            f"{_op_name(n.target)} with a constant at {_source(n)} is not supported: MobileNets add and multiply "
-            "feature maps only (use nn.Hardswish / nn.Hardsigmoid instead of writing them out)"
-        )
-    b.emit(n, Op.ADD if is_add else Op.MUL, [b.tensor(x), b.tensor(y)])
-
-
 def _spatial_dims(dims: object, rank: int) -> bool:
     return sorted(int(d) % rank for d in dims) == [2, 3]  # type: ignore[union-attr]
 
@@ -287,8 +252,9 @@ def _global_pool(b: _Builder, n: fx.Node, keepdim: bool) -> None:
 
 @handles("adaptive_avg_pool2d", "_adaptive_avg_pool2d")
 def _adaptive_avg_pool(b: _Builder, n: fx.Node) -> None:
-    if _pair(n.args[1], 1) != (1, 1):
-        raise UnsupportedOpError(f"adaptive_avg_pool2d to {n.args[1]} at {_source(n)}: only global pooling (1x1)")
+    if _pair(n.args[1], 1) != (1, 1):  # a fixed kernel and stride, or a clear error
+        adaptive_pool(b, n, Op.AVG_POOL)
+        return
     _global_pool(b, n, keepdim=True)
 
 
@@ -349,6 +315,8 @@ def _identity(b: _Builder, n: fx.Node) -> None:
     b.bind(n, b.tensor(n.args[0]))
 
 
+HANDLERS.update(STRUCTURE_HANDLERS)  # concat, pooling, channel shuffle, channel slices
+HANDLERS.update(ELEMENTWISE_HANDLERS)  # add/sub/mul/div (of feature maps, or by constants), SiLU, (P/Leaky)ReLU
 IGNORED = {"_assert_tensor_metadata", "_assert_scalar", "sym_size", "_set_grad_enabled"}
 
 
@@ -379,6 +347,7 @@ def graph_from_torch(module: torch.nn.Module, input_shape: tuple[int, ...]) -> G
             if value.is_floating_point():
                 _check_finite(spec.target, value)
             constants[spec.arg.name] = value.detach().float().numpy()
+    rewrite_structure(program.graph)  # channel shuffles and split/chunk pieces as single ATen ops
     builder = _Builder(constants)
     user_inputs = [spec.arg.name for spec in signature.input_specs if spec.target is None]
     if len(user_inputs) != 1:
@@ -392,7 +361,7 @@ def graph_from_torch(module: torch.nn.Module, input_shape: tuple[int, ...]) -> G
             outputs = _outputs(builder, fx_node.args[0])
             continue
         name = _op_name(fx_node.target)
-        if name in IGNORED:
+        if name in IGNORED or fold_constant(builder, fx_node):  # constants only: computed now
             continue
         handler = HANDLERS.get(name)
         where = _source(fx_node) or "the model's forward()"
@@ -413,7 +382,8 @@ def graph_from_torch(module: torch.nn.Module, input_shape: tuple[int, ...]) -> G
                 "the layers' outputs and weights only (registered parameters and buffers)"
             ) from None
     shapes = {k: (input_shape[0], *v[1:]) if v and v[0] == batch else v for k, v in builder.shapes.items()}
-    graph = Graph(builder.nodes, INPUT_NAME, tuple(input_shape), outputs, shapes)
+    nodes, outputs = simplify(builder.nodes, outputs)  # written-out activations; constant affines folded
+    graph = Graph(nodes, INPUT_NAME, tuple(input_shape), outputs, shapes)
     _check_graph(graph)
     return graph
 

@@ -34,6 +34,15 @@ class Op(str, Enum):
     FLATTEN = "flatten"  # (N,C,H,W) -> (N, C*H*W) in PyTorch's element order
     PAD = "pad"  # zero padding; attrs: PadAttrs
     SOFTMAX = "softmax"  # over the last axis
+    CONCAT = "concat"  # inputs joined along the channel axis (dim 1), in order
+    MAX_POOL = "max_pool"  # attrs: PoolAttrs (padding never wins: it is -inf)
+    AVG_POOL = "avg_pool"  # attrs: PoolAttrs (PyTorch's divisor: count_include_pad, ceil_mode, divisor_override)
+    CHANNEL_SHUFFLE = "channel_shuffle"  # attrs: ShuffleAttrs; (N, g*k, H, W): out channel i*g + j = in j*k + i
+    SLICE = "slice"  # attrs: SliceAttrs; channels [start, end) of an (N, C, H, W) map
+    SILU = "silu"  # x * sigmoid(x) (Swish)
+    LEAKY_RELU = "leaky_relu"  # attrs: LeakyReluAttrs; x if x >= 0 else slope * x
+    PRELU = "prelu"  # params: slope (C,) learned per channel (a single learned slope is repeated C times)
+    AFFINE = "affine"  # params: scale (C,), shift (C,): x * scale[c] + shift[c] along axis 1 (constant operands)
 
 
 class OpRegistry(dict["Op", F]):
@@ -85,13 +94,41 @@ class PadAttrs:
     pads: tuple[int, int, int, int]  # top, bottom, left, right
 
 
+@dataclass(frozen=True)
+class PoolAttrs:
+    """nn.MaxPool2d / nn.AvgPool2d as PyTorch defines them (mdeploy.graph.pooling computes the windows)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int] = (0, 0)  # each side of H, of W
+    ceil_mode: bool = False
+    count_include_pad: bool = True  # AVG_POOL only
+    divisor_override: int | None = None  # AVG_POOL only
+
+
+@dataclass(frozen=True)
+class ShuffleAttrs:
+    groups: int
+
+
+@dataclass(frozen=True)
+class LeakyReluAttrs:
+    negative_slope: float
+
+
+@dataclass(frozen=True)
+class SliceAttrs:
+    start: int  # channel range [start, end), step 1
+    end: int
+
+
 @dataclass
 class Node:
     name: str
     op: Op
     inputs: list[str]
     output: str
-    attrs: ConvAttrs | ClipAttrs | PadAttrs | None = None
+    attrs: ConvAttrs | ClipAttrs | PadAttrs | PoolAttrs | ShuffleAttrs | SliceAttrs | LeakyReluAttrs | None = None
     params: dict[str, np.ndarray] = field(default_factory=dict)
     activation: Activation = Activation.NONE
     source: str = ""  # where it came from in the user's model (module path), for error messages and reports

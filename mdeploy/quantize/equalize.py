@@ -151,6 +151,8 @@ def apply_scales(graph: Graph, scales: dict[str, np.ndarray]) -> Graph:
         producer = out.producer(t)
         if producer is not None and producer.op in (Op.CONV, Op.LINEAR):
             _scale_output_channels(producer, s)
+        elif producer is not None and producer.op is Op.AFFINE:  # its input is scaled by s too: x/s * a + b/s
+            producer.params["shift"] = (producer.params["shift"] / s).astype(np.float32)
         for consumer in out.consumers(t):
             if consumer.op in (Op.CONV, Op.LINEAR):
                 _scale_input_channels(consumer, s)

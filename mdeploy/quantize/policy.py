@@ -5,14 +5,20 @@ op's output.
   changing them, so no requantisation and the output is exact);
 - ``output_range``: the values the op can produce, when bounded (a fused ReLU6: [0, 6], sigmoid: [0, 1]);
   ``limits_calibration`` says whether the quantiser clips a calibrated range to it. It does where that has always
-  been done (CONV/LINEAR with a fused activation, SIGMOID, HARDSIGMOID). For RELU, CLIP and SOFTMAX the observed
-  range already lies inside, and clipping to the float64 bounds could only move a grid by the float32 rounding of
-  a bound (clip(0, 0.1)) or, for a range that excludes 0 (clip(1, 6)), change what the estimators see: turning it
-  on would change existing int8 artifacts, so it stays off;
+  been done (CONV/LINEAR with a fused activation, SIGMOID, HARDSIGMOID; SILU, new, at its minimum). For RELU, CLIP
+  and SOFTMAX the observed range already lies inside, and clipping to the float64 bounds could only move a grid by
+  the float32 rounding of a bound (clip(0, 0.1)) or, for a range that excludes 0 (clip(1, 6)), change what the
+  estimators see: turning it on would change existing int8 artifacts, so it stays off;
 - ``fixed_output``: per runtime, the output grid its int8 kernel demands (TFLite's int8 LOGISTIC and SOFTMAX need
   scale 1/256, zero point -128); a writer requantises to the quantiser's grid after the op when the two differ;
 - ``keeps_channels``: output channel c depends on input channel c only, linearly, so a per-channel rescaling of the
   inputs passes through to the output (activation equalisation; FLATTEN only of a 1x1 map, see ``equalize``).
+  LEAKY_RELU and PRELU keep channels because scales are positive and they are positively homogeneous; AFFINE
+  (``x * scale[c] + shift[c]``) because ``equalize.apply_scales`` divides its shift by the same scale;
+- ``inputs_take_output_grid``: the op's int8 kernels want every input on the output's grid (TFLite's CONCATENATION
+  and XNNPACK's concatenate). The quantiser gives an input the op's grid where nothing read it earlier (its
+  producer neither shares a grid nor is read before the op); any other input is requantised before the op by the
+  writers (``requantised_inputs``), the same rounding the quantiser simulates.
 
 Adding an IR op means adding its row here; tests/test_ops.py fails until every backend (this table included)
 handles every member of :class:`~mdeploy.graph.ir.Op`.
@@ -34,6 +40,8 @@ from mdeploy.quantize.params import TensorQuant
 Runtime = Literal["onnx", "tflite", "coreml"]
 Range = tuple[float, float]
 RangeOf = Callable[[Node], "Range | None"]
+
+SILU_MIN = -0.2785  # min of x * sigmoid(x), at x = -1.2785 (-0.27846...), rounded down
 
 # int8 grid of a probability, [0, 255/256]: what TFLite's int8 LOGISTIC and SOFTMAX kernels write.
 PROBABILITY_GRID = TensorQuant(1.0 / 256.0, -128)
@@ -67,6 +75,7 @@ class QuantPolicy:
     limits_calibration: bool = False
     fixed_output: Mapping[Runtime, TensorQuant] = field(default_factory=lambda: MappingProxyType({}))
     keeps_channels: bool = False
+    inputs_take_output_grid: bool = False
 
     def calibration_limit(self, node: Node) -> Range | None:
         """What the quantiser clips ``node``'s calibrated output range to (None: nothing)."""
@@ -95,6 +104,16 @@ POLICY: Mapping[Op, QuantPolicy] = MappingProxyType({
     Op.FLATTEN: QuantPolicy(shares_input_grid=True, keeps_channels=True),
     Op.PAD: QuantPolicy(shares_input_grid=True, keeps_channels=True),
     Op.SOFTMAX: QuantPolicy(output_range=_constant(0.0, 1.0), fixed_output=_fixed(tflite=PROBABILITY_GRID)),
+    Op.CONCAT: QuantPolicy(inputs_take_output_grid=True),
+    Op.MAX_POOL: QuantPolicy(shares_input_grid=True, keeps_channels=True),  # picks values: exact on the input grid
+    Op.AVG_POOL: QuantPolicy(shares_input_grid=True, keeps_channels=True),  # a mean stays in the input's range
+    Op.CHANNEL_SHUFFLE: QuantPolicy(shares_input_grid=True),  # moves channels: exact
+    Op.SLICE: QuantPolicy(shares_input_grid=True),
+    Op.SILU: QuantPolicy(output_range=_constant(SILU_MIN, np.inf), limits_calibration=True),
+    # positively homogeneous per channel (f(x / s) = f(x) / s for s > 0): equalisation's rescaling passes through
+    Op.LEAKY_RELU: QuantPolicy(keeps_channels=True),
+    Op.PRELU: QuantPolicy(keeps_channels=True),
+    Op.AFFINE: QuantPolicy(keeps_channels=True),  # equalize.apply_scales divides its shift by the tensor's scale
 })
 
 

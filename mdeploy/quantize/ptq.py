@@ -14,6 +14,8 @@ bias to restore the float model's mean output (absorbing upstream mean errors to
 Which tensors are quantised (the exporters' contract): the graph input and every node output. Per-op rules are in
 ``policy.POLICY``: FLATTEN and PAD outputs share their input's parameters; a fused ReLU/ReLU6 is applied before
 the output is quantised, so those grids start at 0 (zero point -128) and never pass 6.
+A CONCAT's inputs take its grid where they can (``_grid_takers``): such an input stays float in the calibration
+stream until the CONCAT, whose grid is chosen on all its inputs; the other inputs are requantised to it.
 """
 
 from __future__ import annotations
@@ -120,6 +122,28 @@ def _limit_bias_codes(
     return codes, scale, bias, limited.reshape(-1).nonzero().reshape(-1).tolist()
 
 
+def _grid_takers(graph: Graph) -> dict[str, str]:
+    """Inputs of ops whose inputs take the output's grid (CONCAT) that can: tensor -> that node's name. An input
+    can if its grid is its own to choose (made by a node that neither shares its input's grid nor hands its own
+    grid to its inputs) and nothing reads it before that node, so that its grid is still open when the node's is
+    chosen. Others keep their grid and are requantised to the node's."""
+    takers: dict[str, str] = {}
+    order = {node.name: i for i, node in enumerate(graph.nodes)}
+    for node in graph.nodes:
+        if not policy_of(node.op).inputs_take_output_grid:
+            continue
+        for name in node.inputs:
+            producer = graph.producer(name)
+            if name in takers or producer is None:
+                continue
+            made = policy_of(producer.op)
+            if made.shares_input_grid or made.inputs_take_output_grid:
+                continue
+            if min(order[c.name] for c in graph.consumers(name)) == order[node.name]:
+                takers[name] = node.name
+    return takers
+
+
 def quantize(
     graph: Graph, calibration: np.ndarray, recipe: QuantRecipe | None = None, progress: Progress | None = None
 ) -> QuantizedGraph:
@@ -163,6 +187,7 @@ def _calibrate(graph: Graph, calibration: np.ndarray, recipe: QuantRecipe, progr
     weights: dict[str, WeightQuant] = {}
     bias_limited: list[dict[str, object]] = []  # channels whose weight scale was raised for their int32 bias
     stream: dict[str, _Stored] = {graph.input_name: _Stored(x, tq_in if sequential else None)}
+    takers = _grid_takers(graph)
 
     for i, node in enumerate(graph.nodes):
         params = {k: channels_last(torch.from_numpy(v)) for k, v in node.params.items()}
@@ -195,8 +220,15 @@ def _calibrate(graph: Graph, calibration: np.ndarray, recipe: QuantRecipe, progr
             tq = activations[node.inputs[0]]
         else:
             tq = tensor_quant(y, recipe.range_method, limit=policy.calibration_limit(node), **range_kwargs)
-        activations[node.output] = tq
-        stream[node.output] = _Stored(y, tq if sequential else None)
+        for name in {name for name in node.inputs if takers.get(name) == node.name}:
+            activations[name] = tq  # it waited in float for this grid; later readers get it on the grid
+            if last_use[name] > i:
+                stream[name] = _Stored(stream[name][:], tq if sequential else None)
+        if node.output in takers:  # its grid is chosen at the op that takes it (see _grid_takers)
+            stream[node.output] = _Stored(y, None)
+        else:
+            activations[node.output] = tq
+            stream[node.output] = _Stored(y, tq if sequential else None)
         del y
         for name in set(node.inputs):
             if last_use.get(name, -1) <= i:

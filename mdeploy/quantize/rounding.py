@@ -11,9 +11,10 @@ precision (int32); ``correct_bias`` then sets the bias so that rounding leaves n
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from mdeploy.quantize.params import WEIGHT_QMAX
+from mdeploy.quantize.params import WEIGHT_QMAX, WeightQuant, quantize_bias
 
 BLOCK = 64
 # Largest |int32 bias code| a layer may get: half of int32's range, like TFLite's converter (AdjustWeightsForBiasScale
@@ -104,3 +105,25 @@ def gptq(
     inverse = torch.argsort(perm[:, :kq], dim=-1)
     codes = torch.gather(codes, 2, inverse[:, None, :].expand_as(codes))
     return codes, w[:, :, kq:]
+
+
+def affine_weight_quant(scale: np.ndarray, shift: np.ndarray, input_scale: float) -> tuple[WeightQuant, np.ndarray]:
+    """An AFFINE (``x * scale[c] + shift[c]``) as int8 kernels run it, a 1x1 depthwise convolution: int8 weights
+    (one tap per channel, shape (C, 1, 1, 1)) and int32 bias codes. Each channel's scale is exact (code +-127 on
+    scale |a| / 127; a zero scale is code 0); as for convolutions, a channel whose bias code would pass
+    ``BIAS_CODE_LIMIT`` gets a larger weight scale (``bias_scale_floor``) and its scale is rounded on it."""
+    a = np.asarray(scale, np.float64).reshape(-1)
+    floor = bias_scale_floor(torch.from_numpy(np.asarray(shift, np.float64).reshape(-1)), input_scale).numpy()
+    w_scale = np.maximum(np.abs(a) / WEIGHT_QMAX, floor * (1 + 1e-6))
+    w_scale = np.where(w_scale > 0, w_scale, 1.0 / WEIGHT_QMAX).astype(np.float32)  # a zero channel: channel_scale's
+    codes = np.clip(np.round(a / w_scale.astype(np.float64)), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
+    wq = WeightQuant(w_scale, codes.reshape(-1, 1, 1, 1))
+    return wq, quantize_bias(np.asarray(shift, np.float32).reshape(-1), input_scale, w_scale)
+
+
+def affine_dequantized(scale: np.ndarray, shift: np.ndarray, input_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """The float (C,) scale and shift an int8 kernel effectively applies for an AFFINE (``affine_weight_quant``):
+    what float writers (ONNX between Q/DQ, Core ML W8A8) use so that every target computes the same."""
+    wq, bias_q = affine_weight_quant(scale, shift, input_scale)
+    effective_shift = bias_q * (np.float64(input_scale) * wq.scale.astype(np.float64))
+    return wq.dequantize().reshape(-1), effective_shift.astype(np.float32)

@@ -1,0 +1,155 @@
+"""TFLite emitters of SILU, LEAKY_RELU, PRELU and AFFINE. ``tflite_ops`` merges ``ACTIVATION_EMITTERS`` (and the
+operator versions) into its tables; each function takes that module's ``Translator`` as ``t``.
+
+Forms chosen so that XNNPACK (LiteRT's CPU delegate) keeps int8 graphs in one partition (measured with
+``tflite_report.xnnpack_partitions`` in tests/test_ops_activations.py; ai-edge-litert 2.3 delegates int8 LOGISTIC,
+MUL, ADD, DEPTHWISE_CONV_2D, RESHAPE and LEAKY_RELU, but not int8 PRELU):
+
+- SILU is LOGISTIC -> MUL(x, .), as TensorFlow's converter writes it (TFLite has no SiLU op); in int8 the LOGISTIC
+  writes the fixed grid its kernel demands (scale 1/256, zero point -128, ``policy.PROBABILITY_GRID``);
+- LEAKY_RELU is LEAKY_RELU. XNNPACK takes it in int8 when input/output scale ratios stay within its limits
+  (``slope * s_in / s_out >= 1/256``: a slope of 0.01 with an output grid 4x coarser than the input's is refused);
+- PRELU is PRELU in fp32, LEAKY_RELU when every channel has the same slope, else, in int8,
+  ``slope[c] * x + relu((1 - slope[c]) * x)`` as two 1x1 DEPTHWISE_CONV_2D (the second with a fused RELU) and an
+  ADD: exact per-channel weights (one tap per channel), each intermediate on its own grid (when a slope exceeds 1,
+  ``(1 - slope) * relu(x)`` takes an ADD(x, 0; RELU) first);
+- AFFINE (``x * scale[c] + shift[c]``) is a 1x1 DEPTHWISE_CONV_2D: int8 per-channel weights that hold each scale
+  exactly and an int32 bias (``rounding.affine_weight_quant``). On an (N, C) tensor it runs between two RESHAPEs
+  to (N, 1, 1, C) and back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from mdeploy.converters.tflite_flatbuffer import Quant, fb
+from mdeploy.graph.ir import LeakyReluAttrs, Node, Op, OpRegistry
+from mdeploy.quantize.params import TensorQuant
+from mdeploy.quantize.policy import PROBABILITY_GRID
+from mdeploy.quantize.rounding import affine_weight_quant
+
+B = fb.BuiltinOperator
+O = fb.BuiltinOptions
+ACT = fb.ActivationFunctionType
+
+# Operator versions (fp32, int8) as TensorFlow's converter writes them.
+ACTIVATION_VERSIONS: dict[int, tuple[int, int]] = {B.LEAKY_RELU: (1, 2), B.PRELU: (1, 1)}
+Translator = Any  # mdeploy.converters.tflite_ops.Translator (which imports this module)
+ACTIVATION_EMITTERS: OpRegistry[Callable[[Translator, Node], None]] = OpRegistry()
+emits = ACTIVATION_EMITTERS.register
+
+
+@emits(Op.SILU)
+def silu(t: Translator, node: Node) -> None:
+    x = t.input(node)
+    gate = t.op(B.LOGISTIC, [x], t.temp(node, "sigmoid", t.b.shape(x), PROBABILITY_GRID if t.is_int8(node) else None))
+    t.op(B.MUL, [x, gate], t.output(node), fb.MulOptionsT(), O.MulOptions)
+
+
+def _leaky(t: Translator, node: Node, x: str, slope: float) -> None:
+    options = fb.LeakyReluOptionsT()
+    options.alpha = slope
+    t.op(B.LEAKY_RELU, [x], t.output(node), options, O.LeakyReluOptions)
+
+
+@emits(Op.LEAKY_RELU)
+def leaky_relu(t: Translator, node: Node) -> None:
+    assert isinstance(node.attrs, LeakyReluAttrs)
+    _leaky(t, node, t.input(node), node.attrs.negative_slope)
+
+
+def _grid(t: Translator, node: Node, low: np.ndarray, high: np.ndarray) -> TensorQuant | None:
+    """int8 grid over every channel's [low, high] (None for a float node)."""
+    return TensorQuant.from_range(float(np.min(low)), float(np.max(high))) if t.is_int8(node) else None
+
+
+def _depthwise(t: Translator, node: Node, role: str, x: str, x_grid: TensorQuant | None, scale: np.ndarray,
+               shift: np.ndarray, out: str, activation: int = ACT.NONE) -> str:
+    """``x * scale[c] + shift[c]`` (then ``activation``) as a 1x1 DEPTHWISE_CONV_2D on an NHWC map ``x`` (int8:
+    on ``x_grid``)."""
+    channels = scale.size
+    if x_grid is not None:
+        s_in = x_grid.scale
+        wq, bias_q = affine_weight_quant(scale, shift, s_in)
+        zeros = (0,) * channels
+        weight = t.b.constant(f"{node.name}/{role}_weight", wq.values.reshape(1, 1, 1, channels),
+                              Quant(tuple(wq.scale.astype(np.float32)), zeros, 3))
+        bias_scale = (np.float64(s_in) * wq.scale.astype(np.float64)).astype(np.float32)
+        bias = t.b.constant(f"{node.name}/{role}_bias", bias_q.astype(np.int32), Quant(tuple(bias_scale), zeros, 0))
+    else:
+        weight = t.b.constant(f"{node.name}/{role}_weight", scale.astype(np.float32).reshape(1, 1, 1, channels))
+        bias = t.b.constant(f"{node.name}/{role}_bias", shift.astype(np.float32))
+    options = fb.DepthwiseConv2DOptionsT()
+    options.padding = fb.Padding.VALID
+    options.strideH = options.strideW = options.dilationHFactor = options.dilationWFactor = 1
+    options.depthMultiplier = 1
+    options.fusedActivationFunction = activation
+    return t.op(B.DEPTHWISE_CONV_2D, [x, weight, bias], out, options, O.DepthwiseConv2DOptions)
+
+
+def _reshape(t: Translator, node: Node, role: str, x: str, shape: tuple[int, ...], out: str) -> str:
+    new_shape = np.array([-1, *shape[1:]], np.int32)
+    options = fb.ReshapeOptionsT()
+    options.newShape = new_shape
+    return t.op(B.RESHAPE, [x, t.b.constant(f"{node.name}/{role}_shape", new_shape)], out, options,
+                O.ReshapeOptions)
+
+
+def _per_channel(t: Translator, node: Node, body: Callable[[str, str, TensorQuant | None], None]) -> None:
+    """Runs ``body(x, out, x_grid)`` on an NHWC map: an (N, C) input is reshaped to (N, 1, 1, C) and back."""
+    x = t.input(node)
+    shape = t.b.shape(x)
+    x_grid = t.tq(node.inputs[0]) if t.is_int8(node) else None
+    if len(shape) == 4:
+        body(x, t.output(node), x_grid)
+        return
+    map_shape = (shape[0], 1, 1, shape[-1])
+    x_map = _reshape(t, node, "as_map", x, map_shape, t.temp(node, "as_map", map_shape, x_grid))
+    out_map = t.temp(node, "map", map_shape, t.tq(node.output) if t.is_int8(node) else None)
+    body(x_map, out_map, x_grid)
+    _reshape(t, node, "from_map", out_map, shape, t.output(node))
+
+
+@emits(Op.AFFINE)
+def affine(t: Translator, node: Node) -> None:
+    scale, shift = node.params["scale"], node.params["shift"]
+    _per_channel(t, node, lambda x, out, grid: _depthwise(t, node, "affine", x, grid, scale, shift, out))
+
+
+@emits(Op.PRELU)
+def prelu(t: Translator, node: Node) -> None:
+    slope = node.params["slope"].astype(np.float64)
+    if np.all(slope == slope[0]):
+        _leaky(t, node, t.input(node), float(slope[0]))
+    elif not t.is_int8(node):
+        x = t.input(node)
+        alpha = slope.astype(np.float32).reshape((1, 1, -1) if len(t.b.shape(x)) == 4 else (-1,))
+        t.op(B.PRELU, [x, t.b.constant(f"{node.name}/slope", alpha)], t.output(node))
+    else:
+        _per_channel(t, node, lambda x, out, grid: _prelu_int8(t, node, slope, x, out, grid))
+
+
+def _prelu_int8(t: Translator, node: Node, slope: np.ndarray, x: str, out: str, grid: TensorQuant | None) -> None:
+    assert grid is not None
+    low, high = grid.range
+    shape = t.b.shape(x)
+    zero = np.zeros_like(slope)
+    linear = t.temp(node, "slope_x", shape, _grid(t, node, np.minimum(slope * low, slope * high),
+                                                   np.maximum(slope * low, slope * high)))
+    _depthwise(t, node, "slope", x, grid, slope, zero, linear)
+    rest = 1.0 - slope  # (1 - slope) * relu(x)
+    rest_grid = _grid(t, node, np.minimum(rest * max(high, 0.0), 0.0), np.maximum(rest * max(high, 0.0), 0.0))
+    positive = t.temp(node, "rest_relu", shape, rest_grid)
+    if np.all(rest >= 0):  # relu((1 - slope) x) = (1 - slope) relu(x)
+        _depthwise(t, node, "rest", x, grid, rest, zero, positive, ACT.RELU)
+    else:
+        options = fb.AddOptionsT()
+        options.fusedActivationFunction = ACT.RELU
+        relu_grid = TensorQuant.from_range(0.0, max(high, 0.0))
+        relu = t.temp(node, "relu", shape, relu_grid)
+        t.op(B.ADD, [x, t.scalar(node, "zero", 0.0)], relu, options, O.AddOptions)
+        _depthwise(t, node, "rest", relu, relu_grid, rest, zero, positive)
+    t.op(B.ADD, [linear, positive], out, fb.AddOptionsT(), O.AddOptions)
