@@ -48,11 +48,13 @@ FAMILIES: tuple[Family, ...] = (
     Family("mnasnet", "MNASNet", "timm", "mnasnet_100"),
     Family("mnasnet_torchvision", "MNASNet x0.5", "torchvision", "mnasnet0_5"),
     Family("fbnet", "FBNet-C", "timm", "fbnetc_100"),
-    Family("ghostnet", "GhostNet", "timm", "ghostnet_100", unsupported="aten.cat"),  # Ghost modules concatenate
-    Family("tinynet", "TinyNet-E", "timm", "tinynet_e", unsupported="aten.silu"),  # Swish activations
-    # LayerScale2d (a per-channel parameter multiply) comes first; attention (matmul, softmax, reshapes) after it.
+    Family("ghostnet", "GhostNet", "timm", "ghostnet_100"),  # Ghost modules concatenate two convs
+    Family("shufflenet_v2", "ShuffleNetV2 x0.5", "torchvision", "shufflenet_v2_x0_5"),  # channel split and shuffle
+    Family("squeezenet", "SqueezeNet 1.1", "torchvision", "squeezenet1_1", size=128),  # fire modules, max pooling
+    Family("tinynet", "TinyNet-E", "timm", "tinynet_e", size=128),  # Swish (random weights blow up at 96 px)
+    # LayerScale2d (a per-channel parameter multiply, AFFINE) converts; attention (matmul, softmax, reshapes) not.
     Family("mobilenet_v4_hybrid", "MobileNetV4-Hybrid-Medium", "timm", "mobilenetv4_hybrid_medium",
-           unsupported="blocks.1.0.layer_scale"),
+           unsupported="blocks.2.4.attn"),
 )
 
 

@@ -69,6 +69,9 @@ CASES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "thresholded_relu": lambda dt: {"x": _arr(2, 3, 5, dtype=dt), "alpha": dt(-3.0)},
     "sigmoid_hard": lambda dt: {"x": _arr(2, 3, 5, dtype=dt), "alpha": dt(1 / 6), "beta": dt(0.5)},
     "sigmoid": lambda dt: {"x": _arr(2, 3, 5, dtype=dt, scale=8)},
+    "silu": lambda dt: {"x": _arr(2, 3, 5, dtype=dt, scale=4)},
+    "leaky_relu": lambda dt: {"x": _arr(2, 3, 5, dtype=dt), "alpha": dt(0.1)},
+    "prelu": lambda dt: {"x": _arr(1, 3, 4, 4, dtype=dt), "alpha": _positive(3, dt)},
     "softmax": lambda dt: {"x": _arr(2, 7, dtype=dt), "axis": -1},
     "add": lambda dt: {"x": _arr(1, 3, 4, 4, dtype=dt), "y": _arr(1, 3, 1, 1, dtype=dt)},
     "sub": lambda dt: {"x": _arr(1, 3, 4, 4, dtype=dt), "y": _arr(1, 3, 1, 1, dtype=dt)},
@@ -133,6 +136,7 @@ REFERENCES: dict[str, Callable[..., Any]] = {  # ops whose coremltools definitio
     "constexpr_blockwise_shift_scale": lambda op, kw: op.materialized_val_inference(),
     "conv": lambda op, kw: _torch_conv(**kw),  # MIL defines conv as PyTorch's cross-correlation
     "classify": lambda op, kw: kw["probabilities"],
+    "silu": lambda op, kw: kw["x"] * (1 / (1 + np.exp(-kw["x"]))),  # MIL's definition: x * sigmoid(x)
 }
 ACCUMULATING = {"conv", "linear", "reduce_mean"}  # fp32 accumulation, one rounding: compared to fp32 math
 

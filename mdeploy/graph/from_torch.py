@@ -277,7 +277,8 @@ def _flatten(b: _Builder, n: fx.Node) -> None:
     elif len(out_shape) == 2 and out_shape[0] == in_shape[0] and len(in_shape) == 4:
         b.emit(n, Op.FLATTEN, [x_name])
     else:
-        raise UnsupportedOpError(f"reshape {in_shape} -> {out_shape} at {_source(n)}: only flattening to (N, -1)")
+        raise UnsupportedOpError(f"reshape {in_shape} -> {out_shape} at {_source(n)} is not supported: only flattening "
+                                 "to (N, -1) and channel shuffles so far")
 
 
 @handles("linear")
