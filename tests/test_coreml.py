@@ -70,6 +70,14 @@ CASES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "sigmoid_hard": lambda dt: {"x": _arr(2, 3, 5, dtype=dt), "alpha": dt(1 / 6), "beta": dt(0.5)},
     "sigmoid": lambda dt: {"x": _arr(2, 3, 5, dtype=dt, scale=8)},
     "silu": lambda dt: {"x": _arr(2, 3, 5, dtype=dt, scale=4)},
+    "concat": lambda dt: {"values": (_arr(1, 2, 4, 4, dtype=dt), _arr(1, 3, 4, 4, dtype=dt)), "axis": 1},
+    "slice_by_index": lambda dt: {"x": _arr(1, 6, 4, 4, dtype=dt), "begin": np.array([0, 1, 0, 0], np.int32),
+                                  "end": np.array([1, 4, 4, 4], np.int32)},
+    "transpose": lambda dt: {"x": _arr(1, 2, 3, 4, dtype=dt), "perm": np.array([0, 2, 1, 3], np.int32)},
+    "max_pool": lambda dt: {"x": _arr(1, 3, 6, 6, dtype=dt), "kernel_sizes": [3, 3], "strides": [2, 2],
+                            "pad_type": "valid"},
+    "avg_pool": lambda dt: {"x": _arr(1, 3, 6, 6, dtype=dt), "kernel_sizes": [3, 3], "strides": [2, 2],
+                            "pad_type": "valid", "exclude_padding_from_average": True},
     "leaky_relu": lambda dt: {"x": _arr(2, 3, 5, dtype=dt), "alpha": dt(0.1)},
     "prelu": lambda dt: {"x": _arr(1, 3, 4, 4, dtype=dt), "alpha": _positive(3, dt)},
     "softmax": lambda dt: {"x": _arr(2, 7, dtype=dt), "axis": -1},
@@ -137,6 +145,11 @@ REFERENCES: dict[str, Callable[..., Any]] = {  # ops whose coremltools definitio
     "conv": lambda op, kw: _torch_conv(**kw),  # MIL defines conv as PyTorch's cross-correlation
     "classify": lambda op, kw: kw["probabilities"],
     "silu": lambda op, kw: kw["x"] * (1 / (1 + np.exp(-kw["x"]))),  # MIL's definition: x * sigmoid(x)
+    # coremltools infers no value for pools: PyTorch's, on the case's valid 3x3 stride-2 windows
+    "max_pool": lambda op, kw: torch.nn.functional.max_pool2d(torch.from_numpy(kw["x"].astype(np.float32)), 3, 2)
+    .numpy().astype(kw["x"].dtype),
+    "avg_pool": lambda op, kw: torch.nn.functional.avg_pool2d(torch.from_numpy(kw["x"].astype(np.float32)), 3, 2)
+    .numpy().astype(kw["x"].dtype),
 }
 ACCUMULATING = {"conv", "linear", "reduce_mean"}  # fp32 accumulation, one rounding: compared to fp32 math
 

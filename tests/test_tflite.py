@@ -216,20 +216,6 @@ def test_flatten_keeps_pytorch_order_and_odd_ops_match(into_linear: bool, tmp_pa
     assert errors.max() <= 3 and errors.mean() <= 1
 
 
-def test_grouped_convolution_is_refused_with_its_source() -> None:
-    class Grouped(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = nn.Conv2d(8, 8, 3, groups=2)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.conv(x).mean(dim=(2, 3))
-
-    graph = graph_from_torch(Grouped().eval(), (1, 8, 8, 8))
-    with pytest.raises(UnsupportedOpError, match=r"grouped convolution .* at conv \(Conv2d\)"):
-        TfliteConverter().to_bytes(graph, None, INFO)
-
-
 def test_explicit_asymmetric_padding_and_sigmoid(tmp_path: Path) -> None:
     model = randomize_batch_norm(TfStylePadding())
     graph = graph_from_torch(model, (1, 3, 33, 33))
