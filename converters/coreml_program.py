@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from mdeploy.converters.coreml_mil_attention import ATTENTION_LOWERINGS  # RESHAPE, TRANSPOSE, MATMUL
 from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.graph.ir import LeakyReluAttrs, PoolAttrs, ShuffleAttrs, SliceAttrs
@@ -270,7 +271,7 @@ class _Emitter:
     @lowers(Op.AFFINE, "conv", "mul", "add")
     def affine(self, node: Node, xs: list[Any], name: str) -> Any:
         """A 1x1 depthwise conv on a feature map (as the TFLite target; a mul and an add would be fused by Core ML's
-        optimiser into a batch_norm whose epsilon of 1e-5 changes the result), mul and add on (N, C); W8A8: the
+        optimiser into a batch_norm whose epsilon of 1e-5 changes the result), mul and add on other ranks; W8A8: the
         scale and shift the int8 kernels apply (as ``bias`` does)."""
         scale, shift = node.params["scale"], node.params["shift"]
         if self.is_int8(node) and self.quantize_activations:
@@ -279,8 +280,9 @@ class _Emitter:
         scale, shift = scale.astype(np.float32), shift.astype(np.float32)
         if len(self.graph.shapes[node.output]) == 4:
             return self.mb.conv(x=xs[0], weight=scale.reshape(-1, 1, 1, 1), bias=shift, groups=scale.size, name=name)
-        y = self.mb.mul(x=xs[0], y=scale.reshape(1, -1), name=name + "_scaled")
-        return self.mb.add(x=y, y=shift.reshape(1, -1), name=name)
+        along = (1, -1) + (1,) * (len(self.graph.shapes[node.output]) - 2)  # axis 1 of (N, C) or (N, C, L)
+        y = self.mb.mul(x=xs[0], y=scale.reshape(along), name=name + "_scaled")
+        return self.mb.add(x=y, y=shift.reshape(along), name=name)
 
     @lowers(Op.SOFTMAX, "softmax")
     def softmax(self, node: Node, xs: list[Any], name: str) -> Any:
@@ -359,6 +361,9 @@ class _Emitter:
             values[node.output] = y
         outputs = tuple(values[name] for name in graph.outputs)
         return outputs[0] if len(outputs) == 1 else outputs  # a tuple: one program output each, in order
+
+
+LOWERINGS.update({op: Lowering(fn, frozenset(mil_ops)) for op, (fn, mil_ops) in ATTENTION_LOWERINGS.items()})
 
 
 def build_program(graph: Graph, quantized: QuantizedGraph | None, options: ProgramOptions) -> Any:

@@ -19,7 +19,7 @@ from mdeploy.converters.base import (ONE_OUTPUT_STAGE, ArtifactInfo, BundleRunne
                                   Target, require_content)
 from mdeploy.errors import BadInputError, UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs, only_output
-from mdeploy.graph.ir import LeakyReluAttrs, PoolAttrs, ShuffleAttrs, SliceAttrs
+from mdeploy.graph.ir import LeakyReluAttrs, PoolAttrs, ReshapeAttrs, ShuffleAttrs, SliceAttrs, TransposeAttrs
 from mdeploy.graph.pooling import pool_geometry, shuffle_permutation
 from mdeploy.quantize.params import QuantizedGraph, quantize_bias
 from mdeploy.quantize.rounding import affine_dequantized
@@ -250,6 +250,21 @@ class _Writer:
         ends = self.constant(out + "/ends", np.array([attrs.end], np.int64))
         axes = self.constant(out + "/axes", np.array([1], np.int64))
         return self.add("Slice", [inputs[0], starts, ends, axes], out)
+
+    @emits(Op.RESHAPE)
+    def reshape(self, node: Node, inputs: list[str], out: str) -> str:
+        assert isinstance(node.attrs, ReshapeAttrs)
+        shape = self.constant(out + "/shape", np.array([-1, *node.attrs.shape[1:]], np.int64))  # any batch
+        return self.add("Reshape", [inputs[0], shape], out)
+
+    @emits(Op.TRANSPOSE)
+    def transpose(self, node: Node, inputs: list[str], out: str) -> str:
+        assert isinstance(node.attrs, TransposeAttrs)
+        return self.add("Transpose", inputs, out, perm=list(node.attrs.perm))
+
+    @emits(Op.MATMUL)
+    def matmul(self, node: Node, inputs: list[str], out: str) -> str:  # int8: ONNX Runtime fuses DQ -> MatMul -> Q
+        return self.add("MatMul", inputs, out)
 
     def emit(self, node: Node, inputs: list[str], out: str) -> str:
         emitter = EMITTERS.get(node.op)

@@ -15,7 +15,8 @@ MUL, ADD, DEPTHWISE_CONV_2D, RESHAPE and LEAKY_RELU, but not int8 PRELU):
   ``(1 - slope) * relu(x)`` takes an ADD(x, 0; RELU) first);
 - AFFINE (``x * scale[c] + shift[c]``) is a 1x1 DEPTHWISE_CONV_2D: int8 per-channel weights that hold each scale
   exactly and an int32 bias (``rounding.affine_weight_quant``). On an (N, C) tensor it runs between two RESHAPEs
-  to (N, 1, 1, C) and back.
+  to (N, 1, 1, C) and back; on tensors of other ranks (attention's, in PyTorch's order) likewise with the channels
+  moved last, or as stored when every channel has the same scale and shift (``q * scale``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from mdeploy.converters.tflite_attention import channels_last_operand, declare
 from mdeploy.converters.tflite_flatbuffer import Quant, fb
 from mdeploy.graph.ir import LeakyReluAttrs, Node, Op, OpRegistry
 from mdeploy.quantize.params import TensorQuant
@@ -98,25 +100,37 @@ def _reshape(t: Translator, node: Node, role: str, x: str, shape: tuple[int, ...
                 O.ReshapeOptions)
 
 
-def _per_channel(t: Translator, node: Node, body: Callable[[str, str, TensorQuant | None], None]) -> None:
-    """Runs ``body(x, out, x_grid)`` on an NHWC map: an (N, C) input is reshaped to (N, 1, 1, C) and back."""
-    x = t.input(node)
+def _per_channel(t: Translator, node: Node, body: Callable[[str, str, TensorQuant | None], None],
+                 any_order: bool = False) -> None:
+    """Runs ``body(x, out, x_grid)`` on a 4-D map whose last axis holds PyTorch's axis 1, the channels (NHWC; a
+    tensor of another rank in PyTorch's order with axis 1 moved last, ``tflite_attention``); any rank but 4 is
+    reshaped to (M, 1, 1, C) and back. ``any_order``: every channel is treated alike, the input is read as stored."""
+    x, order = channels_last_operand(t, node, any_order)
     shape = t.b.shape(x)
     x_grid = t.tq(node.inputs[0]) if t.is_int8(node) else None
     if len(shape) == 4:
-        body(x, t.output(node), x_grid)
+        body(x, declare(t, node, shape, order), x_grid)
         return
-    map_shape = (shape[0], 1, 1, shape[-1])
+    map_shape = (shape[0], 1, 1, shape[-1]) if len(shape) == 2 else (int(np.prod(shape[:-1])), 1, 1, shape[-1])
     x_map = _reshape(t, node, "as_map", x, map_shape, t.temp(node, "as_map", map_shape, x_grid))
     out_map = t.temp(node, "map", map_shape, t.tq(node.output) if t.is_int8(node) else None)
     body(x_map, out_map, x_grid)
-    _reshape(t, node, "from_map", out_map, shape, t.output(node))
+    _reshape(t, node, "from_map", out_map, shape, declare(t, node, shape, order))
 
 
 @emits(Op.AFFINE)
 def affine(t: Translator, node: Node) -> None:
     scale, shift = node.params["scale"], node.params["shift"]
-    _per_channel(t, node, lambda x, out, grid: _depthwise(t, node, "affine", x, grid, scale, shift, out))
+    uniform = bool(np.all(scale == scale[0]) and np.all(shift == shift[0]))  # attention's q * scale, in any order
+
+    def body(x: str, out: str, grid: TensorQuant | None) -> None:
+        channels = t.b.shape(x)[-1]
+        if channels != scale.size:  # uniform: one tap per stored channel
+            _depthwise(t, node, "affine", x, grid, np.full(channels, scale[0]), np.full(channels, shift[0]), out)
+        else:
+            _depthwise(t, node, "affine", x, grid, scale, shift, out)
+
+    _per_channel(t, node, body, any_order=uniform)
 
 
 @emits(Op.PRELU)
@@ -125,9 +139,10 @@ def prelu(t: Translator, node: Node) -> None:
     if np.all(slope == slope[0]):
         _leaky(t, node, t.input(node), float(slope[0]))
     elif not t.is_int8(node):
-        x = t.input(node)
-        alpha = slope.astype(np.float32).reshape((1, 1, -1) if len(t.b.shape(x)) == 4 else (-1,))
-        t.op(B.PRELU, [x, t.b.constant(f"{node.name}/slope", alpha)], t.output(node))
+        x, order = channels_last_operand(t, node)
+        shape = t.b.shape(x)
+        alpha = slope.astype(np.float32).reshape((1,) * (len(shape) - 2) + (-1,))  # along the last axis
+        t.op(B.PRELU, [x, t.b.constant(f"{node.name}/slope", alpha)], declare(t, node, shape, order))
     else:
         _per_channel(t, node, lambda x, out, grid: _prelu_int8(t, node, slope, x, out, grid))
 

@@ -6,7 +6,8 @@ tensors are named after the IR tensors they hold; helper tensors get ``<node>/<r
 
 Layout: activations are NHWC, conv filters OHWI, depthwise filters 1HWO, fully-connected weights (O, I). No
 TRANSPOSE is emitted except for flattening a map larger than 1x1 that does not feed a LINEAR (a LINEAR reads the
-NHWC-ordered flatten by permuting its weight columns instead).
+NHWC-ordered flatten by permuting its weight columns instead), and around attention's ops, whose tensors are in
+PyTorch's order (``tflite_attention``: where they are stored otherwise, ``Translator.order``).
 
 int8 patterns chosen so that XNNPACK (LiteRT's CPU delegate) runs the whole graph in one partition. XNNPACK in
 ai-edge-litert 2.3 refuses int8 HARD_SWISH, RELU, RELU6, RELU_N1_TO_1, MAXIMUM, MINIMUM, LEAKY_RELU,
@@ -28,6 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from mdeploy.converters.tflite_activations import ACTIVATION_EMITTERS, ACTIVATION_VERSIONS
+from mdeploy.converters.tflite_attention import ATTENTION_EMITTERS, ATTENTION_VERSIONS, to_canonical
 from mdeploy.converters.tflite_options import HardSwishMode, IOType, Options
 from mdeploy.converters.tflite_flatbuffer import ModelBuilder, Quant, fb
 from mdeploy.converters.tflite_structure import STRUCTURE_EMITTERS, STRUCTURE_VERSIONS
@@ -59,6 +61,8 @@ EMITTERS.update(STRUCTURE_EMITTERS)  # CONCAT, MAX_POOL, AVG_POOL, CHANNEL_SHUFF
 VERSIONS.update(STRUCTURE_VERSIONS)
 EMITTERS.update(ACTIVATION_EMITTERS)  # SILU, LEAKY_RELU, PRELU, AFFINE
 VERSIONS.update(ACTIVATION_VERSIONS)
+EMITTERS.update(ATTENTION_EMITTERS)  # RESHAPE, TRANSPOSE, MATMUL, SOFTMAX (any rank; tensors in PyTorch's order)
+VERSIONS.update(ATTENTION_VERSIONS)
 
 
 def _quant(tq: TensorQuant) -> Quant:
@@ -94,8 +98,12 @@ class Translator:
         self.options = options
         self.b = ModelBuilder()
         self.value: dict[str, str] = {}  # IR tensor -> TFLite tensor holding it (int8 if quantised, else float)
-        self.converted: dict[tuple[str, str], str] = {}  # (IR tensor, "int8"/"float") -> converted TFLite tensor
+        self.converted: dict[tuple[str, str], str] = {}  # (TFLite tensor, "int8"/"float") -> its conversion
         self.flat_nhwc: dict[str, tuple[int, int, int]] = {}  # flattened in NHWC order: IR tensor -> (C, H, W)
+        # IR tensor -> its order when stored otherwise than NHWC (rank 4) / PyTorch's order (other ranks), and the
+        # transposes written to read tensors in another order (tflite_attention)
+        self.order: dict[str, tuple[int, ...]] = {}
+        self.arranged: dict[tuple[str, tuple[int, ...]], str] = {}
 
     # -- domains: each IR tensor lives in int8 (quantised graphs) or float ---------------------------------------
     def is_int8(self, node: Node) -> bool:
@@ -109,27 +117,39 @@ class Translator:
             raise UnsupportedOpError(f"the int8 parameters have no scale for tensor {tensor!r}") from None
 
     def input(self, node: Node, i: int = 0) -> str:
-        """The TFLite tensor holding ``node``'s i-th input in the node's own domain (converted if needed)."""
+        """The TFLite tensor holding ``node``'s i-th input in the node's own domain (converted if needed), in the
+        canonical layout (NHWC for rank 4)."""
         name = node.inputs[i]
-        have = self.value[name]
+        return self.in_domain(node, name, self.canonical(name))
+
+    def canonical(self, name: str) -> str:
+        """IR tensor ``name`` stored as NHWC (rank 4) or in PyTorch's order (other ranks): a tensor that attention
+        ops left in another order is transposed (``tflite_attention``)."""
+        return self.value[name] if name not in self.order else to_canonical(self, name)
+
+    def in_domain(self, node: Node, name: str, have: str) -> str:
+        """``have`` (holding IR tensor ``name``) in ``node``'s domain: int8 or float, converted if needed."""
         want_int8 = self.is_int8(node)
         if (self.b.dtype(have) == np.int8) == want_int8:
             return have
-        key = (name, "int8" if want_int8 else "float")
+        key = (have, "int8" if want_int8 else "float")
         if key not in self.converted:
-            out = self.b.tensor(f"{name}/{key[1]}", self.b.shape(have), np.int8 if want_int8 else np.float32,
+            label = name if have == self.value[name] else have
+            out = self.b.tensor(f"{label}/{key[1]}", self.b.shape(have), np.int8 if want_int8 else np.float32,
                                 _quant(self.tq(name)) if want_int8 else None)
             self.op(B.QUANTIZE if want_int8 else B.DEQUANTIZE, [have], out, int8=not want_int8)
             self.converted[key] = out
         return self.converted[key]
 
-    def output(self, node: Node, quant: TensorQuant | None = None, shape: tuple[int, ...] | None = None) -> str:
-        """Declares the TFLite tensor for ``node``'s output (in the node's domain, with its IR quantisation)."""
+    def output(self, node: Node, quant: TensorQuant | None = None, shape: tuple[int, ...] | None = None,
+               name: str | None = None) -> str:
+        """Declares the TFLite tensor for ``node``'s output (in the node's domain, with its IR quantisation), named
+        after it unless ``name`` is given (a tensor stored in another order, ``tflite_attention.declare``)."""
         shape = shape or _nhwc(self.graph.shapes[node.output])
         if self.is_int8(node):
-            name = self.b.tensor(node.output, shape, np.int8, _quant(quant or self.tq(node.output)))
+            name = self.b.tensor(name or node.output, shape, np.int8, _quant(quant or self.tq(node.output)))
         else:
-            name = self.b.tensor(node.output, shape, np.float32)
+            name = self.b.tensor(name or node.output, shape, np.float32)
         self.value[node.output] = name
         return name
 
@@ -304,6 +324,13 @@ class Translator:
                 O.MulOptions)
 
     def add_relu6(self, node: Node, x: str, role: str, quant: TensorQuant | None) -> str:
+        """relu6(x + 3). XNNPACK runs an int8 ADD only while input scale / output scale < 256 (else the op leaves
+        the delegate and splits the graph): an input that coarse (scale > 6/255 * 256, a range of hundreds) cannot
+        resolve [-3, 3] anyway, so the gate's grid is coarsened to scale_in / 255 at no cost in precision."""
+        if quant is not None:
+            coarsest = self.tq(node.inputs[0]).scale / 255.0
+            if quant.scale < coarsest:
+                quant = TensorQuant(coarsest, -128)  # [0, 255 * scale] holds [0, 6]
         options = fb.AddOptionsT()
         options.fusedActivationFunction = ACT.RELU6
         out = self.temp(node, role, self.b.shape(x), quant)
@@ -313,25 +340,23 @@ class Translator:
     def sigmoid(self, node: Node) -> None:
         self.fixed_grid_op(node, B.LOGISTIC)
 
-    @emits(Op.SOFTMAX)
-    def softmax(self, node: Node) -> None:
-        options = fb.SoftmaxOptionsT()
-        options.beta = 1.0
-        self.fixed_grid_op(node, B.SOFTMAX, options, O.SoftmaxOptions)
-
-    def fixed_grid_op(self, node: Node, code: int, options: object = None, options_type: int = 0) -> None:
+    def fixed_grid_op(self, node: Node, code: int, options: object = None, options_type: int = 0,
+                      x: str | None = None, out: Callable[[], str] | None = None) -> None:
         """An op whose int8 kernel needs a fixed output grid (LOGISTIC and SOFTMAX: scale 1/256, zero point -128,
-        from the op's int8 policy); requantised to the quantiser's grid after the op if that differs."""
-        x = self.input(node)
+        from the op's int8 policy); requantised to the quantiser's grid after the op if that differs. ``x`` and
+        ``out`` (a maker of the output tensor): the input and output when not the node's own (SOFTMAX of any
+        rank, ``tflite_attention``)."""
+        x = x if x is not None else self.input(node)
+        out = out or (lambda: self.output(node))
         if self.is_int8(node):
             fixed = policy_of(node.op).fixed_grid("tflite")
             if fixed is None:
                 raise UnsupportedOpError(f"IR op {node.op.value}: its int8 policy names no fixed TFLite output grid")
             if self.tq(node.output) != fixed:
                 y = self.op(code, [x], self.temp(node, "fixed", self.b.shape(x), fixed), options, options_type)
-                self.op(B.QUANTIZE, [y], self.output(node))
+                self.op(B.QUANTIZE, [y], out())
                 return
-        self.op(code, [x], self.output(node), options, options_type)
+        self.op(code, [x], out(), options, options_type)
 
     @emits(Op.GLOBAL_AVG_POOL)
     def global_avg_pool(self, node: Node) -> None:
@@ -410,7 +435,7 @@ class Translator:
     def output_tensor(self, tensor: str, name: str) -> None:
         """The IR output ``tensor`` as the artifact's output ``name``, of the I/O type the options ask for."""
         b, io = self.b, self.options.io
-        final = self.value[tensor]
+        final = self.canonical(tensor)
         final_is_float = b.dtype(final) == np.float32
         if self.quantized is None or (final_is_float and io is IOType.float) or (
                 not final_is_float and io is IOType.int8):

@@ -52,9 +52,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("shufflenet_v2", "ShuffleNetV2 x0.5", "torchvision", "shufflenet_v2_x0_5"),  # channel split and shuffle
     Family("squeezenet", "SqueezeNet 1.1", "torchvision", "squeezenet1_1", size=128),  # fire modules, max pooling
     Family("tinynet", "TinyNet-E", "timm", "tinynet_e", size=128),  # Swish (random weights blow up at 96 px)
-    # LayerScale2d (a per-channel parameter multiply, AFFINE) converts; attention (matmul, softmax, reshapes) not.
-    Family("mobilenet_v4_hybrid", "MobileNetV4-Hybrid-Medium", "timm", "mobilenetv4_hybrid_medium",
-           unsupported="blocks.2.4.attn"),
+    # multi-query attention (reshapes, transposes, matmul, softmax) and LayerScale2d (AFFINE)
+    Family("mobilenet_v4_hybrid", "MobileNetV4-Hybrid-Medium", "timm", "mobilenetv4_hybrid_medium"),
 )
 
 
@@ -73,8 +72,9 @@ def families_line(supported: bool) -> str:
 
 def help_epilog() -> str:
     """For ``mdeploy convert --help``."""
+    not_yet = f"Not yet: {families_line(False)}. " if families_line(False) else ""
     return (f"Model families converted from their model libraries' definitions (tested): {families_line(True)}. "
-            f"Not yet: {families_line(False)}. PyTorch ops accepted: {', '.join(accepted_torch_ops())}.")
+            f"{not_yet}PyTorch ops accepted: {', '.join(accepted_torch_ops())}.")
 
 
 def readme_section() -> str:
@@ -84,8 +84,7 @@ def readme_section() -> str:
         f"Converted from their model libraries' own definitions, saved as `.pt2` and as TorchScript "
         f"(`tests/test_library_models.py`): {families_line(True)}.",
         "",
-        f"Not yet (the error names the op or module): {families_line(False)}.",
-        "",
+        *([f"Not yet (the error names the op or module): {families_line(False)}.", ""] if families_line(False) else []),
         f"PyTorch ops the tracer accepts: {', '.join(f'`{name}`' for name in accepted_torch_ops())}.",
         "",
     ])

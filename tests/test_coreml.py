@@ -90,6 +90,7 @@ CASES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "pad": lambda dt: {"x": _arr(1, 2, 4, 5, dtype=dt), "pad": np.array([0, 0, 0, 0, 1, 2, 0, 1], np.int32),
                        "mode": "constant", "constant_val": dt(0.0)},
     "linear": lambda dt: {"x": _arr(2, 8, dtype=dt), "weight": _arr(5, 8, dtype=dt), "bias": _arr(5, dtype=dt)},
+    "matmul": lambda dt: {"x": _arr(1, 2, 5, 4, dtype=dt), "y": _arr(1, 1, 4, 3, dtype=dt)},  # heads broadcast
     "cast": lambda dt: {"x": _arr(2, 3, dtype=np.float32 if dt == np.float16 else np.float16),
                         "dtype": "fp16" if dt == np.float16 else "fp32"},
     "quantize": lambda dt: {"input": _arr(1, 3, 4, 4, dtype=dt, scale=1.5), "scale": dt(0.0123),
@@ -112,6 +113,8 @@ MORE_CASES = {  # further variants of ops with several modes
     "dequantize": [lambda dt: {"input": _int8(1, 3, 4, 4), "scale": _positive(3, dt),
                                "zero_point": np.array([-3, 0, 4], np.int8), "axis": 1}],
     "reshape": [lambda dt: {"x": _arr(1, 4, 2, 3, dtype=dt), "shape": np.array([0, 2, 4, 0], np.int32)}],
+    "matmul": [lambda dt: {"x": _arr(1, 4, 5, dtype=dt), "y": _arr(1, 3, 4, dtype=dt), "transpose_x": True,
+                           "transpose_y": True}],
     "conv": [lambda dt: {"x": _arr(1, 6, 8, 8, dtype=dt), "weight": _arr(6, 1, 3, 3, dtype=dt),
                          "bias": _arr(6, dtype=dt), "strides": [2, 2], "pad_type": "custom", "pad": [1, 1, 1, 1],
                          "groups": 6},
@@ -151,7 +154,7 @@ REFERENCES: dict[str, Callable[..., Any]] = {  # ops whose coremltools definitio
     "avg_pool": lambda op, kw: torch.nn.functional.avg_pool2d(torch.from_numpy(kw["x"].astype(np.float32)), 3, 2)
     .numpy().astype(kw["x"].dtype),
 }
-ACCUMULATING = {"conv", "linear", "reduce_mean"}  # fp32 accumulation, one rounding: compared to fp32 math
+ACCUMULATING = {"conv", "linear", "matmul", "reduce_mean"}  # fp32 accumulation, one rounding: compared to fp32 math
 
 
 def _op_cases() -> list[Any]:

@@ -109,6 +109,8 @@ class AllOps(nn.Module):
         lo, hi = (F.max_pool2d(d, 3, 1, 1) + F.avg_pool2d(d, 3, 1, 1, count_include_pad=False)).chunk(2, dim=1)
         d = torch.cat([hi, lo], 1).view(1, 2, 4, 5, 5).transpose(1, 2).contiguous().view(1, 8, 5, 5)
         d = d * torch.sigmoid(F.pad(d, (1, 0, 1, 0)).mean((2, 3), keepdim=True))
+        t = d.flatten(2)  # RESHAPE to (1, 8, 25) tokens; TRANSPOSE, MATMUL, SOFTMAX of rank 3
+        d = d + (torch.softmax(t.mT @ t, -1) @ t.mT).mT.reshape(d.shape)
         return torch.softmax(self.fc(torch.flatten(d, 1)), -1)
 
 

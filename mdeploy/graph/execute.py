@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs
-from mdeploy.graph.ir import LeakyReluAttrs, PoolAttrs, ShuffleAttrs, SliceAttrs
+from mdeploy.graph.ir import LeakyReluAttrs, PoolAttrs, ReshapeAttrs, ShuffleAttrs, SliceAttrs, TransposeAttrs
 
 # Called with (tensor name, value) for the graph input and every node output; returns the value to propagate.
 TensorHook = Callable[[str, torch.Tensor], torch.Tensor]
@@ -159,6 +159,23 @@ def _slice(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor
 @op(Op.SOFTMAX)
 def _softmax(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.softmax(xs[0], dim=-1)
+
+
+@op(Op.RESHAPE)
+def _reshape(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    assert isinstance(node.attrs, ReshapeAttrs)
+    return xs[0].reshape(xs[0].shape[0], *node.attrs.shape[1:])  # at the batch it runs at
+
+
+@op(Op.TRANSPOSE)
+def _transpose(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    assert isinstance(node.attrs, TransposeAttrs)
+    return xs[0].permute(node.attrs.perm)
+
+
+@op(Op.MATMUL)
+def _matmul(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.matmul(xs[0], xs[1])
 
 
 def node_params(node: Node) -> dict[str, torch.Tensor]:

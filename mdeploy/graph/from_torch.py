@@ -19,6 +19,7 @@ from mdeploy.errors import BadInputError, ConversionError, MdeployError, Unsuppo
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.graph.programs import BatchedProgram, torchscript_program, traceable, unwrap_module
 from mdeploy.graph.rewrite import simplify
+from mdeploy.graph.from_torch_attention import ATTENTION_HANDLERS
 from mdeploy.graph.from_torch_elementwise import ELEMENTWISE_HANDLERS, emit_affine, fold_constant
 from mdeploy.graph.from_torch_structure import STRUCTURE_HANDLERS, adaptive_pool, rewrite_structure
 from mdeploy.graph.fx_nodes import op_name as _op_name
@@ -268,24 +269,16 @@ def _mean(b: _Builder, n: fx.Node) -> None:
     _global_pool(b, n, keepdim=keepdim)
 
 
-@handles("flatten", "view", "reshape", "_unsafe_view", "squeeze")
-def _flatten(b: _Builder, n: fx.Node) -> None:
-    x_name = b.tensor(n.args[0])
-    in_shape, out_shape = b.shapes[x_name], tuple(int(d) for d in n.meta["val"].shape)
-    if in_shape == out_shape:
-        b.bind(n, x_name)
-    elif len(out_shape) == 2 and out_shape[0] == in_shape[0] and len(in_shape) == 4:
-        b.emit(n, Op.FLATTEN, [x_name])
-    else:
-        raise UnsupportedOpError(f"reshape {in_shape} -> {out_shape} at {_source(n)} is not supported: only flattening "
-                                 "to (N, -1) and channel shuffles so far")
-
-
 @handles("linear")
 def _linear(b: _Builder, n: fx.Node) -> None:
     args = list(n.args) + [None]
     w, bias = b.constant(args[1]), b.constant(args[2])
     assert w is not None
+    shape = b.shapes[b.tensor(args[0])]
+    if len(shape) != 2:  # Gemm, FULLY_CONNECTED and the quantiser's statistics take (N, features)
+        raise UnsupportedOpError(f"linear layer on a rank-{len(shape)} tensor {shape} at {_source(n)} is not "
+                                 "supported: mdeploy takes nn.Linear on (N, features); on tokens or a feature map "
+                                 "use a 1x1 convolution")
     params = {"weight": w.astype(np.float32), "bias": (bias if bias is not None else np.zeros(w.shape[0]))}
     params["bias"] = params["bias"].astype(np.float32)
     b.emit(n, Op.LINEAR, [b.tensor(args[0])], params=params)
@@ -307,7 +300,8 @@ def _pad(b: _Builder, n: fx.Node) -> None:
 def _softmax(b: _Builder, n: fx.Node) -> None:
     x_name = b.tensor(n.args[0])
     if int(n.args[1]) % len(b.shapes[x_name]) != len(b.shapes[x_name]) - 1:
-        raise UnsupportedOpError(f"softmax over dim {n.args[1]} at {_source(n)}: only over the last dimension")
+        raise UnsupportedOpError(f"softmax over dim {n.args[1]} at {_source(n)}: only over the last dimension "
+                                 "(of a tensor of any rank)")
     b.emit(n, Op.SOFTMAX, [x_name])
 
 
@@ -318,6 +312,7 @@ def _identity(b: _Builder, n: fx.Node) -> None:
 
 HANDLERS.update(STRUCTURE_HANDLERS)  # concat, pooling, channel shuffle, channel slices
 HANDLERS.update(ELEMENTWISE_HANDLERS)  # add/sub/mul/div (of feature maps, or by constants), SiLU, (P/Leaky)ReLU
+HANDLERS.update(ATTENTION_HANDLERS)  # reshapes, transposes, matmul, scaled_dot_product_attention
 IGNORED = {"_assert_tensor_metadata", "_assert_scalar", "sym_size", "_set_grad_enabled"}
 
 

@@ -33,7 +33,7 @@ class Op(str, Enum):
     GLOBAL_AVG_POOL = "global_avg_pool"  # (N,C,H,W) -> (N,C,1,1)
     FLATTEN = "flatten"  # (N,C,H,W) -> (N, C*H*W) in PyTorch's element order
     PAD = "pad"  # zero padding; attrs: PadAttrs
-    SOFTMAX = "softmax"  # over the last axis
+    SOFTMAX = "softmax"  # over the last axis, any rank
     CONCAT = "concat"  # inputs joined along the channel axis (dim 1), in order
     MAX_POOL = "max_pool"  # attrs: PoolAttrs (padding never wins: it is -inf)
     AVG_POOL = "avg_pool"  # attrs: PoolAttrs (PyTorch's divisor: count_include_pad, ceil_mode, divisor_override)
@@ -43,6 +43,9 @@ class Op(str, Enum):
     LEAKY_RELU = "leaky_relu"  # attrs: LeakyReluAttrs; x if x >= 0 else slope * x
     PRELU = "prelu"  # params: slope (C,) learned per channel (a single learned slope is repeated C times)
     AFFINE = "affine"  # params: scale (C,), shift (C,): x * scale[c] + shift[c] along axis 1 (constant operands)
+    RESHAPE = "reshape"  # attrs: ReshapeAttrs; any rank to a static shape, in PyTorch's element order
+    TRANSPOSE = "transpose"  # attrs: TransposeAttrs; axes permuted, any rank (the batch axis stays first)
+    MATMUL = "matmul"  # two activations of one rank >= 3: (N, ..., M, K) @ (N, ..., K, P), leading axes broadcast
 
 
 class OpRegistry(dict["Op", F]):
@@ -122,13 +125,24 @@ class SliceAttrs:
     end: int
 
 
+@dataclass(frozen=True)
+class ReshapeAttrs:
+    shape: tuple[int, ...]  # the output's shape at batch 1 (its first axis is the batch: 1)
+
+
+@dataclass(frozen=True)
+class TransposeAttrs:
+    perm: tuple[int, ...]  # output axis i is input axis perm[i]; perm[0] == 0 (the batch axis stays first)
+
+
 @dataclass
 class Node:
     name: str
     op: Op
     inputs: list[str]
     output: str
-    attrs: ConvAttrs | ClipAttrs | PadAttrs | PoolAttrs | ShuffleAttrs | SliceAttrs | LeakyReluAttrs | None = None
+    attrs: (ConvAttrs | ClipAttrs | PadAttrs | PoolAttrs | ShuffleAttrs | SliceAttrs | LeakyReluAttrs | ReshapeAttrs
+            | TransposeAttrs | None) = None
     params: dict[str, np.ndarray] = field(default_factory=dict)
     activation: Activation = Activation.NONE
     source: str = ""  # where it came from in the user's model (module path), for error messages and reports

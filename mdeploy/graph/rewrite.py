@@ -5,7 +5,8 @@ constant affines (AFFINE) merge and fold into the convolution before them where 
 - ``relu6(x + 3) / 6`` (any of relu6 / clamp(0, 6) / hardtanh(0, 6), ``/ 6`` or ``* (1/6)``) -> HARDSIGMOID;
 - ``x * relu6(x + 3) / 6`` -> HARDSWISH;
 - AFFINE after AFFINE -> one AFFINE; AFFINE after a CONV/LINEAR (no fused activation, nothing else reading it)
-  -> folded into its weights and bias, after which a ReLU/ReLU6 reading it fuses as the tracer's would; an AFFINE
+  -> folded into its weights and bias, after which a ReLU/ReLU6 reading it fuses as the tracer's would; the same
+  through RESHAPE/TRANSPOSE nodes for one scale and shift on every channel (attention's ``q * scale``); an AFFINE
   that computes ``x`` disappears.
 
 Each rewrite needs the inner tensors to be read by the pattern only (not by another node, not a model output), so
@@ -114,20 +115,36 @@ class _Rewriter:
                 node.inputs = list(inner.inputs)
                 self.nodes.remove(inner)
             layer = self.sole(node.inputs[0], Op.CONV, Op.LINEAR)
+            moved = self._layer_before_moves(node)
             if layer is not None and layer.activation is Activation.NONE:
                 self._fold(layer, node, scale, shift)
+            elif moved is not None:  # the same scale and shift everywhere: they commute with moving values
+                channels = moved.params["bias"].shape[0]
+                self._fold(moved, node, np.full(channels, scale[0]), np.full(channels, shift[0]), node.inputs[0])
             elif _affine_is(node, 1.0, 0.0) and node.output not in self.outputs:
                 self.nodes.remove(node)
                 self.rename(node.output, node.inputs[0])
 
-    def _fold(self, layer: Node, node: Node, scale: np.ndarray, shift: np.ndarray) -> None:
-        """``layer`` computes ``node``'s output (as a BatchNorm after a convolution folds); then a ReLU/ReLU6 that
-        alone reads it fuses into it."""
+    def _layer_before_moves(self, node: Node) -> Node | None:
+        """For an AFFINE with one scale and one shift for every channel (``q * scale`` in attention): the CONV/LINEAR
+        (no activation) whose output reaches it through RESHAPE/TRANSPOSE nodes only, each read by the next alone."""
+        scale, shift = node.params["scale"], node.params["shift"]
+        if np.any(scale != scale[0]) or np.any(shift != shift[0]):
+            return None
+        tensor, moves = node.inputs[0], 0
+        while (mover := self.sole(tensor, Op.RESHAPE, Op.TRANSPOSE)) is not None:
+            tensor, moves = mover.inputs[0], moves + 1
+        layer = self.sole(tensor, Op.CONV, Op.LINEAR) if moves else None
+        return layer if layer is not None and layer.activation is Activation.NONE else None
+
+    def _fold(self, layer: Node, node: Node, scale: np.ndarray, shift: np.ndarray, result: str | None = None) -> None:
+        """``layer`` computes ``node``'s output (as a BatchNorm after a convolution folds), or ``result`` does (the
+        last move of ``_layer_before_moves``); then a ReLU/ReLU6 that alone reads the layer's output fuses into it."""
         w = layer.params["weight"].astype(np.float64)
         layer.params["weight"] = (w * scale.reshape((-1,) + (1,) * (w.ndim - 1))).astype(np.float32)
         layer.params["bias"] = (layer.params["bias"].astype(np.float64) * scale + shift).astype(np.float32)
         self.nodes.remove(node)
-        self.rename(node.output, layer.output)
+        self.rename(node.output, result or layer.output)
         users = self.users()
         act = next((n for n in self.nodes if layer.output in n.inputs), None)
         if act is None or users[layer.output] != 1:

@@ -32,6 +32,11 @@ class TensorQuant:
         zero_point = int(np.clip(round(QMIN - low / scale), QMIN, QMAX))
         return cls(scale, zero_point)
 
+    @classmethod
+    def symmetric(cls, low: float, high: float) -> TensorQuant:
+        """The int8 grid with zero point 0 covering [-m, m], m = max(|low|, |high|) (codes -127..127 in use)."""
+        return cls(max(abs(float(low)), abs(float(high)), 1e-8) / QMAX, 0)
+
     @property
     def range(self) -> tuple[float, float]:
         return ((QMIN - self.zero_point) * self.scale, (QMAX - self.zero_point) * self.scale)

@@ -1,8 +1,8 @@
 """The int8 policy of every IR op, in one typed table: what the quantiser and the int8 writers may assume about an
 op's output.
 
-- ``shares_input_grid``: the output reuses the input's scale and zero point (FLATTEN, PAD move values without
-  changing them, so no requantisation and the output is exact);
+- ``shares_input_grid``: the output reuses the input's scale and zero point (FLATTEN, PAD, RESHAPE, TRANSPOSE move
+  values without changing them, so no requantisation and the output is exact);
 - ``output_range``: the values the op can produce, when bounded (a fused ReLU6: [0, 6], sigmoid: [0, 1]);
   ``limits_calibration`` says whether the quantiser clips a calibrated range to it. It does where that has always
   been done (CONV/LINEAR with a fused activation, SIGMOID, HARDSIGMOID; SILU, new, at its minimum). For RELU, CLIP
@@ -15,6 +15,10 @@ op's output.
   inputs passes through to the output (activation equalisation; FLATTEN only of a 1x1 map, see ``equalize``).
   LEAKY_RELU and PRELU keep channels because scales are positive and they are positively homogeneous; AFFINE
   (``x * scale[c] + shift[c]``) because ``equalize.apply_scales`` divides its shift by the same scale;
+- ``symmetric_inputs``: inputs (by position) whose int8 grid must have zero point 0: XNNPACK (LiteRT 2.3) runs an
+  int8 BATCH_MATMUL only when its second operand is symmetric (measured in tests/test_ops_attention.py; with any
+  other zero point it leaves the op to LiteRT's builtin kernels, a partition boundary on each side). The quantiser
+  gives the tensor that owns that grid (through RESHAPE/TRANSPOSE, which share it) a symmetric grid over its range;
 - ``inputs_take_output_grid``: the op's int8 kernels want every input on the output's grid (TFLite's CONCATENATION
   and XNNPACK's concatenate). The quantiser gives an input the op's grid where nothing read it earlier (its
   producer neither shares a grid nor is read before the op); any other input is requantised before the op by the
@@ -76,6 +80,7 @@ class QuantPolicy:
     fixed_output: Mapping[Runtime, TensorQuant] = field(default_factory=lambda: MappingProxyType({}))
     keeps_channels: bool = False
     inputs_take_output_grid: bool = False
+    symmetric_inputs: tuple[int, ...] = ()
 
     def calibration_limit(self, node: Node) -> Range | None:
         """What the quantiser clips ``node``'s calibrated output range to (None: nothing)."""
@@ -114,6 +119,10 @@ POLICY: Mapping[Op, QuantPolicy] = MappingProxyType({
     Op.LEAKY_RELU: QuantPolicy(keeps_channels=True),
     Op.PRELU: QuantPolicy(keeps_channels=True),
     Op.AFFINE: QuantPolicy(keeps_channels=True),  # equalize.apply_scales divides its shift by the tensor's scale
+    # move values without changing them (exact on the input's grid); axis 1 is no longer the channels
+    Op.RESHAPE: QuantPolicy(shares_input_grid=True),
+    Op.TRANSPOSE: QuantPolicy(shares_input_grid=True),
+    Op.MATMUL: QuantPolicy(symmetric_inputs=(1,)),  # two int8 activations in, its own calibrated grid out
 })
 
 

@@ -15,7 +15,8 @@ Which tensors are quantised (the exporters' contract): the graph input and every
 ``policy.POLICY``: FLATTEN and PAD outputs share their input's parameters; a fused ReLU/ReLU6 is applied before
 the output is quantised, so those grids start at 0 (zero point -128) and never pass 6.
 A CONCAT's inputs take its grid where they can (``_grid_takers``): such an input stays float in the calibration
-stream until the CONCAT, whose grid is chosen on all its inputs; the other inputs are requantised to it.
+stream until the CONCAT, whose grid is chosen on all its inputs; the other inputs are requantised to it. A MATMUL's
+second operand gets a grid with zero point 0 (``policy.symmetric_inputs``, ``_symmetric_grids``).
 """
 
 from __future__ import annotations
@@ -144,6 +145,21 @@ def _grid_takers(graph: Graph) -> dict[str, str]:
     return takers
 
 
+def _symmetric_grids(graph: Graph) -> set[str]:
+    """Tensors whose grid is chosen symmetric (zero point 0): for each input an op's policy names in
+    ``symmetric_inputs``, the tensor that owns its grid (followed back through ops sharing their input's grid)."""
+    owners: set[str] = set()
+    for node in graph.nodes:
+        for i in policy_of(node.op).symmetric_inputs:
+            name = node.inputs[i]
+            producer = graph.producer(name)
+            while producer is not None and policy_of(producer.op).shares_input_grid:
+                name = producer.inputs[0]
+                producer = graph.producer(name)
+            owners.add(name)
+    return owners
+
+
 def quantize(
     graph: Graph, calibration: np.ndarray, recipe: QuantRecipe | None = None, progress: Progress | None = None
 ) -> QuantizedGraph:
@@ -182,7 +198,9 @@ def _calibrate(graph: Graph, calibration: np.ndarray, recipe: QuantRecipe, progr
     range_kwargs: dict = {"percentile": recipe.percentile, "seed": recipe.seed}
 
     x = torch.from_numpy(calibration)
+    symmetric = _symmetric_grids(graph)
     tq_in = tensor_quant(x, recipe.range_method, **range_kwargs)
+    tq_in = TensorQuant.symmetric(*tq_in.range) if graph.input_name in symmetric else tq_in
     activations: dict[str, TensorQuant] = {graph.input_name: tq_in}
     weights: dict[str, WeightQuant] = {}
     bias_limited: list[dict[str, object]] = []  # channels whose weight scale was raised for their int32 bias
@@ -220,6 +238,7 @@ def _calibrate(graph: Graph, calibration: np.ndarray, recipe: QuantRecipe, progr
             tq = activations[node.inputs[0]]
         else:
             tq = tensor_quant(y, recipe.range_method, limit=policy.calibration_limit(node), **range_kwargs)
+            tq = TensorQuant.symmetric(*tq.range) if node.output in symmetric else tq
         for name in {name for name in node.inputs if takers.get(name) == node.name}:
             activations[name] = tq  # it waited in float for this grid; later readers get it on the grid
             if last_use[name] > i:
