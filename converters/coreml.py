@@ -39,6 +39,7 @@ from mdeploy.converters.base import (
 )
 from mdeploy.converters.base import AppReadme, ReadmeParts
 from mdeploy.converters.coreml_readme import ios_readme
+from mdeploy.converters.coreml_fp16 import fp16_fallback_reason
 from mdeploy.converters.coreml_mil_reference import RUNTIME_NAME, MilExecutor, load_program, package_items
 from mdeploy.converters.coreml_program import OUTPUT_NAME, ImageNormalization, ProgramOptions, build_program, import_coremltools
 from mdeploy.errors import BadInputError
@@ -149,6 +150,7 @@ class CoremlConverter(ConverterBase):
                                      "compute units").value
         self._use_core_ml = use_core_ml  # None: Core ML where it runs (macOS), else the MIL reference
         self.fields = {"author": author, "license": license, "description": description}
+        self.fp16_fallback: str | None = None  # why the last int8 program computes in fp32 by default (coreml_fp16)
 
     def golden_tolerance(self, precision: Precision, output_scale: float | None) -> GoldenTolerance:
         # Recorded on the MIL reference; Core ML on a device computes in its own fp16/fp32 order.
@@ -209,6 +211,9 @@ class CoremlConverter(ConverterBase):
         }
         if int8:
             chosen["int8"] = "W8A8" if self.activations else "W8 (weights only)"
+        if int8 and self.fp16_fallback is not None:
+            chosen["compute_precision"] = "fp32"
+            chosen["compute_precision_reason"] = self.fp16_fallback
         return chosen
 
     def compute_precision_for(self, int8: bool) -> str:
@@ -235,6 +240,9 @@ class CoremlConverter(ConverterBase):
             classes = graph.shapes.get(graph.single_output("a Core ML classifier", info.model_name), (1, 0))[-1]
             classifier = self._classifier(info.labels, classes)
         precision = self.compute_precision_for(quantized is not None)
+        if quantized is not None and self.compute_precision is None:  # the default: fp16 unless it cannot hold it
+            self.fp16_fallback = fp16_fallback_reason(quantized)
+            precision = "fp32" if self.fp16_fallback is not None else precision
         with contextlib.redirect_stderr(io.StringIO()):  # coremltools' pass progress bars
             model = ct.convert(
                 program, convert_to="mlprogram", minimum_deployment_target=target, inputs=inputs,
