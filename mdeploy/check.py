@@ -24,7 +24,7 @@ from mdeploy.errors import BadInputError, ConversionError, MdeployError, first_l
 from mdeploy.graph.ir import Graph
 from mdeploy.loading import LoadedModel, load_model
 from mdeploy.manifest import Manifest
-from mdeploy.parity import ParityResult, judge, run_batches, torch_runner
+from mdeploy.parity import Float32Noise, ParityResult, judge, run_batches, torch_runner
 from mdeploy.paths import checksum_mismatches, manifest_paths, resolve_inside
 from mdeploy.records import DataOptions, Limits, ModelSource
 from mdeploy.samples import load_samples
@@ -218,13 +218,14 @@ def check(options: CheckOptions, reporter: Reporter | None = None) -> CheckRepor
     with reporter.track("PyTorch reference", len(inputs)) as advance:
         reference = run_batches(torch_runner(model.module, options.model.path.name), inputs, advance)
     description = f"{len(inputs)} samples from {options.data.eval}"
+    noise = Float32Noise(model.module, inputs, reference)
     outputs: dict[str, np.ndarray] = {}
     results = []
     graph: Graph | None = None  # the model's IR, traced once and only if a diagnosis needs it
     for path in files:
         outputs[path.name] = run_artifact(path, inputs, options.threads, reporter)
         precision = precisions[path]
-        parity = judge(reference, outputs[path.name], options.limits.thresholds(precision), description)
+        parity = judge(reference, outputs[path.name], options.limits.thresholds(precision), description, noise)
         diagnosis = None
         if options.explain or not parity.passed:
             if graph is None:

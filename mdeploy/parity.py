@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -28,6 +29,11 @@ BATCH = 16
 # The 1e-4 floor keeps today's limit for outputs whose peak is under 1.33.
 FP32_MAX_ERROR_OF_PEAK = 7.5e-5
 FP32_MIN_LIMIT = 1e-4
+# Some models amplify float32 rounding far beyond that (random-weight MobileNetV3-Large at 224 px: PyTorch's own float32
+# output is 0.05 off its float64 output on one photo of 96, peak 144): an artifact is then judged against what float32
+# itself can do. It errs by at most its own float32 error plus PyTorch's, ~2x PyTorch's when it computes as well as
+# PyTorch does; 4x leaves margin, and a real conversion error (above: 1e-3 to 1e-1 of the peak) stays far beyond.
+FP32_NOISE_MULTIPLE = 4.0
 
 
 @dataclass(frozen=True)
@@ -61,8 +67,10 @@ class Thresholds:
             given["max_error_of_peak"] = None
         return replace(self, **given)
 
-    def resolve(self, reference: np.ndarray) -> tuple[Thresholds, dict[str, str]]:
-        """These limits with max |error| made absolute for ``reference``, and how each derived limit came about."""
+    def resolve(self, reference: np.ndarray, float32_noise: float | None = None) -> tuple[Thresholds, dict[str, str]]:
+        """These limits with max |error| made absolute for ``reference``, and how each derived limit came about.
+        ``float32_noise`` (PyTorch's own float32 error against float64 on these inputs) widens a relative limit to
+        ``FP32_NOISE_MULTIPLE`` times it."""
         if self.max_error_of_peak is None:
             if self.max_abs_error is None:
                 return self, {}
@@ -71,9 +79,11 @@ class Thresholds:
         finite = np.abs(reference[np.isfinite(reference)])
         peak = float(finite.max()) if finite.size else 0.0
         floor = self.max_abs_error or 0.0
-        limit = float(f"{max(floor, self.max_error_of_peak * peak):.3g}")
+        noise = FP32_NOISE_MULTIPLE * float32_noise if float32_noise is not None else 0.0
+        limit = float(f"{max(floor, self.max_error_of_peak * peak, noise):.3g}")
         note = (f"max |error| limit {limit:.3g} = max({floor:.3g}, {self.max_error_of_peak:.3g} * peak |PyTorch "
-                f"output| {peak:.4g})")
+                f"output| {peak:.4g}" + (f", {FP32_NOISE_MULTIPLE:g} * PyTorch's own float32 error {float32_noise:.3g}"
+                                         f" against float64)" if float32_noise is not None else ")"))
         return replace(self, max_abs_error=limit, max_error_of_peak=None), {"max_abs_error": note}
 
     def failures(self, metrics: ParityMetrics) -> list[str]:
@@ -162,7 +172,10 @@ def torch_outputs(module: torch.nn.Module) -> Callable[[np.ndarray], tuple[np.nd
     return run
 
 
-def judge(reference: np.ndarray, output: np.ndarray, thresholds: Thresholds, inputs: str) -> ParityResult:
+def judge(reference: np.ndarray, output: np.ndarray, thresholds: Thresholds, inputs: str,
+          float32_noise: Callable[[], float | None] | None = None) -> ParityResult:
+    """``output`` against ``reference``. When a relative max |error| limit fails, ``float32_noise`` (measured on
+    demand: it runs the model in float64) may widen it to what float32 itself achieves (FP32_NOISE_MULTIPLE)."""
     if reference.shape != output.shape:
         raise BadInputError(
             f"the artifact outputs shape {output.shape[1:]} but the PyTorch model {reference.shape[1:]}: "
@@ -170,7 +183,43 @@ def judge(reference: np.ndarray, output: np.ndarray, thresholds: Thresholds, inp
         )
     metrics = compare(reference, output)
     limits, notes = thresholds.resolve(reference)
-    return ParityResult(metrics, limits, tuple(limits.failures(metrics)), inputs, notes)
+    failures = limits.failures(metrics)
+    if failures and thresholds.max_error_of_peak is not None and float32_noise is not None:
+        noise = float32_noise()
+        if noise is not None:
+            limits, notes = thresholds.resolve(reference, noise)
+            failures = limits.failures(metrics)
+    return ParityResult(metrics, limits, tuple(failures), inputs, notes)
+
+
+class Float32Noise:
+    """PyTorch's own float32 error on the parity inputs: max |float32 output - float64 output| of the model, measured
+    once, on first call (None when the model does not run in float64: e.g. a TorchScript with float32 constants)."""
+
+    def __init__(self, module: torch.nn.Module, inputs: np.ndarray, reference: np.ndarray) -> None:
+        self.module, self.inputs, self.reference = module, inputs, reference
+        self.measured: list[float | None] = []
+
+    def __call__(self) -> float | None:
+        if not self.measured:
+            self.measured.append(self._measure())
+        return self.measured[0]
+
+    def _measure(self) -> float | None:
+        try:
+            double = copy.deepcopy(self.module).double()
+            outputs = []
+            with torch.no_grad():
+                for start in range(0, len(self.inputs), BATCH):
+                    returned = double(torch.from_numpy(self.inputs[start:start + BATCH]).double())
+                    returned = returned[0] if isinstance(returned, (tuple, list)) else returned
+                    outputs.append(returned.numpy())
+            exact = np.concatenate(outputs)
+        except Exception:  # noqa: BLE001 - any model that cannot run in float64 keeps the plain limit
+            return None
+        if exact.shape != self.reference.shape or not np.all(np.isfinite(exact)):
+            return None
+        return float(np.abs(self.reference.astype(np.float64) - exact).max())
 
 
 def top_labels(logits: np.ndarray, labels: Iterable[str], k: int = 1) -> list[list[str]]:

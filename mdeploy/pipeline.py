@@ -24,7 +24,7 @@ from mdeploy.graph.ir import Graph
 from mdeploy.latency import measure_latency
 from mdeploy.loading import LoadedModel, load_model
 from mdeploy.outputs import OutputRules, check_output_path, staged_output
-from mdeploy.parity import judge, run_batches, torch_outputs, torch_runner
+from mdeploy.parity import Float32Noise, judge, run_batches, torch_outputs, torch_runner
 from mdeploy.quantize.params import QuantizedGraph
 from mdeploy.quantize.ptq import quantize
 from mdeploy.records import Artifact, ConvertOptions, Evaluation
@@ -118,7 +118,7 @@ def prepare_evaluation(options: ConvertOptions, model: LoadedModel, reporter: Re
         reporter.step(f"evaluation: {description}")
     with reporter.track("PyTorch reference", len(inputs)) as advance:
         reference = run_batches(torch_runner(model.module), inputs, advance)
-    return Evaluation(inputs, reference, description, paths), eval_set
+    return Evaluation(inputs, reference, description, paths, Float32Noise(model.module, inputs, reference)), eval_set
 
 
 def export_and_check(options: ConvertOptions, graph: Graph, quantized: QuantizedGraph | None, info: ArtifactInfo,
@@ -138,7 +138,8 @@ def export_and_check(options: ConvertOptions, graph: Graph, quantized: Quantized
     run = converter.runner(stage / path, threads=options.threads)
     with reporter.track(f"{path} on {converter.runtime_name}", len(evaluation.inputs)) as advance:
         outputs = run_batches(run, evaluation.inputs, advance)
-    parity = judge(evaluation.reference, outputs, options.limits.thresholds(precision), evaluation.description)
+    parity = judge(evaluation.reference, outputs, options.limits.thresholds(precision), evaluation.description,
+                   evaluation.float32_noise)
     latency = None
     if options.latency_runs > 0 and converter.times_latency:
         latency = measure_latency(run, evaluation.inputs[0], options.threads, runs=options.latency_runs)

@@ -3,7 +3,7 @@ each artifact came out as. Frozen where they are options; every command and the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,3 +126,4 @@ class Evaluation:
     reference: np.ndarray
     description: str
     paths: list[str]
+    float32_noise: Callable[[], float | None] | None = None  # parity.Float32Noise: measured when a limit needs it

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from mdeploy.cli import app
 from mdeploy.config import load_config
 from mdeploy.errors import ExitCode
-from mdeploy.parity import FP32_MAX_ERROR_OF_PEAK, Thresholds, judge
+from mdeploy.parity import FP32_MAX_ERROR_OF_PEAK, FP32_NOISE_MULTIPLE, Float32Noise, Thresholds, judge
 from mdeploy.records import Limits
 from mdeploy.types import Precision
 
@@ -74,6 +74,63 @@ def test_an_explicit_absolute_limit_wins() -> None:
     assert "absolute" in result.threshold_notes["max_abs_error"]
     # int8 limits are untouched by the fp32 flag, and the int8 defaults have no relative limit
     assert Limits(max_abs_error=1e-4).thresholds(Precision.int8) == Thresholds.default(Precision.int8)
+
+
+class Amplifier(torch.nn.Module):
+    """A model whose float32 output carries far more rounding than its peak suggests: the small difference of two large
+    intermediates (as deep random-weight networks have, issue 14: MobileNetV3-Large at 224 px)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.up, self.a, self.b = torch.nn.Linear(16, 64), torch.nn.Linear(64, 10), torch.nn.Linear(64, 10)
+        with torch.no_grad():
+            self.up.weight.copy_(torch.randn(64, 16, generator=generator) * 1e3)
+            self.a.weight.copy_(torch.randn(10, 64, generator=generator) * 1e-1)
+            self.b.weight.copy_(self.a.weight + torch.randn(10, 64, generator=generator) * 1e-5)
+            self.b.bias.copy_(self.a.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        return self.a(h) - self.b(h)
+
+
+def test_float32_noise_widens_a_relative_limit_to_what_float32_itself_achieves() -> None:
+    model = Amplifier().eval()
+    x = np.random.default_rng(1).standard_normal((32, 16)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    noise = Float32Noise(model, x, ref)
+    measured = noise()
+    assert measured is not None and measured > 0 and noise() == measured  # measured once
+    assert model.up.weight.dtype == torch.float32  # the user's module is left as it was
+    # an artifact as good as float32 can be (another summation order: here a float64 run rounded to float32)
+    with torch.no_grad():
+        other = model.double()(torch.from_numpy(x).double()).float().numpy()
+    model.float()
+    plain = judge(ref, other, Thresholds.default(Precision.fp32), "test")
+    widened = judge(ref, other, Thresholds.default(Precision.fp32), "test", noise)
+    assert np.abs(other - ref).max() > plain.thresholds.max_abs_error, "the model must out-round the relative limit"
+    assert not plain.passed and widened.passed, (plain.failures, widened.thresholds)
+    assert widened.thresholds.max_abs_error == pytest.approx(FP32_NOISE_MULTIPLE * measured, rel=1e-2)
+    assert "PyTorch's own float32 error" in widened.threshold_notes["max_abs_error"]
+    # a real conversion error still fails, and an explicit absolute limit is never widened
+    broken = other.copy()
+    broken[3, 4] += 100 * FP32_NOISE_MULTIPLE * measured
+    assert not judge(ref, broken, Thresholds.default(Precision.fp32), "test", noise).passed
+    absolute = Limits(max_abs_error=1e-4).thresholds(Precision.fp32)
+    assert not judge(ref, other, absolute, "test", noise).passed
+
+
+def test_float32_noise_is_only_measured_when_a_limit_fails() -> None:
+    ref = logits(1.0)
+    calls: list[int] = []
+
+    def noise() -> float:
+        calls.append(1)
+        return 1.0
+
+    assert judge(ref, ref.copy(), Thresholds.default(Precision.fp32), "test", noise).passed and not calls
 
 
 def test_config_keys(tmp_path: Path) -> None:
