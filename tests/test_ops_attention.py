@@ -23,7 +23,6 @@ import torch.nn.functional as F
 
 from mdeploy.calibration.config import QuantRecipe
 from mdeploy.converters import REGISTRY, Target
-from mdeploy.converters.base import ArtifactInfo
 from mdeploy.converters.tflite_attention import reshape_plan
 from mdeploy.converters.tflite_report import xnnpack_partitions
 from mdeploy.errors import UnsupportedOpError
@@ -32,10 +31,10 @@ from mdeploy.graph.from_torch import graph_from_torch
 from mdeploy.graph.ir import Graph, Op
 from mdeploy.loading import load_model
 from mdeploy.quantize.ptq import quantize
-from mdeploy.quantize.simulate import simulate
 from tests.model_library import SAVERS, install_torchvision_shim, photos
+from tests.op_harness import (INFO, assert_fp32_everywhere, assert_int8_everywhere, build_and_trace, photo_sets,
+                              reference)
 
-INFO = ArtifactInfo("model", {"crop": 224}, tuple(f"class{i}" for i in range(10)), "test")
 SIZE = 32
 C = 16
 
@@ -164,33 +163,11 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], set[Op]]] = {
 @pytest.fixture(scope="module")
 def images(calib_dir: Path, demo_assets) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
     """(calibration photos, other photos to check on), preprocessed at SIZE."""
-    return photos(calib_dir, SIZE, 32).numpy(), photos(demo_assets.eval_dir, SIZE, 8).numpy()
+    return photo_sets(calib_dir, demo_assets.eval_dir, SIZE)
 
 
 def _build(name: str, x: np.ndarray) -> tuple[nn.Module, Graph]:
-    torch.manual_seed(0)
-    model = MODELS[name][0]().eval()
-    with torch.no_grad():
-        model(torch.from_numpy(x[:1]))  # materialises the lazy head
-    return model, graph_from_torch(model, (1, 3, SIZE, SIZE))
-
-
-def _reference(model: nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model(torch.from_numpy(x)).numpy().reshape(len(x), -1)
-
-
-def _run(target: Target, graph: Graph, quantized: object, x: np.ndarray, path: Path) -> np.ndarray:
-    converter = REGISTRY[target]
-    graph = quantized.graph if quantized is not None else graph  # type: ignore[attr-defined]  # as the pipeline
-    converter.export(graph, quantized, path, INFO)  # type: ignore[arg-type]
-    (output,) = converter.outputs_runner(path)(x).values()
-    return np.asarray(output, np.float32).reshape(len(x), -1)
-
-
-def snr_db(reference: np.ndarray, value: np.ndarray) -> float:
-    noise = np.sum((value.astype(np.float64) - reference) ** 2)
-    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(noise, 1e-30)))
+    return build_and_trace(MODELS[name][0], SIZE, materialise=x)  # materialises the lazy head
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -198,12 +175,7 @@ def test_fp32_everywhere(name: str, images: tuple[np.ndarray, np.ndarray], tmp_p
     calibration, x = images
     model, graph = _build(name, calibration)
     assert MODELS[name][1] <= {n.op for n in graph.nodes}
-    reference = _reference(model, x)
-    limit = 1e-5 * max(1.0, float(np.abs(reference).max()))  # float32 reordering only
-    assert np.abs(GraphRunner(graph)(x).numpy().reshape(len(x), -1) - reference).max() <= limit
-    for target in (Target.onnx, Target.tflite, Target.coreml):
-        out = _run(target, graph, None, x, tmp_path / f"m.fp32{REGISTRY[target].suffix}")
-        assert np.abs(out - reference).max() <= limit, target
+    assert_fp32_everywhere(model, graph, x, tmp_path, limit=1e-5)  # float32 reordering only
 
 
 # int8 SNR against PyTorch on photos the calibration did not see: stem -> attention -> head quantises 8-12 tensors
@@ -223,13 +195,8 @@ def test_int8_everywhere(name: str, images: tuple[np.ndarray, np.ndarray], tmp_p
     calibration, x = images
     model, graph = _build(name, calibration)
     quantized = quantize(graph, calibration, QuantRecipe.default())
-    reference = _reference(model, x)
-    simulated = simulate(quantized, x).reshape(len(x), -1)
-    assert snr_db(reference, simulated) >= INT8_SNR_DB
-    for target in (Target.onnx, Target.tflite, Target.coreml):
-        out = _run(target, graph, quantized, x, tmp_path / f"m.int8{REGISTRY[target].suffix}")
-        assert snr_db(reference, out) >= INT8_SNR_DB, target
-        assert snr_db(simulated, out) >= 33.0, target  # the runtime runs what the quantiser chose
+    assert_int8_everywhere(model, quantized.graph, quantized, x, tmp_path, min_snr_db=INT8_SNR_DB,  # as the pipeline
+                           min_snr_vs_simulation_db=33.0)  # the runtime runs what the quantiser chose
 
 
 # XNNPACK (LiteRT 2.3) takes RESHAPE, TRANSPOSE and BATCH_MATMUL in fp32 and int8 (an int8 BATCH_MATMUL only with a
@@ -298,13 +265,13 @@ def test_timm_attention_saved_both_ways_traces_the_same(fused: bool, tmp_path: P
     with torch.no_grad():
         model(example)
     x = np.random.default_rng(0).standard_normal((3, 3, SIZE, SIZE)).astype(np.float32)
-    reference = _reference(model, x)
+    expected = reference(model, x)
     histograms = []
     for kind, (save, suffix) in SAVERS.items():
         path = tmp_path / f"attention{suffix}"
         save(model, example, path)
         graph = graph_from_torch(load_model(path).module, (1, 3, SIZE, SIZE))
-        assert np.abs(GraphRunner(graph)(x).numpy().reshape(len(x), -1) - reference).max() <= 1e-4, kind
+        assert np.abs(GraphRunner(graph)(x).numpy().reshape(len(x), -1) - expected).max() <= 1e-4, kind
         assert any("MultiQueryAttention2d" in n.source for n in graph.nodes if n.op is Op.MATMUL), kind
         histograms.append(graph.op_histogram())
     assert histograms[0] == histograms[1]

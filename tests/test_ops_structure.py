@@ -19,17 +19,15 @@ import torch.nn.functional as F
 
 from mdeploy.calibration.config import QuantRecipe
 from mdeploy.converters import REGISTRY, Target
-from mdeploy.converters.base import ArtifactInfo
 from mdeploy.converters.tflite_report import xnnpack_partitions
 from mdeploy.errors import UnsupportedOpError
-from mdeploy.graph.execute import GraphRunner
 from mdeploy.graph.from_torch import graph_from_torch
-from mdeploy.graph.ir import Op
+from mdeploy.graph.ir import Graph, Op
 from mdeploy.quantize.ptq import quantize
-from mdeploy.quantize.simulate import simulate
-from tests.model_library import Family, build, install_torchvision_shim, photos
+from tests.model_library import Family, build, install_torchvision_shim
+from tests.op_harness import (INFO, assert_fp32_everywhere, assert_int8_everywhere, build_and_trace, export_and_run,
+                              photo_sets)
 
-INFO = ArtifactInfo("model", {"crop": 224}, tuple(f"class{i}" for i in range(10)), "test")
 SIZE = 48
 
 
@@ -129,40 +127,19 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Op]] = {
 @pytest.fixture(scope="module")
 def images(calib_dir: Path, demo_assets) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
     """(calibration photos, other photos to check on), preprocessed at SIZE."""
-    return photos(calib_dir, SIZE, 32).numpy(), photos(demo_assets.eval_dir, SIZE, 8).numpy()
+    return photo_sets(calib_dir, demo_assets.eval_dir, SIZE)
 
 
-def _build(name: str, x: np.ndarray) -> tuple[nn.Module, object]:
-    torch.manual_seed(0)
-    model = MODELS[name][0]().eval()
-    with torch.no_grad():
-        model(torch.from_numpy(x[:1]))  # materialises the lazy head
-    return model, graph_from_torch(model, (1, 3, SIZE, SIZE))
-
-
-def _run(target: Target, graph, quantized, x: np.ndarray, path: Path) -> np.ndarray:  # type: ignore[no-untyped-def]
-    converter = REGISTRY[target]
-    converter.export(graph, quantized, path, INFO)
-    (output,) = converter.outputs_runner(path)(x).values()
-    return np.asarray(output, np.float32).reshape(len(x), -1)
-
-
-def snr_db(reference: np.ndarray, value: np.ndarray) -> float:
-    noise = np.sum((value.astype(np.float64) - reference) ** 2)
-    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(noise, 1e-30)))
+def _build(name: str, x: np.ndarray) -> tuple[nn.Module, Graph]:
+    return build_and_trace(MODELS[name][0], SIZE, materialise=x)  # materialises the lazy head
 
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_fp32_everywhere(name: str, images: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
     calibration, x = images
     model, graph = _build(name, calibration)
-    assert MODELS[name][1] in {n.op for n in graph.nodes}  # type: ignore[attr-defined]
-    reference = model(torch.from_numpy(x)).detach().numpy().reshape(len(x), -1)
-    limit = 1e-5 * max(1.0, float(np.abs(reference).max()))  # float32 reordering only
-    assert np.abs(GraphRunner(graph)(x).numpy().reshape(len(x), -1) - reference).max() <= limit
-    for target in (Target.onnx, Target.tflite, Target.coreml):
-        out = _run(target, graph, None, x, tmp_path / f"m.fp32{REGISTRY[target].suffix}")
-        assert np.abs(out - reference).max() <= limit, target
+    assert MODELS[name][1] in {n.op for n in graph.nodes}
+    assert_fp32_everywhere(model, graph, x, tmp_path, limit=1e-5)  # float32 reordering only
 
 
 # int8 SNR against PyTorch on photos the calibration did not see. stem -> op -> head quantises ~4 tensors (input,
@@ -177,22 +154,18 @@ INT8_SNR_DB = 25.0
 def test_int8_everywhere(name: str, images: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
     calibration, x = images
     model, graph = _build(name, calibration)
-    quantized = quantize(graph, calibration, QuantRecipe.stock_minmax())  # type: ignore[arg-type]
-    reference = model(torch.from_numpy(x)).detach().numpy().reshape(len(x), -1)
-    simulated = simulate(quantized, x).reshape(len(x), -1)
-    assert snr_db(reference, simulated) >= INT8_SNR_DB
-    for target in (Target.onnx, Target.tflite, Target.coreml):
-        out = _run(target, graph, quantized, x, tmp_path / f"m.int8{REGISTRY[target].suffix}")
-        assert snr_db(reference, out) >= INT8_SNR_DB, target
-        assert snr_db(simulated, out) >= INT8_SNR_DB + 5, target  # the runtime runs what the quantiser chose
+    quantized = quantize(graph, calibration, QuantRecipe.stock_minmax())
+    # exports ``graph`` itself with the int8 parameters (the pipeline exports ``quantized.graph``)
+    assert_int8_everywhere(model, graph, quantized, x, tmp_path, min_snr_db=INT8_SNR_DB,
+                           min_snr_vs_simulation_db=INT8_SNR_DB + 5)  # the runtime runs what the quantiser chose
 
 
 def test_concat_inputs_take_its_grid_where_nothing_read_them_before(images: tuple[np.ndarray, np.ndarray]) -> None:
     calibration, _ = images
     for name, requantised in (("cat_fire", 0), ("cat_ghost_requantised", 1)):
         _, graph = _build(name, calibration)
-        quantized = quantize(graph, calibration, QuantRecipe.stock_minmax())  # type: ignore[arg-type]
-        concat = next(n for n in graph.nodes if n.op is Op.CONCAT)  # type: ignore[attr-defined]
+        quantized = quantize(graph, calibration, QuantRecipe.stock_minmax())
+        concat = next(n for n in graph.nodes if n.op is Op.CONCAT)
         grids = [quantized.activations[i] for i in concat.inputs]
         assert sum(g != quantized.activations[concat.output] for g in grids) == requantised, name
 
@@ -206,7 +179,7 @@ def test_tflite_is_one_xnnpack_partition(name: str, precision: str, images: tupl
                                          tmp_path: Path) -> None:
     calibration, _ = images
     _, graph = _build(name, calibration)
-    quantized = quantize(graph, calibration, QuantRecipe.stock_minmax()) if precision == "int8" else None  # type: ignore[arg-type]
+    quantized = quantize(graph, calibration, QuantRecipe.stock_minmax()) if precision == "int8" else None
     path = tmp_path / f"m.{precision}.tflite"
     REGISTRY[Target.tflite].export(graph, quantized, path, INFO)
     report = xnnpack_partitions(path.read_bytes())
@@ -253,5 +226,5 @@ def test_library_models_trace_and_convert_to_fp32_onnx(family: Family, tmp_path:
     graph = graph_from_torch(model, (1, 3, 96, 96))
     x = np.random.default_rng(0).standard_normal((2, 3, 96, 96)).astype(np.float32)
     reference = model(torch.from_numpy(x)).detach().numpy()
-    out = _run(Target.onnx, graph, None, x, tmp_path / "model.onnx")
+    out = export_and_run(Target.onnx, graph, None, x, tmp_path / "model.onnx")
     assert np.abs(out - reference).max() <= 1e-5 * max(1.0, float(np.abs(reference).max()))
