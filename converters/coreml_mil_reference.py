@@ -16,6 +16,7 @@ like coremltools' own op registry. It is a reference of the MIL op definitions, 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,6 +218,24 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
 @mil_op("silu")
 def silu(x: np.ndarray) -> np.ndarray:
     return x * sigmoid(x)
+
+
+_ERF = np.frompyfunc(math.erf, 1, 1)  # math.erf, as coremltools' value inference (a vectorised erf differs in ulps)
+
+
+@mil_op("gelu")
+def gelu(x: np.ndarray, mode: Any = "EXACT") -> np.ndarray:
+    """coremltools' formulas: EXACT 0.5 x (1 + erf(x / sqrt(2))) in float64 (math.erf), rounded once;
+    TANH_APPROXIMATION 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))), the cube in the tensor's dtype, the rest
+    in float64."""
+    mode = str(mode)
+    if mode == "TANH_APPROXIMATION":
+        a = np.sqrt(2 / np.pi) * (x + 0.044715 * np.power(x, 3))
+        return (0.5 * x * (1 + np.tanh(a))).astype(x.dtype)
+    if mode != "EXACT":
+        raise UnsupportedMilOpError(f"MIL gelu mode {mode!r} is not implemented by the {RUNTIME_NAME}")
+    x64 = np.asarray(x).astype(np.float64)
+    return (0.5 * x64 * (1 + _ERF(x64 / np.sqrt(2)).astype(np.float64))).astype(x.dtype)
 
 
 @mil_op("leaky_relu")

@@ -21,7 +21,7 @@ import numpy as np
 from mdeploy.converters.coreml_mil_attention import ATTENTION_LOWERINGS  # RESHAPE, TRANSPOSE, MATMUL
 from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
-from mdeploy.graph.ir import LeakyReluAttrs, PoolAttrs, ShuffleAttrs, SliceAttrs
+from mdeploy.graph.ir import GeluAttrs, LeakyReluAttrs, PoolAttrs, ShuffleAttrs, SliceAttrs
 from mdeploy.graph.pooling import pool_geometry
 from mdeploy.quantize.params import QuantizedGraph, TensorQuant, quantize_bias
 from mdeploy.quantize.rounding import affine_dequantized
@@ -253,6 +253,12 @@ class _Emitter:
     @lowers(Op.SILU, "silu")
     def silu(self, node: Node, xs: list[Any], name: str) -> Any:
         return self.mb.silu(x=xs[0], name=name)
+
+    @lowers(Op.GELU, "gelu")
+    def gelu(self, node: Node, xs: list[Any], name: str) -> Any:
+        assert isinstance(node.attrs, GeluAttrs)
+        mode = "TANH_APPROXIMATION" if node.attrs.approximate == "tanh" else "EXACT"
+        return self.mb.gelu(x=xs[0], mode=mode, name=name)
 
     @lowers(Op.LEAKY_RELU, "leaky_relu")
     def leaky_relu(self, node: Node, xs: list[Any], name: str) -> Any:

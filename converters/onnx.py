@@ -19,7 +19,8 @@ from mdeploy.converters.base import (ONE_OUTPUT_STAGE, ArtifactInfo, BundleRunne
                                   Target, require_content)
 from mdeploy.errors import BadInputError, UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs, only_output
-from mdeploy.graph.ir import LeakyReluAttrs, PoolAttrs, ReshapeAttrs, ShuffleAttrs, SliceAttrs, TransposeAttrs
+from mdeploy.graph.ir import GeluAttrs, LeakyReluAttrs, PoolAttrs, ReshapeAttrs, ShuffleAttrs, SliceAttrs
+from mdeploy.graph.ir import TransposeAttrs
 from mdeploy.graph.pooling import pool_geometry, shuffle_permutation
 from mdeploy.quantize.params import QuantizedGraph, quantize_bias
 from mdeploy.quantize.rounding import affine_dequantized
@@ -171,6 +172,30 @@ class _Writer:
     @emits(Op.SILU)
     def silu(self, node: Node, inputs: list[str], out: str) -> str:  # opset 17 has no Swish
         return self.add("Mul", [inputs[0], self.add("Sigmoid", inputs, out + "/sigmoid")], out)
+
+    @emits(Op.GELU)
+    def gelu(self, node: Node, inputs: list[str], out: str) -> str:
+        """opset 17 has no Gelu (opset 20): 0.5 x (1 + erf(x / sqrt(2))), or 0.5 x (1 + tanh(sqrt(2 / pi) (x +
+        0.044715 x^3))), with standard ops (int8: in float between the input's DequantizeLinear and the output's
+        QuantizeLinear, as SILU)."""
+        assert isinstance(node.attrs, GeluAttrs)
+        x = inputs[0]
+
+        def scalar(role: str, value: float) -> str:
+            return self.constant(f"{out}/{role}", np.array(value, np.float32))
+
+        if node.attrs.approximate == "tanh":
+            cube = self.add("Mul", [x, self.add("Mul", [x, x], out + "/square")], out + "/cube")
+            inner = self.add("Add", [x, self.add("Mul", [cube, scalar("c", 0.044715)], out + "/cube_c")],
+                             out + "/inner")
+            scaled = self.add("Mul", [inner, scalar("sqrt_2_over_pi", np.sqrt(2.0 / np.pi))], out + "/scaled")
+            curve = self.add("Tanh", [scaled], out + "/tanh")
+        else:
+            scaled = self.add("Mul", [x, scalar("sqrt_half", np.sqrt(0.5))], out + "/scaled")
+            curve = self.add("Erf", [scaled], out + "/erf")
+        one_plus = self.add("Add", [curve, scalar("one", 1.0)], out + "/one_plus")
+        half_x = self.add("Mul", [x, scalar("half", 0.5)], out + "/half_x")
+        return self.add("Mul", [half_x, one_plus], out)
 
     @emits(Op.LEAKY_RELU)
     def leaky_relu(self, node: Node, inputs: list[str], out: str) -> str:

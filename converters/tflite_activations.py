@@ -1,4 +1,4 @@
-"""TFLite emitters of SILU, LEAKY_RELU, PRELU and AFFINE. ``tflite_ops`` merges ``ACTIVATION_EMITTERS`` (and the
+"""TFLite emitters of SILU, GELU, LEAKY_RELU, PRELU and AFFINE. ``tflite_ops`` merges ``ACTIVATION_EMITTERS`` (and the
 operator versions) into its tables; each function takes that module's ``Translator`` as ``t``.
 
 Forms chosen so that XNNPACK (LiteRT's CPU delegate) keeps int8 graphs in one partition (measured with
@@ -7,6 +7,10 @@ MUL, ADD, DEPTHWISE_CONV_2D, RESHAPE and LEAKY_RELU, but not int8 PRELU):
 
 - SILU is LOGISTIC -> MUL(x, .), as TensorFlow's converter writes it (TFLite has no SiLU op); in int8 the LOGISTIC
   writes the fixed grid its kernel demands (scale 1/256, zero point -128, ``policy.PROBABILITY_GRID``);
+- GELU is GELU (``GeluOptions.approximate`` for the tanh form; versions 1 fp32, 2 int8, as TensorFlow 2.21 writes
+  them) in fp32, which XNNPACK takes. XNNPACK refuses int8 GELU (a partition on each side, measured), so in int8
+  it is ``x * sigmoid(z)``, z = 2 sqrt(2 / pi) (x + 0.044715 x^3) (the tanh form, within 5e-4 of the erf form),
+  written as MUL, MUL, ADD, MUL, LOGISTIC, MUL on int8 grids (``_gelu_int8``; about 1 dB below one rounding);
 - LEAKY_RELU is LEAKY_RELU. XNNPACK takes it in int8 when input/output scale ratios stay within its limits
   (``slope * s_in / s_out >= 1/256``: a slope of 0.01 with an output grid 4x coarser than the input's is refused);
 - PRELU is PRELU in fp32, LEAKY_RELU when every channel has the same slope, else, in int8,
@@ -28,7 +32,7 @@ import numpy as np
 
 from mdeploy.converters.tflite_attention import channels_last_operand, declare
 from mdeploy.converters.tflite_flatbuffer import Quant, fb
-from mdeploy.graph.ir import LeakyReluAttrs, Node, Op, OpRegistry
+from mdeploy.graph.ir import GeluAttrs, LeakyReluAttrs, Node, Op, OpRegistry
 from mdeploy.quantize.params import TensorQuant
 from mdeploy.quantize.policy import PROBABILITY_GRID
 from mdeploy.quantize.rounding import affine_weight_quant
@@ -38,7 +42,7 @@ O = fb.BuiltinOptions
 ACT = fb.ActivationFunctionType
 
 # Operator versions (fp32, int8) as TensorFlow's converter writes them.
-ACTIVATION_VERSIONS: dict[int, tuple[int, int]] = {B.LEAKY_RELU: (1, 2), B.PRELU: (1, 1)}
+ACTIVATION_VERSIONS: dict[int, tuple[int, int]] = {B.LEAKY_RELU: (1, 2), B.PRELU: (1, 1), B.GELU: (1, 2)}
 Translator = Any  # mdeploy.converters.tflite_ops.Translator (which imports this module)
 ACTIVATION_EMITTERS: OpRegistry[Callable[[Translator, Node], None]] = OpRegistry()
 emits = ACTIVATION_EMITTERS.register
@@ -49,6 +53,47 @@ def silu(t: Translator, node: Node) -> None:
     x = t.input(node)
     gate = t.op(B.LOGISTIC, [x], t.temp(node, "sigmoid", t.b.shape(x), PROBABILITY_GRID if t.is_int8(node) else None))
     t.op(B.MUL, [x, gate], t.output(node), fb.MulOptionsT(), O.MulOptions)
+
+
+GELU_K = 2.0 * np.sqrt(2.0 / np.pi)  # 0.5 (1 + tanh(a)) = sigmoid(2 a): gelu(x) ~ x sigmoid(K (x + 0.044715 x^3))
+GELU_SQUARE_LIMIT = 4.0  # |x| beyond which the int8 form saturates x^2 (sigmoid(K 4 (1 + 0.044715 16)) ~ 1 - 2e-5)
+GELU_Z_LIMIT = 8.0  # the sigmoid's argument saturates at +-8 (sigmoid(8) = 1 - 3.4e-4)
+
+
+@emits(Op.GELU)
+def gelu(t: Translator, node: Node) -> None:
+    assert isinstance(node.attrs, GeluAttrs)
+    x = t.input(node)
+    if t.is_int8(node):
+        _gelu_int8(t, node, x)
+        return
+    options = fb.GeluOptionsT()
+    options.approximate = node.attrs.approximate == "tanh"
+    t.op(B.GELU, [x], t.output(node), options, O.GeluOptions)
+
+
+def _gelu_int8(t: Translator, node: Node, x: str) -> None:
+    """x * sigmoid(z), z = x (K + c^2 x^2), c^2 = 0.044715 K: MUL(x, c) -> MUL(u, u) -> ADD(., K) -> MUL(x, .) ->
+    LOGISTIC -> MUL(x, .), every step an op XNNPACK takes in int8. The tanh form exactly (the erf form within 5e-4,
+    far below an int8 step); u and z saturate on their grids (|x| <= 4, |z| <= 8), where the sigmoid is flat."""
+    shape = t.b.shape(x)
+    low, high = t.tq(node.inputs[0]).range
+    c = float(np.sqrt(0.044715 * GELU_K))
+    u_low, u_high = c * max(low, -GELU_SQUARE_LIMIT), c * min(high, GELU_SQUARE_LIMIT)
+    v_high = max(u_low * u_low, u_high * u_high)
+    mul = fb.MulOptionsT()
+    u = t.op(B.MUL, [x, t.scalar(node, "c", c)], t.temp(node, "cx", shape, TensorQuant.from_range(u_low, u_high)),
+             mul, O.MulOptions)
+    v = t.op(B.MUL, [u, u], t.temp(node, "cx_squared", shape, TensorQuant.from_range(0.0, v_high)), mul,
+             O.MulOptions)
+    w_grid = TensorQuant.from_range(GELU_K, GELU_K + v_high)
+    w = t.op(B.ADD, [v, t.scalar(node, "k", GELU_K)], t.temp(node, "slope", shape, w_grid), fb.AddOptionsT(),
+             O.AddOptions)
+    w_high = w_grid.range[1]
+    z_grid = TensorQuant.from_range(max(low * w_high, -GELU_Z_LIMIT), min(high * w_high, GELU_Z_LIMIT))
+    z = t.op(B.MUL, [x, w], t.temp(node, "z", shape, z_grid), mul, O.MulOptions)
+    gate = t.op(B.LOGISTIC, [z], t.temp(node, "sigmoid", shape, PROBABILITY_GRID))
+    t.op(B.MUL, [x, gate], t.output(node), mul, O.MulOptions)
 
 
 def _leaky(t: Translator, node: Node, x: str, slope: float) -> None:

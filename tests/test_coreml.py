@@ -70,6 +70,7 @@ CASES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "sigmoid_hard": lambda dt: {"x": _arr(2, 3, 5, dtype=dt), "alpha": dt(1 / 6), "beta": dt(0.5)},
     "sigmoid": lambda dt: {"x": _arr(2, 3, 5, dtype=dt, scale=8)},
     "silu": lambda dt: {"x": _arr(2, 3, 5, dtype=dt, scale=4)},
+    "gelu": lambda dt: {"x": _arr(2, 3, 5, dtype=dt, scale=2), "mode": "EXACT"},
     "concat": lambda dt: {"values": (_arr(1, 2, 4, 4, dtype=dt), _arr(1, 3, 4, 4, dtype=dt)), "axis": 1},
     "slice_by_index": lambda dt: {"x": _arr(1, 6, 4, 4, dtype=dt), "begin": np.array([0, 1, 0, 0], np.int32),
                                   "end": np.array([1, 4, 4, 4], np.int32)},
@@ -106,6 +107,7 @@ CASES: dict[str, Callable[[Any], dict[str, Any]]] = {
     "classify": lambda dt: {"probabilities": _arr(7, dtype=np.float32), "classes": [f"c{i}" for i in range(7)]},
 }
 MORE_CASES = {  # further variants of ops with several modes
+    "gelu": [lambda dt: {"x": _arr(2, 3, 5, dtype=dt, scale=2), "mode": "TANH_APPROXIMATION"}],
     "quantize": [lambda dt: {"input": _arr(1, 3, 4, 4, dtype=dt, scale=1.5), "scale": _positive(3, dt),
                              "zero_point": np.array([-3, 0, 4], np.int8), "axis": 1, "output_dtype": "int8"},
                  lambda dt: {"input": np.abs(_arr(1, 3, 4, 4, dtype=dt)), "scale": dt(0.02),

@@ -104,7 +104,7 @@ class AllOps(nn.Module):
         y = self.c1(F.pad(x, (0, 1, 0, 1)))
         a, b = torch.relu(y), torch.clamp(y, -1.0, 1.0)
         d = F.hardswish(y) + torch.sigmoid(a) * F.hardsigmoid(b) + torch.clamp(y, 0.25, 3.0)
-        d = F.relu6(self.c2(d))
+        d = F.relu6(self.c2(d + F.gelu(b)))
         d = self.prelu(F.leaky_relu(F.silu(d) * self.gamma.view(1, -1, 1, 1) - 0.5, 0.1))  # AFFINE: * gamma - 0.5
         lo, hi = (F.max_pool2d(d, 3, 1, 1) + F.avg_pool2d(d, 3, 1, 1, count_include_pad=False)).chunk(2, dim=1)
         d = torch.cat([hi, lo], 1).view(1, 2, 4, 5, 5).transpose(1, 2).contiguous().view(1, 8, 5, 5)

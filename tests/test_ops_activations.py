@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 from mdeploy.calibration.config import QuantRecipe
 from mdeploy.converters import REGISTRY, Target
-from mdeploy.converters.base import ArtifactInfo
 from mdeploy.converters.tflite_report import xnnpack_partitions
 from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.execute import GraphRunner
@@ -27,10 +26,10 @@ from mdeploy.graph.from_torch import graph_from_torch
 from mdeploy.graph.ir import Graph, Op
 from mdeploy.quantize.equalize import apply_scales
 from mdeploy.quantize.ptq import quantize
-from mdeploy.quantize.simulate import simulate
 from tests.model_library import Family, build, install_torchvision_shim, photos
+from tests.op_harness import (INFO, assert_fp32_everywhere, assert_int8_everywhere, build_and_trace, export_and_run,
+                              reference)
 
-INFO = ArtifactInfo("model", {"crop": 224}, tuple(f"class{i}" for i in range(10)), "test")
 SIZE = 48
 C = 16
 
@@ -111,6 +110,10 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], Op]] = {
     "silu_functional": (lambda: Net(F.silu), Op.SILU),
     "swish_written_out": (lambda: Net(lambda x: x * torch.sigmoid(x)), Op.SILU),
     "silu_features": (lambda: Net(F.silu, features=True), Op.SILU),
+    "gelu_module": (lambda: Net(nn.GELU()), Op.GELU),
+    "gelu_functional": (lambda: Net(F.gelu), Op.GELU),
+    "gelu_tanh_module": (lambda: Net(nn.GELU(approximate="tanh")), Op.GELU),
+    "gelu_tanh_features": (lambda: Net(lambda x: F.gelu(x, approximate="tanh"), features=True), Op.GELU),
     "leaky_relu_module": (lambda: Net(nn.LeakyReLU(0.1)), Op.LEAKY_RELU),
     "leaky_relu_functional": (lambda: Net(lambda x: F.leaky_relu(x, 0.2)), Op.LEAKY_RELU),
     "prelu_per_channel": (lambda: Net(prelu(C, -0.2, 0.6)), Op.PRELU),
@@ -138,27 +141,7 @@ def images(calib_dir: Path, demo_assets) -> tuple[np.ndarray, np.ndarray]:  # ty
 
 
 def _build(make: Callable[[], nn.Module]) -> tuple[nn.Module, Graph]:
-    torch.manual_seed(0)
-    model = make().eval()
-    return model, graph_from_torch(model, (1, 3, SIZE, SIZE))
-
-
-def _reference(model: nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():  # the in-place layer scale writes into a tensor autograd would track
-        return model(torch.from_numpy(x)).numpy().reshape(len(x), -1)
-
-
-def _run(target: Target, graph: Graph, quantized: object, x: np.ndarray, path: Path) -> np.ndarray:
-    converter = REGISTRY[target]
-    graph = quantized.graph if quantized is not None else graph  # type: ignore[attr-defined]  # as the pipeline
-    converter.export(graph, quantized, path, INFO)  # type: ignore[arg-type]
-    (output,) = converter.outputs_runner(path)(x).values()
-    return np.asarray(output, np.float32).reshape(len(x), -1)
-
-
-def snr_db(reference: np.ndarray, value: np.ndarray) -> float:
-    noise = np.sum((value.astype(np.float64) - reference) ** 2)
-    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(noise, 1e-30)))
+    return build_and_trace(make, SIZE)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -166,12 +149,7 @@ def test_fp32_everywhere(name: str, images: tuple[np.ndarray, np.ndarray], tmp_p
     _, x = images
     model, graph = _build(MODELS[name][0])
     assert MODELS[name][1] in {n.op for n in graph.nodes}
-    reference = _reference(model, x)
-    limit = 1e-5 * max(1.0, float(np.abs(reference).max()))  # float32 reordering only
-    assert np.abs(GraphRunner(graph)(x).numpy().reshape(len(x), -1) - reference).max() <= limit
-    for target in (Target.onnx, Target.tflite, Target.coreml):
-        out = _run(target, graph, None, x, tmp_path / f"m.fp32{REGISTRY[target].suffix}")
-        assert np.abs(out - reference).max() <= limit, target
+    assert_fp32_everywhere(model, graph, x, tmp_path, limit=1e-5)  # float32 reordering only
 
 
 # int8 SNR against PyTorch on crops the calibration did not see. conv -> op -> pool -> linear quantises 5 tensors
@@ -188,13 +166,8 @@ def test_int8_everywhere(name: str, images: tuple[np.ndarray, np.ndarray], tmp_p
     calibration, x = images
     model, graph = _build(MODELS[name][0])
     quantized = quantize(graph, calibration, QuantRecipe.default())  # with activation equalisation
-    reference = _reference(model, x)
-    simulated = simulate(quantized, x).reshape(len(x), -1)
-    assert snr_db(reference, simulated) >= INT8_SNR_DB
-    for target in (Target.onnx, Target.tflite, Target.coreml):
-        out = _run(target, graph, quantized, x, tmp_path / f"m.int8{REGISTRY[target].suffix}")
-        assert snr_db(reference, out) >= INT8_SNR_DB, target
-        assert snr_db(simulated, out) >= 30.0, target  # the runtime runs what the quantiser chose
+    assert_int8_everywhere(model, quantized.graph, quantized, x, tmp_path, min_snr_db=INT8_SNR_DB,  # as the pipeline
+                           min_snr_vs_simulation_db=30.0)  # the runtime runs what the quantiser chose
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -217,7 +190,7 @@ def test_affine_after_a_conv_folds_into_it_and_equalisation_rescales_its_shift(
     calibration, x = images
     model, graph = _build(lambda: Net(LayerScale(inplace=False)))
     assert {n.op for n in graph.nodes} == {Op.CONV, Op.GLOBAL_AVG_POOL, Op.FLATTEN, Op.LINEAR}
-    assert np.abs(GraphRunner(graph)(x).numpy() - _reference(model, x)).max() <= 1e-5
+    assert np.abs(GraphRunner(graph)(x).numpy() - reference(model, x)).max() <= 1e-5
     # conv -> relu -> affine -> conv: equalisation scales the affine's input and output alike, so its shift too
     model = nn.Sequential(nn.Conv2d(3, C, 3, padding=1), nn.ReLU(), batch_norm(), nn.Conv2d(C, 4, 1)).eval()
     graph = graph_from_torch(model, (1, 3, SIZE, SIZE))
@@ -227,7 +200,7 @@ def test_affine_after_a_conv_folds_into_it_and_equalisation_rescales_its_shift(
     rescaled = quantized.graph.node(affine.name).params["shift"]
     np.testing.assert_allclose(rescaled, affine.params["shift"] / quantized.channel_scales[affine.output], rtol=1e-6)
     rescaled_graph = apply_scales(graph, quantized.channel_scales)  # the same function
-    assert np.abs(GraphRunner(rescaled_graph)(x).numpy().reshape(len(x), -1) - _reference(model, x)).max() <= 1e-4
+    assert np.abs(GraphRunner(rescaled_graph)(x).numpy().reshape(len(x), -1) - reference(model, x)).max() <= 1e-4
 
 
 # Written-out activations -> the native op; the artifacts match the native model's op for op and number for number.
@@ -264,8 +237,8 @@ def test_written_out_activations_give_the_native_artifacts(name: str, images: tu
         assert _onnx_ops(g1, a, tmp_path / "1.onnx") == _onnx_ops(g2, b, tmp_path / "2.onnx")
         for target in (Target.onnx, Target.tflite):
             suffix = REGISTRY[target].suffix
-            out1 = _run(target, g1, a, x, tmp_path / f"w.{precision}{suffix}")
-            out2 = _run(target, g2, b, x, tmp_path / f"n.{precision}{suffix}")
+            out1 = export_and_run(target, a.graph if a else g1, a, x, tmp_path / f"w.{precision}{suffix}")
+            out2 = export_and_run(target, b.graph if b else g2, b, x, tmp_path / f"n.{precision}{suffix}")
             np.testing.assert_array_equal(out1, out2)
 
 
@@ -318,6 +291,6 @@ def test_library_models_trace_and_convert_to_fp32_onnx(name: str, tmp_path: Path
     graph = graph_from_torch(model, (1, 3, 96, 96))
     assert Op.SILU in {n.op for n in graph.nodes} if name == "tinynet_a" else True
     x = np.random.default_rng(0).standard_normal((2, 3, 96, 96)).astype(np.float32)
-    reference = _reference(model, x)
-    out = _run(Target.onnx, graph, None, x, tmp_path / "model.onnx")
-    assert np.abs(out - reference).max() <= 1e-5 * max(1.0, float(np.abs(reference).max()))
+    expected = reference(model, x)
+    out = export_and_run(Target.onnx, graph, None, x, tmp_path / "model.onnx")
+    assert np.abs(out - expected).max() <= 1e-5 * max(1.0, float(np.abs(expected).max()))

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs
-from mdeploy.graph.ir import LeakyReluAttrs, PoolAttrs, ReshapeAttrs, ShuffleAttrs, SliceAttrs, TransposeAttrs
+from mdeploy.graph.ir import GeluAttrs, LeakyReluAttrs, PoolAttrs, ReshapeAttrs, ShuffleAttrs, SliceAttrs
+from mdeploy.graph.ir import TransposeAttrs
 
 # Called with (tensor name, value) for the graph input and every node output; returns the value to propagate.
 TensorHook = Callable[[str, torch.Tensor], torch.Tensor]
@@ -87,6 +88,12 @@ def _sigmoid(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tens
 @op(Op.SILU)
 def _silu(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return F.silu(xs[0])
+
+
+@op(Op.GELU)
+def _gelu(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    assert isinstance(node.attrs, GeluAttrs)
+    return F.gelu(xs[0], approximate=node.attrs.approximate)
 
 
 @op(Op.LEAKY_RELU)

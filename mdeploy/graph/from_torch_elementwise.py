@@ -1,5 +1,5 @@
-"""Tracer handlers for elementwise ops: SiLU, LeakyReLU, PReLU, and add/sub/mul/div, of two feature maps (ADD, MUL)
-or of a feature map and a constant (AFFINE: ``x * scale[c] + shift[c]``). ``from_torch`` merges
+"""Tracer handlers for elementwise ops: SiLU, GELU, LeakyReLU, PReLU, and add/sub/mul/div, of two feature maps (ADD,
+MUL) or of a feature map and a constant (AFFINE: ``x * scale[c] + shift[c]``). ``from_torch`` merges
 ``ELEMENTWISE_HANDLERS`` into its handler table and calls ``fold_constant`` on every node first:
 
 - a node that reads only constants (registered parameters and buffers, numbers, lifted tensors) is computed once
@@ -22,7 +22,7 @@ from torch import fx
 
 from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.fx_nodes import op_name, source
-from mdeploy.graph.ir import LeakyReluAttrs, Node, Op
+from mdeploy.graph.ir import GeluAttrs, LeakyReluAttrs, Node, Op
 
 
 class Builder(Protocol):
@@ -164,6 +164,16 @@ def _binary(b: Builder, n: fx.Node) -> None:
 @handles("silu", "silu_")
 def _silu(b: Builder, n: fx.Node) -> None:
     b.emit(n, Op.SILU, [b.tensor(n.args[0])])
+
+
+@handles("gelu", "gelu_")
+def _gelu(b: Builder, n: fx.Node) -> None:
+    approximate = n.args[1] if len(n.args) > 1 else n.kwargs.get("approximate", "none")
+    if approximate not in ("none", "tanh"):
+        where = source(n) or "the model's forward()"
+        raise UnsupportedOpError(f"GELU with approximate={approximate!r} at {where} is not supported: 'none' and "
+                                 "'tanh' are")
+    b.emit(n, Op.GELU, [b.tensor(n.args[0])], attrs=GeluAttrs(str(approximate)))
 
 
 @handles("leaky_relu", "leaky_relu_")

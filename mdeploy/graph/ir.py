@@ -40,6 +40,7 @@ class Op(str, Enum):
     CHANNEL_SHUFFLE = "channel_shuffle"  # attrs: ShuffleAttrs; (N, g*k, H, W): out channel i*g + j = in j*k + i
     SLICE = "slice"  # attrs: SliceAttrs; channels [start, end) of an (N, C, H, W) map
     SILU = "silu"  # x * sigmoid(x) (Swish)
+    GELU = "gelu"  # attrs: GeluAttrs; x * Phi(x) (approximate "none": erf form) or its tanh approximation
     LEAKY_RELU = "leaky_relu"  # attrs: LeakyReluAttrs; x if x >= 0 else slope * x
     PRELU = "prelu"  # params: slope (C,) learned per channel (a single learned slope is repeated C times)
     AFFINE = "affine"  # params: scale (C,), shift (C,): x * scale[c] + shift[c] along axis 1 (constant operands)
@@ -120,6 +121,14 @@ class LeakyReluAttrs:
 
 
 @dataclass(frozen=True)
+class GeluAttrs:
+    """nn.GELU's ``approximate``: "none", 0.5 x (1 + erf(x / sqrt(2))), or "tanh",
+    0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))."""
+
+    approximate: str = "none"
+
+
+@dataclass(frozen=True)
 class SliceAttrs:
     start: int  # channel range [start, end), step 1
     end: int
@@ -141,8 +150,8 @@ class Node:
     op: Op
     inputs: list[str]
     output: str
-    attrs: (ConvAttrs | ClipAttrs | PadAttrs | PoolAttrs | ShuffleAttrs | SliceAttrs | LeakyReluAttrs | ReshapeAttrs
-            | TransposeAttrs | None) = None
+    attrs: (ConvAttrs | ClipAttrs | PadAttrs | PoolAttrs | ShuffleAttrs | SliceAttrs | LeakyReluAttrs | GeluAttrs
+            | ReshapeAttrs | TransposeAttrs | None) = None
     params: dict[str, np.ndarray] = field(default_factory=dict)
     activation: Activation = Activation.NONE
     source: str = ""  # where it came from in the user's model (module path), for error messages and reports

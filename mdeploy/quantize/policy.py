@@ -5,9 +5,9 @@ op's output.
   values without changing them, so no requantisation and the output is exact);
 - ``output_range``: the values the op can produce, when bounded (a fused ReLU6: [0, 6], sigmoid: [0, 1]);
   ``limits_calibration`` says whether the quantiser clips a calibrated range to it. It does where that has always
-  been done (CONV/LINEAR with a fused activation, SIGMOID, HARDSIGMOID; SILU, new, at its minimum). For RELU, CLIP
-  and SOFTMAX the observed range already lies inside, and clipping to the float64 bounds could only move a grid by
-  the float32 rounding of a bound (clip(0, 0.1)) or, for a range that excludes 0 (clip(1, 6)), change what the
+  been done (CONV/LINEAR with a fused activation, SIGMOID, HARDSIGMOID; SILU and GELU, new, at their minimum). For
+  RELU, CLIP and SOFTMAX the observed range already lies inside, and clipping to the float64 bounds could only move a
+  grid by the float32 rounding of a bound (clip(0, 0.1)) or, for a range that excludes 0 (clip(1, 6)), change what the
   estimators see: turning it on would change existing int8 artifacts, so it stays off;
 - ``fixed_output``: per runtime, the output grid its int8 kernel demands (TFLite's int8 LOGISTIC and SOFTMAX need
   scale 1/256, zero point -128); a writer requantises to the quantiser's grid after the op when the two differ;
@@ -46,6 +46,8 @@ Range = tuple[float, float]
 RangeOf = Callable[[Node], "Range | None"]
 
 SILU_MIN = -0.2785  # min of x * sigmoid(x), at x = -1.2785 (-0.27846...), rounded down
+# min of GELU, rounded down: -0.16997 at x = -0.7518 (erf form), -0.17004 at x = -0.7525 (tanh approximation)
+GELU_MIN = -0.1701
 
 # int8 grid of a probability, [0, 255/256]: what TFLite's int8 LOGISTIC and SOFTMAX kernels write.
 PROBABILITY_GRID = TensorQuant(1.0 / 256.0, -128)
@@ -115,6 +117,7 @@ POLICY: Mapping[Op, QuantPolicy] = MappingProxyType({
     Op.CHANNEL_SHUFFLE: QuantPolicy(shares_input_grid=True),  # moves channels: exact
     Op.SLICE: QuantPolicy(shares_input_grid=True),
     Op.SILU: QuantPolicy(output_range=_constant(SILU_MIN, np.inf), limits_calibration=True),
+    Op.GELU: QuantPolicy(output_range=_constant(GELU_MIN, np.inf), limits_calibration=True),  # either form
     # positively homogeneous per channel (f(x / s) = f(x) / s for s > 0): equalisation's rescaling passes through
     Op.LEAKY_RELU: QuantPolicy(keeps_channels=True),
     Op.PRELU: QuantPolicy(keeps_channels=True),
