@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
@@ -198,14 +199,12 @@ class Float32Noise:
 
     def __init__(self, module: torch.nn.Module, inputs: np.ndarray, reference: np.ndarray) -> None:
         self.module, self.inputs, self.reference = module, inputs, reference
-        self.measured: list[float | None] = []
 
     def __call__(self) -> float | None:
-        if not self.measured:
-            self.measured.append(self._measure())
-        return self.measured[0]
+        return self.measured
 
-    def _measure(self) -> float | None:
+    @functools.cached_property
+    def measured(self) -> float | None:
         try:
             double = copy.deepcopy(self.module).double()
             outputs = []
