@@ -26,6 +26,7 @@ import numpy as np
 
 from mdeploy.errors import BadInputError, UnsupportedOpError, first_line
 from mdeploy.converters.coreml_mil_attention import ATTENTION_MIL_OPS
+from mdeploy.converters.coreml_mil_dense import DENSE_MIL_OPS
 from mdeploy.converters.coreml_mil_structure import STRUCTURE_MIL_OPS
 
 RUNTIME_NAME = "MIL reference (not Core ML)"
@@ -309,6 +310,7 @@ def classify(probabilities: np.ndarray, classes: Any) -> tuple[Any, np.ndarray]:
 
 MIL_OPS.update(STRUCTURE_MIL_OPS)  # concat, max_pool, avg_pool, transpose, slice_by_index
 MIL_OPS.update(ATTENTION_MIL_OPS)  # matmul
+MIL_OPS.update(DENSE_MIL_OPS)  # resize_bilinear, upsample_nearest_neighbor, gather, conv_transpose
 
 
 # -- the executor --------------------------------------------------------------------------------------------

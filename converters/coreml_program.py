@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from mdeploy.converters.coreml_mil_attention import ATTENTION_LOWERINGS  # RESHAPE, TRANSPOSE, MATMUL
+from mdeploy.converters.coreml_mil_dense import DENSE_LOWERINGS  # RESIZE, CONV_TRANSPOSE
 from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.graph.ir import GeluAttrs, LeakyReluAttrs, PoolAttrs, ShuffleAttrs, SliceAttrs
@@ -370,6 +371,7 @@ class _Emitter:
 
 
 LOWERINGS.update({op: Lowering(fn, frozenset(mil_ops)) for op, (fn, mil_ops) in ATTENTION_LOWERINGS.items()})
+LOWERINGS.update({op: Lowering(fn, frozenset(mil_ops)) for op, (fn, mil_ops) in DENSE_LOWERINGS.items()})
 
 
 def build_program(graph: Graph, quantized: QuantizedGraph | None, options: ProgramOptions) -> Any:

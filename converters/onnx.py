@@ -17,6 +17,7 @@ import numpy as np
 
 from mdeploy.converters.base import (ONE_OUTPUT_STAGE, ArtifactInfo, BundleRunner, ConverterBase, Precision, Runner,
                                   Target, require_content)
+from mdeploy.converters.onnx_dense import DENSE_EMITTERS
 from mdeploy.errors import BadInputError, UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs, only_output
 from mdeploy.graph.ir import GeluAttrs, LeakyReluAttrs, PoolAttrs, ReshapeAttrs, ShuffleAttrs, SliceAttrs
@@ -32,6 +33,7 @@ Emitter = Callable[["_Writer", Node, list[str], str], str]
 # IR op -> its ONNX emitter (a _Writer method): one per member of Op (tests/test_ops.py checks).
 EMITTERS: OpRegistry[Emitter] = OpRegistry()
 emits = EMITTERS.register
+EMITTERS.update(DENSE_EMITTERS)  # RESIZE, CONV_TRANSPOSE
 
 
 class _Writer:

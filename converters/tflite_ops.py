@@ -30,6 +30,7 @@ import numpy as np
 
 from mdeploy.converters.tflite_activations import ACTIVATION_EMITTERS, ACTIVATION_VERSIONS
 from mdeploy.converters.tflite_attention import ATTENTION_EMITTERS, ATTENTION_VERSIONS, to_canonical
+from mdeploy.converters.tflite_dense import DENSE_EMITTERS, DENSE_VERSIONS
 from mdeploy.converters.tflite_options import HardSwishMode, IOType, Options
 from mdeploy.converters.tflite_flatbuffer import ModelBuilder, Quant, fb
 from mdeploy.converters.tflite_structure import STRUCTURE_EMITTERS, STRUCTURE_VERSIONS
@@ -63,6 +64,8 @@ EMITTERS.update(ACTIVATION_EMITTERS)  # SILU, GELU, LEAKY_RELU, PRELU, AFFINE
 VERSIONS.update(ACTIVATION_VERSIONS)
 EMITTERS.update(ATTENTION_EMITTERS)  # RESHAPE, TRANSPOSE, MATMUL, SOFTMAX (any rank; tensors in PyTorch's order)
 VERSIONS.update(ATTENTION_VERSIONS)
+EMITTERS.update(DENSE_EMITTERS)  # RESIZE, CONV_TRANSPOSE
+VERSIONS.update(DENSE_VERSIONS)
 
 
 def _quant(tq: TensorQuant) -> Quant:

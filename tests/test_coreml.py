@@ -105,6 +105,14 @@ CASES: dict[str, Callable[[Any], dict[str, Any]]] = {
                         "bias": _arr(6, dtype=dt), "strides": [2, 1], "pad_type": "custom",
                         "pad": [0, 1, 1, 2], "dilations": [1, 2], "groups": 2},
     "classify": lambda dt: {"probabilities": _arr(7, dtype=np.float32), "classes": [f"c{i}" for i in range(7)]},
+    "conv_transpose": lambda dt: {"x": _arr(1, 4, 5, 6, dtype=dt), "weight": _arr(4, 3, 3, 3, dtype=dt, scale=0.3),
+                                  "bias": _arr(6, dtype=dt), "strides": [2, 2], "pad_type": "custom",
+                                  "pad": [1, 0, 1, 1], "dilations": [1, 2], "groups": 2},
+    "resize_bilinear": lambda dt: {"x": _arr(1, 2, 5, 7, dtype=dt), "target_size_height": 9, "target_size_width": 4,
+                                   "sampling_mode": "UNALIGN_CORNERS"},
+    "upsample_nearest_neighbor": lambda dt: {"x": _arr(1, 2, 3, 4, dtype=dt), "scale_factor_height": np.int32(2),
+                                             "scale_factor_width": np.int32(3)},
+    "gather": lambda dt: {"x": _arr(1, 2, 5, 4, dtype=dt), "indices": np.array([0, 0, 2, 4, 1], np.int32), "axis": 2},
 }
 MORE_CASES = {  # further variants of ops with several modes
     "gelu": [lambda dt: {"x": _arr(2, 3, 5, dtype=dt, scale=2), "mode": "TANH_APPROXIMATION"}],
@@ -115,6 +123,12 @@ MORE_CASES = {  # further variants of ops with several modes
     "dequantize": [lambda dt: {"input": _int8(1, 3, 4, 4), "scale": _positive(3, dt),
                                "zero_point": np.array([-3, 0, 4], np.int8), "axis": 1}],
     "reshape": [lambda dt: {"x": _arr(1, 4, 2, 3, dtype=dt), "shape": np.array([0, 2, 4, 0], np.int32)}],
+    "resize_bilinear": [lambda dt: {"x": _arr(1, 2, 5, 7, dtype=dt), "target_size_height": 9, "target_size_width": 1,
+                                    "sampling_mode": "STRICT_ALIGN_CORNERS"},
+                        lambda dt: {"x": _arr(1, 2, 1, 1, dtype=dt), "target_size_height": 4, "target_size_width": 6,
+                                    "sampling_mode": "UNALIGN_CORNERS"}],  # a 1x1 map broadcast (DeepLab's pooling)
+    "conv_transpose": [lambda dt: {"x": _arr(1, 3, 4, 4, dtype=dt), "weight": _arr(3, 2, 2, 2, dtype=dt),
+                                   "strides": [2, 2], "pad_type": "valid"}],
     "matmul": [lambda dt: {"x": _arr(1, 4, 5, dtype=dt), "y": _arr(1, 3, 4, dtype=dt), "transpose_x": True,
                            "transpose_y": True}],
     "conv": [lambda dt: {"x": _arr(1, 6, 8, 8, dtype=dt), "weight": _arr(6, 1, 3, 3, dtype=dt),
@@ -143,12 +157,38 @@ def _torch_conv(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = Non
     return y.numpy()
 
 
+def _torch_conv_transpose(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, strides: Any = (1, 1),
+                          pad_type: str = "valid", pad: Any = (0, 0, 0, 0), dilations: Any = (1, 1),
+                          groups: int = 1) -> np.ndarray:
+    """MIL conv_transpose is PyTorch's (weight (C_in, C_out / groups, kh, kw)) with the custom pads cropped."""
+    b = None if bias is None else torch.from_numpy(bias.astype(np.float32))
+    y = torch.nn.functional.conv_transpose2d(torch.from_numpy(x.astype(np.float32)),
+                                             torch.from_numpy(weight.astype(np.float32)), b, tuple(strides), 0, 0,
+                                             groups, tuple(dilations)).numpy()
+    top, bottom, left, right = pad if pad_type == "custom" else (0, 0, 0, 0)
+    return y[:, :, top:y.shape[2] - bottom, left:y.shape[3] - right]
+
+
+def _torch_resize_bilinear(x: np.ndarray, target_size_height: int, target_size_width: int,
+                           sampling_mode: str) -> np.ndarray:
+    """UNALIGN_CORNERS is PyTorch's align_corners=False, STRICT_ALIGN_CORNERS its align_corners=True."""
+    return torch.nn.functional.interpolate(torch.from_numpy(x.astype(np.float32)),
+                                           size=(target_size_height, target_size_width), mode="bilinear",
+                                           align_corners=sampling_mode == "STRICT_ALIGN_CORNERS").numpy()
+
+
 REFERENCES: dict[str, Callable[..., Any]] = {  # ops whose coremltools definition has no build-time value
     "dequantize": lambda op, kw: op.materialized_val_inference(),
     "constexpr_affine_dequantize": lambda op, kw: op.materialized_val_inference(),
     "constexpr_blockwise_shift_scale": lambda op, kw: op.materialized_val_inference(),
     "conv": lambda op, kw: _torch_conv(**kw),  # MIL defines conv as PyTorch's cross-correlation
     "classify": lambda op, kw: kw["probabilities"],
+    "conv_transpose": lambda op, kw: _torch_conv_transpose(**kw),
+    "resize_bilinear": lambda op, kw: _torch_resize_bilinear(**kw),
+    "upsample_nearest_neighbor": lambda op, kw: torch.nn.functional.interpolate(  # whole factors: repetition
+        torch.from_numpy(kw["x"].astype(np.float32)), scale_factor=(int(kw["scale_factor_height"]),
+                                                                    int(kw["scale_factor_width"]))).numpy()
+    .astype(kw["x"].dtype),
     "silu": lambda op, kw: kw["x"] * (1 / (1 + np.exp(-kw["x"]))),  # MIL's definition: x * sigmoid(x)
     # coremltools infers no value for pools: PyTorch's, on the case's valid 3x3 stride-2 windows
     "max_pool": lambda op, kw: torch.nn.functional.max_pool2d(torch.from_numpy(kw["x"].astype(np.float32)), 3, 2)
@@ -156,7 +196,8 @@ REFERENCES: dict[str, Callable[..., Any]] = {  # ops whose coremltools definitio
     "avg_pool": lambda op, kw: torch.nn.functional.avg_pool2d(torch.from_numpy(kw["x"].astype(np.float32)), 3, 2)
     .numpy().astype(kw["x"].dtype),
 }
-ACCUMULATING = {"conv", "linear", "matmul", "reduce_mean"}  # fp32 accumulation, one rounding: compared to fp32 math
+# fp32 accumulation (interpolation), one rounding: compared to fp32 math
+ACCUMULATING = {"conv", "conv_transpose", "linear", "matmul", "reduce_mean", "resize_bilinear"}
 
 
 def _op_cases() -> list[Any]:

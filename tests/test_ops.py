@@ -97,6 +97,7 @@ class AllOps(nn.Module):
         self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=8)
         self.fc = nn.Linear(8 * 5 * 5, 6)
         self.prelu = nn.PReLU(8)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2)  # CONV_TRANSPOSE; RESIZE back to 5x5 below
         self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 8))
         nn.init.uniform_(self.prelu.weight, 0.1, 0.4)
 
@@ -106,6 +107,7 @@ class AllOps(nn.Module):
         d = F.hardswish(y) + torch.sigmoid(a) * F.hardsigmoid(b) + torch.clamp(y, 0.25, 3.0)
         d = F.relu6(self.c2(d + F.gelu(b)))
         d = self.prelu(F.leaky_relu(F.silu(d) * self.gamma.view(1, -1, 1, 1) - 0.5, 0.1))  # AFFINE: * gamma - 0.5
+        d = F.interpolate(self.up(d), size=d.shape[-2:], mode="bilinear")
         lo, hi = (F.max_pool2d(d, 3, 1, 1) + F.avg_pool2d(d, 3, 1, 1, count_include_pad=False)).chunk(2, dim=1)
         d = torch.cat([hi, lo], 1).view(1, 2, 4, 5, 5).transpose(1, 2).contiguous().view(1, 8, 5, 5)
         d = d * torch.sigmoid(F.pad(d, (1, 0, 1, 0)).mean((2, 3), keepdim=True))

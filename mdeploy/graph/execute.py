@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs
 from mdeploy.graph.ir import GeluAttrs, LeakyReluAttrs, PoolAttrs, ReshapeAttrs, ShuffleAttrs, SliceAttrs
-from mdeploy.graph.ir import TransposeAttrs
+from mdeploy.graph.ir import ConvTransposeAttrs, ResizeAttrs, TransposeAttrs
+from mdeploy.graph.conv_transpose import to_torch_layout
 
 # Called with (tensor name, value) for the graph input and every node output; returns the value to propagate.
 TensorHook = Callable[[str, torch.Tensor], torch.Tensor]
@@ -183,6 +184,27 @@ def _transpose(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Te
 @op(Op.MATMUL)
 def _matmul(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
     return torch.matmul(xs[0], xs[1])
+
+
+@op(Op.RESIZE)
+def _resize(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    a = node.attrs
+    assert isinstance(a, ResizeAttrs)
+    align_corners = a.align_corners if a.mode == "bilinear" else None
+    if a.scales is not None:  # PyTorch's scale factor sets the sampling (mdeploy.graph.resize)
+        return F.interpolate(xs[0], scale_factor=a.scales, mode=a.mode, align_corners=align_corners,
+                             recompute_scale_factor=False)
+    return F.interpolate(xs[0], size=a.size, mode=a.mode, align_corners=align_corners)
+
+
+@op(Op.CONV_TRANSPOSE)
+def _conv_transpose(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    a = node.attrs
+    assert isinstance(a, ConvTransposeAttrs)
+    weight = to_torch_layout(params["weight"], a.groups)
+    y = F.conv_transpose2d(xs[0], weight, params["bias"], a.stride, a.padding, a.output_padding, a.groups,
+                           a.dilation)
+    return activate(y, node.activation)
 
 
 def node_params(node: Node) -> dict[str, torch.Tensor]:

@@ -16,10 +16,11 @@ import torch
 from torch import fx
 
 from mdeploy.errors import BadInputError, ConversionError, MdeployError, UnsupportedOpError, first_line
-from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
+from mdeploy.graph.ir import WEIGHTED_OPS, Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.graph.programs import BatchedProgram, torchscript_program, traceable, unwrap_module
 from mdeploy.graph.rewrite import simplify
 from mdeploy.graph.from_torch_attention import ATTENTION_HANDLERS
+from mdeploy.graph.from_torch_dense import DENSE_HANDLERS, conv_transpose
 from mdeploy.graph.from_torch_elementwise import ELEMENTWISE_HANDLERS, emit_affine, fold_constant
 from mdeploy.graph.from_torch_structure import STRUCTURE_HANDLERS, adaptive_pool, rewrite_structure
 from mdeploy.graph.fx_nodes import op_name as _op_name
@@ -91,8 +92,9 @@ def _conv(b: _Builder, n: fx.Node) -> None:
     x, weight, bias, stride, padding, dilation = args[:6]
     groups = args[6]
     if _op_name(n.target) == "convolution":  # (input, weight, bias, stride, padding, dilation, transposed, ...)
-        if args[6]:
-            raise UnsupportedOpError(f"transposed convolution at {_source(n)} is not supported")
+        if args[6]:  # (..., transposed, output_padding, groups)
+            conv_transpose(b, n, x, weight, bias, stride, padding, args[7], args[8], dilation)
+            return
         groups = args[8]
     w = b.constant(weight)
     assert w is not None
@@ -142,7 +144,7 @@ def _batch_norm_scale_shift(b: _Builder, args: list[object], eps: float) -> tupl
 
 def _fold_batch_norm(b: _Builder, n: fx.Node, scale: np.ndarray, shift: np.ndarray) -> None:
     x_name = b.tensor(n.args[0])
-    conv = b.sole_producer(x_name, Op.CONV)
+    conv = b.sole_producer(x_name, Op.CONV) or b.sole_producer(x_name, Op.CONV_TRANSPOSE)  # axis 0: out channels
     if conv is not None and conv.activation is Activation.NONE:
         w = conv.params["weight"].astype(np.float64)
         conv.params["weight"] = (w * scale.reshape(-1, 1, 1, 1)).astype(np.float32)
@@ -183,7 +185,7 @@ def _activation(b: _Builder, n: fx.Node, activation: Activation, standalone: Op,
     producer = b.producer(x_name)
     if (
         producer is not None
-        and producer.op in (Op.CONV, Op.LINEAR)
+        and producer.op in WEIGHTED_OPS
         and producer.activation is Activation.NONE
         and b.users.get(x_name) == 1
     ):
@@ -313,6 +315,7 @@ def _identity(b: _Builder, n: fx.Node) -> None:
 HANDLERS.update(STRUCTURE_HANDLERS)  # concat, pooling, channel shuffle, channel slices
 HANDLERS.update(ELEMENTWISE_HANDLERS)  # add/sub/mul/div (of feature maps, or by constants), SiLU, (P/Leaky)ReLU
 HANDLERS.update(ATTENTION_HANDLERS)  # reshapes, transposes, matmul, scaled_dot_product_attention
+HANDLERS.update(DENSE_HANDLERS)  # interpolate / upsampling, transposed convolutions
 IGNORED = {"_assert_tensor_metadata", "_assert_scalar", "sym_size", "_set_grad_enabled"}
 
 

@@ -47,6 +47,15 @@ class Op(str, Enum):
     RESHAPE = "reshape"  # attrs: ReshapeAttrs; any rank to a static shape, in PyTorch's element order
     TRANSPOSE = "transpose"  # attrs: TransposeAttrs; axes permuted, any rank (the batch axis stays first)
     MATMUL = "matmul"  # two activations of one rank >= 3: (N, ..., M, K) @ (N, ..., K, P), leading axes broadcast
+    RESIZE = "resize"  # attrs: ResizeAttrs; (N, C, H, W) -> (N, C, *size), sampled as F.interpolate samples
+    # params: weight (O, I/groups, kh, kw) (CONV's layout: PyTorch's (I, O/groups, kh, kw) regrouped so that axis 0
+    # is the output channel, as BatchNorm folding and per-channel int8 weights want), bias (O,); attrs:
+    # ConvTransposeAttrs; fused activation
+    CONV_TRANSPOSE = "conv_transpose"
+
+
+# Ops with a weight whose axis 0 is the output channel (int8 per output channel, BatchNorm and scales fold into it).
+WEIGHTED_OPS = (Op.CONV, Op.CONV_TRANSPOSE, Op.LINEAR)
 
 
 class OpRegistry(dict["Op", F]):
@@ -144,6 +153,29 @@ class TransposeAttrs:
     perm: tuple[int, ...]  # output axis i is input axis perm[i]; perm[0] == 0 (the batch axis stays first)
 
 
+@dataclass(frozen=True)
+class ResizeAttrs:
+    """F.interpolate / nn.Upsample at a static input size (``mdeploy.graph.resize`` computes the sampling)."""
+
+    size: tuple[int, int]  # the output's (H, W)
+    mode: str  # "nearest" (PyTorch's floor(dst * in / out)), "nearest-exact" or "bilinear"
+    align_corners: bool = False  # bilinear only
+    # PyTorch's scale_factor where it, not the sizes, sets the sampling (recompute_scale_factor off and in * scale
+    # not an integer); None when the sizes give the same sampling (the tracer drops such scales)
+    scales: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class ConvTransposeAttrs:
+    """nn.ConvTranspose2d: output size (in - 1) * stride - 2 * padding + dilation * (k - 1) + output_padding + 1."""
+
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)  # removed from both sides of H, of W
+    output_padding: tuple[int, int] = (0, 0)  # added after the last row, column
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+
 @dataclass
 class Node:
     name: str
@@ -151,7 +183,7 @@ class Node:
     inputs: list[str]
     output: str
     attrs: (ConvAttrs | ClipAttrs | PadAttrs | PoolAttrs | ShuffleAttrs | SliceAttrs | LeakyReluAttrs | GeluAttrs
-            | ReshapeAttrs | TransposeAttrs | None) = None
+            | ReshapeAttrs | TransposeAttrs | ResizeAttrs | ConvTransposeAttrs | None) = None
     params: dict[str, np.ndarray] = field(default_factory=dict)
     activation: Activation = Activation.NONE
     source: str = ""  # where it came from in the user's model (module path), for error messages and reports
@@ -207,7 +239,7 @@ class Graph:
 
     @property
     def weighted_nodes(self) -> list[Node]:
-        return [n for n in self.nodes if n.op in (Op.CONV, Op.LINEAR)]
+        return [n for n in self.nodes if n.op in WEIGHTED_OPS]
 
     def op_histogram(self) -> dict[str, int]:
         counts: dict[str, int] = {}

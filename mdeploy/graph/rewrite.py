@@ -19,7 +19,7 @@ from collections import Counter
 
 import numpy as np
 
-from mdeploy.graph.ir import Activation, ClipAttrs, Node, Op
+from mdeploy.graph.ir import WEIGHTED_OPS, Activation, ClipAttrs, Node, Op
 
 SIXTH = 1.0 / 6.0
 
@@ -114,7 +114,7 @@ class _Rewriter:
                 node.params = {"scale": scale.astype(np.float32), "shift": shift.astype(np.float32)}
                 node.inputs = list(inner.inputs)
                 self.nodes.remove(inner)
-            layer = self.sole(node.inputs[0], Op.CONV, Op.LINEAR)
+            layer = self.sole(node.inputs[0], *WEIGHTED_OPS)
             moved = self._layer_before_moves(node)
             if layer is not None and layer.activation is Activation.NONE:
                 self._fold(layer, node, scale, shift)
@@ -134,7 +134,7 @@ class _Rewriter:
         tensor, moves = node.inputs[0], 0
         while (mover := self.sole(tensor, Op.RESHAPE, Op.TRANSPOSE)) is not None:
             tensor, moves = mover.inputs[0], moves + 1
-        layer = self.sole(tensor, Op.CONV, Op.LINEAR) if moves else None
+        layer = self.sole(tensor, *WEIGHTED_OPS) if moves else None
         return layer if layer is not None and layer.activation is Activation.NONE else None
 
     def _fold(self, layer: Node, node: Node, scale: np.ndarray, shift: np.ndarray, result: str | None = None) -> None:

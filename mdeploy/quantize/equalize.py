@@ -23,7 +23,7 @@ import copy
 
 import numpy as np
 
-from mdeploy.graph.ir import Activation, ConvAttrs, Graph, Node, Op
+from mdeploy.graph.ir import WEIGHTED_OPS, Activation, ConvAttrs, ConvTransposeAttrs, Graph, Node, Op
 from mdeploy.quantize.policy import policy_of
 
 SCALABLE_ACTIVATIONS = (Activation.NONE, Activation.RELU, Activation.RELU6)
@@ -87,12 +87,12 @@ def scaling_groups(graph: Graph) -> list[list[str]]:
             elif policy_of(producer.op).keeps_channels:
                 ok &= _passes_channels(graph, producer) and all(i in names for i in producer.inputs)
             else:
-                ok &= producer.op in (Op.CONV, Op.LINEAR) and producer.activation in SCALABLE_ACTIVATIONS
+                ok &= producer.op in WEIGHTED_OPS and producer.activation in SCALABLE_ACTIVATIONS
             for consumer in graph.consumers(t):
                 if policy_of(consumer.op).keeps_channels:
                     ok &= consumer.output in names
                 else:
-                    ok &= consumer.op in (Op.CONV, Op.LINEAR) and consumer.inputs == [t]
+                    ok &= consumer.op in WEIGHTED_OPS and consumer.inputs == [t]
         if ok:
             eligible.append(group)
     return eligible
@@ -103,7 +103,7 @@ def _scale_input_channels(node: Node, s: np.ndarray) -> None:
     if node.op is Op.LINEAR:
         node.params["weight"] = (w * s[None, :]).astype(np.float32)
         return
-    groups = node.attrs.groups if isinstance(node.attrs, ConvAttrs) else 1
+    groups = node.attrs.groups if isinstance(node.attrs, (ConvAttrs, ConvTransposeAttrs)) else 1
     out_ch, in_per_group = w.shape[:2]
     s_grouped = s.reshape(groups, 1, in_per_group)  # input channel c = g * in_per_group + local
     w = w.reshape(groups, out_ch // groups, in_per_group, *w.shape[2:]) * s_grouped[..., None, None]
@@ -149,11 +149,11 @@ def apply_scales(graph: Graph, scales: dict[str, np.ndarray]) -> Graph:
     out = copy.deepcopy(graph)
     for t, s in scales.items():
         producer = out.producer(t)
-        if producer is not None and producer.op in (Op.CONV, Op.LINEAR):
+        if producer is not None and producer.op in WEIGHTED_OPS:
             _scale_output_channels(producer, s)
         elif producer is not None and producer.op is Op.AFFINE:  # its input is scaled by s too: x/s * a + b/s
             producer.params["shift"] = (producer.params["shift"] / s).astype(np.float32)
         for consumer in out.consumers(t):
-            if consumer.op in (Op.CONV, Op.LINEAR):
+            if consumer.op in WEIGHTED_OPS:
                 _scale_input_channels(consumer, s)
     return out

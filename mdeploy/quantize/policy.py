@@ -126,6 +126,10 @@ POLICY: Mapping[Op, QuantPolicy] = MappingProxyType({
     Op.RESHAPE: QuantPolicy(shares_input_grid=True),
     Op.TRANSPOSE: QuantPolicy(shares_input_grid=True),
     Op.MATMUL: QuantPolicy(symmetric_inputs=(1,)),  # two int8 activations in, its own calibrated grid out
+    # nearest copies samples, bilinear averages neighbours of one channel: the input's grid holds every output
+    # (TFLite's int8 resize kernels and XNNPACK's want it: no requantisation)
+    Op.RESIZE: QuantPolicy(shares_input_grid=True, keeps_channels=True),
+    Op.CONV_TRANSPOSE: QuantPolicy(output_range=_fused_activation, limits_calibration=True),  # as CONV
 })
 
 
