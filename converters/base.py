@@ -84,12 +84,13 @@ class AppReadme:
 class BundleRunner:
     """How the bundle's ``verify_bundle.py`` runs this target's artifacts with NumPy and the runtime only.
 
-    ``run(path, inputs) -> outputs`` and the ``helpers`` it calls are plain module-level functions whose source is
-    copied into the verifier (so they import inside their bodies and use nothing of mdeploy); ``run`` None means the
-    artifacts cannot run there, and ``why_not`` says why."""
+    ``run(path, inputs) -> {output name: array}`` (or the array, for a one-output target) and the ``helpers`` it
+    calls are plain module-level functions whose source is copied into the verifier (so they import inside their
+    bodies and use nothing of mdeploy); ``run`` None means the artifacts cannot run there, and ``why_not`` says
+    why."""
 
     runtime: str
-    run: Callable[[Path, np.ndarray], np.ndarray] | None
+    run: Callable[[Path, np.ndarray], dict[str, np.ndarray] | np.ndarray] | None
     why_not: str = ""
     helpers: tuple[Callable[..., Any], ...] = ()
 

@@ -46,6 +46,7 @@ from mdeploy.errors import BadInputError
 from mdeploy.manifest import GoldenTolerance
 from mdeploy.converters.base import ONE_OUTPUT_STAGE
 from mdeploy.graph.ir import Graph, only_output
+from mdeploy.metrics import is_class_scores
 from mdeploy.types import OutputsRunner
 from mdeploy.manifest import Manifest
 from mdeploy.quantize.params import QuantizedGraph
@@ -236,9 +237,10 @@ class CoremlConverter(ConverterBase):
             inputs = [ct.ImageType(name=graph.input_name, shape=shape, scale=image.image_scale,
                                    bias=list(image.bias), color_layout=getattr(ct.colorlayout, image.color_layout))]
         classifier = False
-        if len(graph.outputs) == 1 or self.classifier:  # a Core ML classifier has one scores output
-            classes = graph.shapes.get(graph.single_output("a Core ML classifier", info.model_name), (1, 0))[-1]
-            classifier = self._classifier(info.labels, classes)
+        if len(graph.outputs) == 1 or self.classifier:  # a Core ML classifier has one class-score output (N, K)
+            shape = graph.shapes.get(graph.single_output("a Core ML classifier", info.model_name), (1, 0))
+            if is_class_scores(shape) or self.classifier:
+                classifier = self._classifier(info.labels, shape[-1] if len(shape) == 2 else 0)
         precision = self.compute_precision_for(quantized is not None)
         if quantized is not None and self.compute_precision is None:  # the default: fp16 unless it cannot hold it
             self.fp16_fallback = fp16_fallback_reason(quantized)

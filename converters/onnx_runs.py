@@ -8,7 +8,8 @@ from typing import Any
 
 
 def run_onnx_in_bundle(path: Path, inputs: Any) -> Any:
-    """The artifact's outputs for ``inputs`` (N, C, H, W) float32, one image at a time, on one CPU thread."""
+    """The artifact's outputs for ``inputs`` (N, C, H, W) float32, one image at a time, on one CPU thread: every
+    output by name, in the model's order."""
     import numpy as np
     import onnxruntime as ort
 
@@ -16,4 +17,5 @@ def run_onnx_in_bundle(path: Path, inputs: Any) -> Any:
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: x[None]})[0] for x in inputs])
+    runs = [session.run(None, {name: x[None]}) for x in inputs]
+    return {o.name: np.concatenate([run[i] for run in runs]) for i, o in enumerate(session.get_outputs())}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from mdeploy.manifest import ArtifactRecord, Manifest, PreprocessRecord
+from mdeploy.manifest import ArtifactRecord, Manifest, ParityMetricsRecord, PreprocessRecord
 
 QUANTISED = ("int8", "uint8")  # I/O tensor dtypes that carry a scale and zero point
 
@@ -21,9 +21,23 @@ def divisor(preprocess: PreprocessRecord) -> str:
 
 
 def parity_line(artifact: ArtifactRecord) -> str:
-    m = artifact.parity.metrics
-    return (f"top-1 agreement {m.top1_agreement:.1%}, SNR {m.snr_db:.1f} dB, max |error| "
-            f"{m.max_abs_error:.3g} on {artifact.parity.inputs}")
+    """The artifact's parity in one line: per output when the model has several."""
+    parts = [(f"{o.output}: ", o.metrics) for o in artifact.parity.outputs or ()] or [("", artifact.parity.metrics)]
+    return "; ".join(f"{name}{_metrics_text(m)}" for name, m in parts) + f" on {artifact.parity.inputs}"
+
+
+def _metrics_text(m: ParityMetricsRecord) -> str:
+    agreement = (f"top-1 agreement {_percent(m.top1_agreement)}, " if m.top1_agreement is not None else
+                 f"per-pixel arg-max agreement {_percent(m.pixel_agreement)}, " if m.pixel_agreement is not None else "")
+    return f"{agreement}SNR {_number(m.snr_db, '.1f')} dB, max |error| {_number(m.max_abs_error, '.3g')}"
+
+
+def _number(value: float | str, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def _percent(value: float | str | None) -> str:
+    return format(value, ".1%") if isinstance(value, (int, float)) else str(value)
 
 
 def shipped(manifest: Manifest, target: str) -> ArtifactRecord | None:

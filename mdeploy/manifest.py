@@ -20,7 +20,7 @@ from mdeploy.errors import BadInputError
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_FILE = "manifest.schema.json"
-MANIFEST_VERSION = "1.2"  # manifest.schema.json's version; bump both together
+MANIFEST_VERSION = "1.3"  # manifest.schema.json's version; bump both together
 
 R = TypeVar("R", bound="Record")
 
@@ -228,8 +228,22 @@ class ParityMetricsRecord(Record):
     mean_abs_error: Metric
     cosine: Metric
     snr_db: Metric
-    top1_agreement: Metric
-    top5_agreement: Metric
+    top1_agreement: Metric | None = optional()  # class scores only (1.3: absent for a dense output)
+    top5_agreement: Metric | None = optional()
+    pixel_agreement: Metric | None = optional()  # a dense map of several channels: arg-max over them, per pixel (1.3)
+    mean_iou: Metric | None = optional()  # the same maps: mean IoU of the arg-max masks over PyTorch's classes (1.3)
+
+
+@dataclass(frozen=True)
+class OutputParityRecord(Record):
+    """One output's parity, in a model of several (1.3)."""
+
+    output: str  # the artifact's name for it (the manifest's ``outputs``)
+    passed: bool
+    metrics: ParityMetricsRecord
+    thresholds: dict[str, float]  # the limits applied to this output, absolute
+    failures: list[str]
+    threshold_notes: dict[str, str] | None = optional()
 
 
 @dataclass(frozen=True)
@@ -240,6 +254,7 @@ class ParityRecord(Record):
     thresholds: dict[str, float]  # the limits applied, absolute
     failures: list[str]
     threshold_notes: dict[str, str] | None = optional()  # how a limit was derived, keyed like thresholds (1.2)
+    outputs: list[OutputParityRecord] | None = optional()  # per output, when the model has several (1.3)
 
 
 @dataclass(frozen=True)
@@ -301,6 +316,9 @@ class GoldenTolerance(Record):
 class GoldenArtifact(GoldenArray):
     runtime: str
     tolerance: GoldenTolerance
+    # A model of several outputs has one record per artifact and output, keyed "<artifact>:<output>" (1.3).
+    artifact: str | None = optional()
+    output: str | None = optional()
 
 
 @dataclass(frozen=True)
@@ -308,8 +326,9 @@ class Golden(Record):
     samples: int
     images: list[str | None]
     inputs: GoldenInputs
-    pytorch_outputs: GoldenArray
+    pytorch_outputs: GoldenArray  # the first output's, when the model has several
     artifacts: dict[str, GoldenArtifact]
+    pytorch_by_output: dict[str, GoldenArray] | None = optional()  # every output's, when it has several (1.3)
 
 
 @dataclass(frozen=True)
@@ -340,6 +359,8 @@ class Manifest(Record):
     seconds: dict[str, float]  # wall time per pipeline stage
     tool_versions: dict[str, str]
     bundle: Bundle | None = optional()  # None only while the bundle is being written (and in folders from before)
+    # Every output in the model's order (1.3); ``output`` is the first of them, as in manifests before 1.3.
+    outputs: list[OutputSpec] | None = optional()
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -98,7 +98,9 @@ class Thresholds:
             found.append(f"max |error| {metrics.max_abs_error:.3g} > {self.max_abs_error:.3g}")
         if self.min_snr_db is not None and not metrics.snr_db >= self.min_snr_db:
             found.append(f"SNR {metrics.snr_db:.1f} dB < {self.min_snr_db:.1f} dB")
-        if self.min_top1 is not None and not metrics.top1_agreement >= self.min_top1:
+        # Top-1 is measured on class scores only: a dense output (a map, box offsets) is judged by SNR and error.
+        if self.min_top1 is not None and metrics.top1_agreement is not None \
+                and not metrics.top1_agreement >= self.min_top1:
             found.append(f"top-1 agreement {metrics.top1_agreement:.1%} < {self.min_top1:.1%}")
         if self.min_cosine is not None and not metrics.cosine >= self.min_cosine:
             found.append(f"cosine {metrics.cosine:.4f} < {self.min_cosine:.4f}")
@@ -110,11 +112,17 @@ class Thresholds:
 
 @dataclass(frozen=True)
 class ParityResult:
+    """One output's parity; for a model of several outputs, :func:`judge_outputs` gives one per output in
+    ``outputs`` (each named) and sums them up here: every failure (prefixed with its output's name), the limits as
+    set, and the worst of each metric over the outputs."""
+
     metrics: ParityMetrics
     thresholds: Thresholds
     failures: tuple[str, ...]
     inputs: str  # what the inputs were, e.g. "320 images from eval/ (disjoint from calibration)"
     threshold_notes: dict[str, str] = field(default_factory=dict)  # how a limit was derived, keyed like thresholds
+    output: str | None = None  # the artifact's output this result is about, when the model has several
+    outputs: tuple[ParityResult, ...] = ()  # per output, in the model's order, when it has several
 
     @property
     def passed(self) -> bool:
@@ -122,12 +130,14 @@ class ParityResult:
 
     def to_dict(self) -> dict[str, object]:
         return {
+            **({"output": self.output} if self.output is not None else {}),
             "passed": self.passed,
             "inputs": self.inputs,
             "metrics": json_numbers(self.metrics.to_dict()),
             "thresholds": self.thresholds.to_dict(),
             "failures": list(self.failures),
             **({"threshold_notes": dict(self.threshold_notes)} if self.threshold_notes else {}),
+            **({"outputs": [result.to_dict() for result in self.outputs]} if self.outputs else {}),
         }
 
 
@@ -148,6 +158,17 @@ def run_batches(run: Callable[[np.ndarray], np.ndarray], inputs: np.ndarray,
         if progress:
             progress(min(BATCH, len(inputs) - start))
     return np.concatenate(outputs)
+
+
+def run_batches_outputs(run: Callable[[np.ndarray], Sequence[np.ndarray]], inputs: np.ndarray,
+                        progress: Callable[[int], None] | None = None) -> tuple[np.ndarray, ...]:
+    """:func:`run_batches` for a runner that returns several outputs: each output over all inputs, in order."""
+    batches = []
+    for start in range(0, len(inputs), BATCH):
+        batches.append([np.asarray(value, dtype=np.float32) for value in run(inputs[start:start + BATCH])])
+        if progress:
+            progress(min(BATCH, len(inputs) - start))
+    return tuple(np.concatenate(parts) for parts in zip(*batches, strict=True))
 
 
 def torch_runner(module: torch.nn.Module, source: str = "the model") -> Runner:
@@ -173,6 +194,39 @@ def torch_outputs(module: torch.nn.Module) -> Callable[[np.ndarray], tuple[np.nd
     return run
 
 
+def judge_outputs(references: Sequence[np.ndarray], outputs: Sequence[np.ndarray], names: Sequence[str],
+                  thresholds: Thresholds, inputs: str, float32_noise: Float32Noise | None = None) -> ParityResult:
+    """Every output against its reference, each with its own limits (a relative limit resolves against that
+    output's peak). One output gives :func:`judge`'s result; several give their sum (:class:`ParityResult`)."""
+    if len(references) != len(outputs):
+        raise BadInputError(f"the artifact has {len(outputs)} outputs but the PyTorch model {len(references)}: "
+                            "check that --model is the model this artifact was converted from")
+    results = [judge(reference, output, thresholds, inputs,
+                     functools.partial(float32_noise, index) if float32_noise is not None else None)
+               for index, (reference, output) in enumerate(zip(references, outputs, strict=True))]
+    if len(results) == 1:
+        return results[0]
+    results = [replace(result, output=name) for result, name in zip(results, names, strict=True)]
+    return ParityResult(worst(result.metrics for result in results), thresholds,
+                        tuple(f"{r.output}: {failure}" for r in results for failure in r.failures), inputs,
+                        {f"{r.output}.{key}": note for r in results for key, note in r.threshold_notes.items()},
+                        outputs=tuple(results))
+
+
+def worst(metrics: Iterable[ParityMetrics]) -> ParityMetrics:
+    """The worst of each metric over several outputs' (None where no output measures it)."""
+    items = list(metrics)
+
+    def low(name: str) -> float | None:
+        values = [getattr(m, name) for m in items if getattr(m, name) is not None]
+        return min(values) if values else None
+
+    return ParityMetrics(items[0].samples, max(m.max_abs_error for m in items),
+                         max(m.mean_abs_error for m in items), min(m.cosine for m in items),
+                         min(m.snr_db for m in items), low("top1_agreement"), low("top5_agreement"),
+                         low("pixel_agreement"), low("mean_iou"))
+
+
 def judge(reference: np.ndarray, output: np.ndarray, thresholds: Thresholds, inputs: str,
           float32_noise: Callable[[], float | None] | None = None) -> ParityResult:
     """``output`` against ``reference``. When a relative max |error| limit fails, ``float32_noise`` (measured on
@@ -194,31 +248,36 @@ def judge(reference: np.ndarray, output: np.ndarray, thresholds: Thresholds, inp
 
 
 class Float32Noise:
-    """PyTorch's own float32 error on the parity inputs: max |float32 output - float64 output| of the model, measured
-    once, on first call (None when the model does not run in float64: e.g. a TorchScript with float32 constants)."""
+    """PyTorch's own float32 error on the parity inputs: max |float32 output - float64 output| of each of the model's
+    outputs, measured once, on first call (None when the model does not run in float64: e.g. a TorchScript with
+    float32 constants)."""
 
-    def __init__(self, module: torch.nn.Module, inputs: np.ndarray, reference: np.ndarray) -> None:
-        self.module, self.inputs, self.reference = module, inputs, reference
+    def __init__(self, module: torch.nn.Module, inputs: np.ndarray,
+                 references: np.ndarray | Sequence[np.ndarray]) -> None:
+        self.module, self.inputs = module, inputs
+        self.references = (references,) if isinstance(references, np.ndarray) else tuple(references)
 
-    def __call__(self) -> float | None:
-        return self.measured
+    def __call__(self, index: int = 0) -> float | None:
+        return self.measured[index] if self.measured is not None else None
 
     @functools.cached_property
-    def measured(self) -> float | None:
+    def measured(self) -> tuple[float | None, ...] | None:
         try:
             double = copy.deepcopy(self.module).double()
-            outputs = []
+            batches = []
             with torch.no_grad():
                 for start in range(0, len(self.inputs), BATCH):
                     returned = double(torch.from_numpy(self.inputs[start:start + BATCH]).double())
-                    returned = returned[0] if isinstance(returned, (tuple, list)) else returned
-                    outputs.append(returned.numpy())
-            exact = np.concatenate(outputs)
+                    returned = tuple(returned) if isinstance(returned, (tuple, list)) else (returned,)
+                    batches.append([value.numpy() for value in returned])
+            exact = [np.concatenate(parts) for parts in zip(*batches, strict=True)]
         except Exception:  # noqa: BLE001 - any model that cannot run in float64 keeps the plain limit
             return None
-        if exact.shape != self.reference.shape or not np.all(np.isfinite(exact)):
+        if len(exact) != len(self.references):
             return None
-        return float(np.abs(self.reference.astype(np.float64) - exact).max())
+        return tuple(float(np.abs(want.astype(np.float64) - got).max())
+                     if got.shape == want.shape and np.all(np.isfinite(got)) else None
+                     for want, got in zip(self.references, exact, strict=True))
 
 
 def top_labels(logits: np.ndarray, labels: Iterable[str], k: int = 1) -> list[list[str]]:

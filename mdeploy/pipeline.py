@@ -24,7 +24,8 @@ from mdeploy.graph.ir import Graph
 from mdeploy.latency import measure_latency
 from mdeploy.loading import LoadedModel, load_model
 from mdeploy.outputs import OutputRules, check_output_path, staged_output
-from mdeploy.parity import Float32Noise, judge, run_batches, torch_outputs, torch_runner
+from mdeploy.metrics import is_class_scores
+from mdeploy.parity import Float32Noise, judge_outputs, run_batches_outputs, torch_outputs
 from mdeploy.quantize.params import QuantizedGraph
 from mdeploy.quantize.ptq import quantize
 from mdeploy.records import Artifact, ConvertOptions, Evaluation
@@ -69,6 +70,15 @@ def read_labels(path: Path | None, classes: int) -> tuple[str, ...]:
     if len(labels) != classes:
         raise BadInputError(f"{path} has {len(labels)} labels but the model has {classes} classes: one label per line")
     return labels
+
+
+def class_count(graph: Graph, labels: Path | None, source: str) -> int:
+    """The class count a labels file must match: that of the model's one class-score output (N, K)."""
+    scores = [graph.shapes[tensor][1] for tensor in graph.outputs if is_class_scores(graph.shapes[tensor])]
+    if labels is not None and len(scores) != 1:
+        raise BadInputError(f"--labels {labels.name} names the classes of one class-score output (N, K), but {source} "
+                            f"has {len(scores)} among its {len(graph.outputs)} outputs: leave out --labels")
+    return scores[0] if scores else 0
 
 
 def check_targets(targets: tuple[Target, ...]) -> None:
@@ -117,8 +127,8 @@ def prepare_evaluation(options: ConvertOptions, model: LoadedModel, reporter: Re
         paths = []
         reporter.step(f"evaluation: {description}")
     with reporter.track("PyTorch reference", len(inputs)) as advance:
-        reference = run_batches(torch_runner(model.module), inputs, advance)
-    return Evaluation(inputs, reference, description, paths, Float32Noise(model.module, inputs, reference)), eval_set
+        references = run_batches_outputs(torch_outputs(model.module), inputs, advance)
+    return Evaluation(inputs, references, description, paths, Float32Noise(model.module, inputs, references)), eval_set
 
 
 def export_and_check(options: ConvertOptions, graph: Graph, quantized: QuantizedGraph | None, info: ArtifactInfo,
@@ -135,20 +145,27 @@ def export_and_check(options: ConvertOptions, graph: Graph, quantized: Quantized
     except Exception as err:  # a converter library's own failure: name the target and the first line
         raise ConversionError(f"{target.value} {precision.value} export failed: {first_line(err)}") from err
     seconds = time.perf_counter() - start
-    run = converter.runner(stage / path, threads=options.threads)
+    run = converter.outputs_runner(stage / path, threads=options.threads)
+    names = tuple(graph.artifact_names.values())
+
+    def run_in_order(batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        returned = run(batch)
+        return tuple(returned[name] for name in names)
+
     with reporter.track(f"{path} on {converter.runtime_name}", len(evaluation.inputs)) as advance:
-        outputs = run_batches(run, evaluation.inputs, advance)
-    parity = judge(evaluation.reference, outputs, options.limits.thresholds(precision), evaluation.description,
-                   evaluation.float32_noise)
+        outputs = run_batches_outputs(run_in_order, evaluation.inputs, advance)
+    parity = judge_outputs(evaluation.references, outputs, names, options.limits.thresholds(precision),
+                           evaluation.description, evaluation.float32_noise)
     latency = None
     if options.latency_runs > 0 and converter.times_latency:
-        latency = measure_latency(run, evaluation.inputs[0], options.threads, runs=options.latency_runs)
+        latency = measure_latency(run_in_order, evaluation.inputs[0], options.threads, runs=options.latency_runs)
     report = converter.inspect(stage / path)
     io = {"inputs": report["inputs"], "outputs": report["outputs"]}
-    output = graph.single_output("the golden outputs' tolerance", info.model_name)
-    output_scale = quantized.activations[output].scale if quantized is not None else None
-    golden = GoldenOutput(str(path), target, precision, converter.runtime_name, outputs[:GOLDEN_SAMPLES],
-                          converter.golden_tolerance(precision, output_scale))
+    golden = GoldenOutput(str(path), target, precision, converter.runtime_name, names,
+                          tuple(output[:GOLDEN_SAMPLES] for output in outputs),
+                          tuple(converter.golden_tolerance(precision, quantized.activations[tensor].scale
+                                                           if quantized is not None else None)
+                                for tensor in graph.outputs))
     return Artifact(target, precision, path, converter.runtime_name, parity, latency, seconds,
                     converter.settings(precision), io, golden)
 
@@ -196,11 +213,7 @@ def convert(options: ConvertOptions, reporter: Reporter | None = None) -> Conver
         shape = options.preprocess.input_shape(batch=1)
         graph = graph_from_torch(model.module, shape)
         check_translation(graph, model, shape)
-    # Parity (top-1/top-5), labels, golden outputs and the manifest describe one classifier output.
-    scores = graph.single_output("mdeploy convert (classifier parity, labels, golden outputs)",
-                                 options.model.path.name)
-    classes = graph.shapes[scores][-1]
-    labels = read_labels(options.labels, classes)
+    labels = read_labels(options.labels, class_count(graph, options.labels, options.model.path.name))
     reporter.step(f"traced {len(graph.nodes)} ops: {graph.op_histogram()}")
     calib = None
     with clock.stage("data_and_reference"):
@@ -236,7 +249,7 @@ def convert(options: ConvertOptions, reporter: Reporter | None = None) -> Conver
             np.savez_compressed(stage / CHANNEL_SCALES_FILE, **quantized.channel_scales)
         if labels:
             (stage / "labels.txt").write_text("\n".join(labels) + "\n", encoding="utf-8")
-        golden = write_golden(stage, evaluation.inputs, evaluation.reference, evaluation.paths,
+        golden = write_golden(stage, evaluation.inputs, evaluation.references, evaluation.paths,
                               [a.golden for a in artifacts if a.golden is not None], options.preprocess.layout.value)
         static_files = copy_static_files(stage)
         manifest = write_manifest(stage, options, model, graph, artifacts, evaluation, calib, eval_set, quantized,

@@ -3,7 +3,7 @@ each artifact came out as. Frozen where they are options; every command and the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +15,8 @@ from mdeploy.calibration.config import QuantRecipe
 from mdeploy.calibration.preprocess import Preprocess
 from mdeploy.converters import REGISTRY, Converter
 from mdeploy.latency import Latency
-from mdeploy.parity import ParityResult, Thresholds
+from mdeploy.graph.ir import only_output
+from mdeploy.parity import Float32Noise, ParityResult, Thresholds
 from mdeploy.types import Precision, Target
 from mdeploy.zoo import Arch
 
@@ -123,7 +124,12 @@ class Evaluation:
     """The inputs parity runs on and PyTorch's outputs for them."""
 
     inputs: np.ndarray
-    reference: np.ndarray
+    references: tuple[np.ndarray, ...]  # every output of the model, in its order
     description: str
     paths: list[str]
-    float32_noise: Callable[[], float | None] | None = None  # parity.Float32Noise: measured when a limit needs it
+    float32_noise: Float32Noise | None = None  # measured when a limit needs it
+
+    @property
+    def reference(self) -> np.ndarray:
+        """The only output's reference (a classifier's logits)."""
+        return only_output(self.references, "a one-output stage (the demo's labels)")

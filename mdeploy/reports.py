@@ -14,11 +14,14 @@ from rich.table import Table
 from mdeploy.converters import tool_packages
 from mdeploy.converters.base import artifact_files, artifact_size
 from mdeploy.manifest import (MANIFEST_VERSION, SCHEMA_FILE, ArtifactIO, ArtifactRecord, EvaluationInfo, Failure,
-                              Golden, InputSpec, LatencyRecord, Manifest, ModelInfo, OutputSpec, ParityMetricsRecord,
-                              ParityRecord, PreprocessRecord, QuantizationInfo, SampleSetRecord, SkippedFile)
+                              Golden, InputSpec, LatencyRecord, Manifest, ModelInfo, OutputParityRecord, OutputSpec,
+                              ParityMetricsRecord, ParityRecord, PreprocessRecord, QuantizationInfo, SampleSetRecord,
+                              SkippedFile)
+from mdeploy.metrics import is_class_scores
+from mdeploy.parity import ParityResult, json_numbers
 from mdeploy.paths import feed_file
 from mdeploy.reporting.common import limit_notes
-from mdeploy.types import INPUT_NAME, OUTPUT_NAME
+from mdeploy.types import INPUT_NAME
 from mdeploy import __version__
 
 if TYPE_CHECKING:
@@ -74,8 +77,28 @@ def sample_set_record(samples: SampleSet | None) -> SampleSetRecord | None:
     )
 
 
+def metrics_record(parity: ParityResult) -> ParityMetricsRecord:
+    return ParityMetricsRecord(**json_numbers(parity.metrics.to_dict()))  # type: ignore[arg-type]
+
+
+def parity_record(parity: ParityResult) -> ParityRecord:
+    outputs = [OutputParityRecord(output=result.output or "", passed=result.passed, metrics=metrics_record(result),
+                                  thresholds=result.thresholds.to_dict(), failures=list(result.failures),
+                                  threshold_notes=dict(result.threshold_notes) or None) for result in parity.outputs]
+    return ParityRecord(passed=parity.passed, inputs=parity.inputs, metrics=metrics_record(parity),
+                        thresholds=parity.thresholds.to_dict(), failures=list(parity.failures),
+                        threshold_notes=dict(parity.threshold_notes) or None, outputs=outputs or None)
+
+
+def output_specs(graph: Graph) -> list[OutputSpec]:
+    """The model's outputs as the artifacts name them, at batch 1, in order."""
+    return [OutputSpec(name=name, shape=list(graph.shapes[tensor]),
+                       meaning="raw logits" if is_class_scores(graph.shapes[tensor]) else
+                       f"raw output (rank {len(graph.shapes[tensor])}, NCHW for a map)")
+            for tensor, name in graph.artifact_names.items()]
+
+
 def artifact_record(stage: Path, artifact: Artifact) -> ArtifactRecord:
-    parity = artifact.parity.to_dict()
     return ArtifactRecord(
         target=artifact.target.value,
         precision=artifact.precision.value,
@@ -83,10 +106,7 @@ def artifact_record(stage: Path, artifact: Artifact) -> ArtifactRecord:
         runtime=artifact.runtime,
         settings=artifact.settings,
         io=ArtifactIO(**artifact.io),
-        parity=ParityRecord(passed=artifact.parity.passed, inputs=artifact.parity.inputs,
-                            metrics=ParityMetricsRecord(**parity["metrics"]),  # type: ignore[arg-type]
-                            thresholds=artifact.parity.thresholds.to_dict(), failures=list(artifact.parity.failures),
-                            threshold_notes=dict(artifact.parity.threshold_notes) or None),
+        parity=parity_record(artifact.parity),
         latency=LatencyRecord(**artifact.latency.to_dict()) if artifact.latency else None,
         seconds_to_export=round(artifact.seconds_to_export, 2),
         sha256=sha256_of(stage / artifact.path),
@@ -99,7 +119,9 @@ def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, gra
                    eval_set: SampleSet | None, quantized: QuantizedGraph | None,
                    seconds: dict[str, float], failures: list[Failure], golden: Golden) -> Manifest:
     config = model.config
-    classes = graph.shapes[graph.single_output("the manifest's output spec", model.source.name)][-1]
+    outputs = output_specs(graph)
+    scores = [spec for spec in outputs if spec.meaning == "raw logits"]
+    classes = scores[0].shape[1] if len(scores) == 1 else 0  # 0: no single class-score output
     manifest = Manifest(
         schema=SCHEMA_FILE,
         manifest_version=MANIFEST_VERSION,
@@ -115,7 +137,7 @@ def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, gra
         ),
         input=InputSpec(name=INPUT_NAME, shape=list(options.preprocess.input_shape(batch=1)), dtype="float32",
                         layout="NCHW"),
-        output=OutputSpec(name=OUTPUT_NAME, shape=[1, classes], meaning="raw logits"),
+        output=outputs[0],
         preprocess=PreprocessRecord(**options.preprocess.to_dict()),
         labels_file="labels.txt" if (stage / "labels.txt").exists() else None,
         quantization=QuantizationInfo(
@@ -132,6 +154,7 @@ def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, gra
         reproducibility=REPRODUCIBILITY,
         seconds=seconds,  # wall time per pipeline stage
         tool_versions=tool_versions(),
+        outputs=outputs,
     )
     manifest.write(stage)
     return manifest
@@ -154,24 +177,34 @@ def fmt(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
+def percent(value: Any, suffix: str = "") -> str:
+    return "-" if value is None else fmt(value * 100 if isinstance(value, (int, float)) else value, ".1f") + "%" + suffix
+
+
 def summary_rows(manifest: Manifest) -> list[list[str]]:
+    """One row per artifact, or per artifact and output when the model has several. The top-1 column holds
+    per-pixel arg-max agreement ("px") for a segmentation map, "-" for other dense outputs."""
     rows = []
     for artifact in manifest.artifacts:
-        metrics = artifact.parity.metrics
         latency = artifact.latency
         p50: Any = latency.p50_ms if latency and latency.p50_ms is not None else \
             "n/a (reference executor)" if latency is None or not latency.to_dict() else "-"
-        rows.append([
-            artifact.file,
-            artifact.runtime,
-            fmt(metrics.max_abs_error, ".2e"),
-            fmt(metrics.snr_db, ".1f"),
-            fmt(metrics.top1_agreement * 100, ".1f") + "%",
-            fmt(metrics.top5_agreement * 100, ".1f") + "%",
-            fmt(p50, ".2f"),
-            f"{artifact.size_bytes / 1e6:.1f} MB",
-            "pass" if artifact.parity.passed else "FAIL: " + "; ".join(artifact.parity.failures),
-        ])
+        parts = [(f"{artifact.file} {o.output}", o.metrics, o.passed, o.failures) for o in artifact.parity.outputs or ()]
+        for name, metrics, passed, failures in parts or [(artifact.file, artifact.parity.metrics,
+                                                          artifact.parity.passed, artifact.parity.failures)]:
+            top1 = percent(metrics.top1_agreement) if metrics.top1_agreement is not None \
+                else percent(metrics.pixel_agreement, " px")
+            rows.append([
+                name,
+                artifact.runtime,
+                fmt(metrics.max_abs_error, ".2e"),
+                fmt(metrics.snr_db, ".1f"),
+                top1,
+                percent(metrics.top5_agreement),
+                fmt(p50, ".2f"),
+                f"{artifact.size_bytes / 1e6:.1f} MB",
+                "pass" if passed else "FAIL: " + "; ".join(failures),
+            ])
     return rows
 
 

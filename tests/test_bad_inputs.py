@@ -114,10 +114,10 @@ def inject(fault: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr("mdeploy.pipeline.quantize", quantize)
         return
     elif fault == "nan_outputs":
-        def runner_(self, path, threads=1):
-            return lambda batch: np.full((len(batch), 10), np.nan, np.float32)
+        def outputs_runner_(self, path, threads=1):
+            return lambda batch: {"logits": np.full((len(batch), 10), np.nan, np.float32)}
 
-        monkeypatch.setattr(OnnxConverter, "runner", runner_)
+        monkeypatch.setattr(OnnxConverter, "outputs_runner", outputs_runner_)
         return
     else:
         assert fault is None, fault

@@ -4,6 +4,7 @@ in one line (exit 2)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from mdeploy.errors import BadInputError, ExitCode, UnsupportedOpError
 from mdeploy.graph.execute import GraphRunner
 from mdeploy.graph.from_torch import graph_from_torch
 from mdeploy.parity import torch_outputs
+from mdeploy.pipeline import class_count
 from mdeploy.calibration.config import QuantRecipe
 from mdeploy.quantize.ptq import quantize
 from mdeploy.quantize.simulate import simulate_outputs
@@ -145,13 +147,55 @@ def test_the_same_tensor_twice_is_refused() -> None:
         graph_from_torch(SameTwice(), SHAPE)
 
 
-def test_convert_of_a_multi_output_model_is_exit_2_in_one_line(tmp_path: Path) -> None:
+def test_convert_checks_and_ships_every_output(tmp_path: Path, calib_dir: Path, eval_dir: Path) -> None:
+    """A detector-like model converts end to end: parity per output (each with its own limits), the manifest's
+    outputs, golden arrays per output that the bundle's verifier reproduces, --labels refused without one class-score
+    output."""
     model_file = tmp_path / "heads.pt2"
-    torch.export.save(torch.export.export(heads_model(2), (torch.zeros(SHAPE),)), model_file)
-    done = subprocess.run([sys.executable, "-m", "mdeploy.cli", "convert", str(model_file), "--out",
-                           str(tmp_path / "out"), "--input-size", "32"], capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == ExitCode.BAD_INPUT, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert lines[-1] == ("error: heads.pt2 has 2 outputs; mdeploy convert (classifier parity, labels, golden "
-                         "outputs) handles one output so far (multi-output models: issue 15)")
-    assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()
+    torch.export.save(torch.export.export(heads_model(3), (torch.zeros(SHAPE),)), model_file)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "mdeploy.cli", "convert", str(model_file), "--out", str(out), "--input-size",
+               "32", "--to", "onnx,tflite,coreml", "--int8", "--calib", str(calib_dir), "--eval", str(eval_dir),
+               "--calib-size", "32", "--eval-size", "24", "--min-snr", "10"]  # a random model's tiny logits: 13 dB
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [o["name"] for o in manifest["outputs"]] == ["output_0", "output_1", "output_2"]
+    assert [o["shape"] for o in manifest["outputs"]] == [[1, 3, 8, 8], [1, 5], [1, 4, 8, 8]]
+    assert manifest["output"] == manifest["outputs"][0]
+    for artifact in manifest["artifacts"]:
+        parity = artifact["parity"]
+        assert [o["output"] for o in parity["outputs"]] == ["output_0", "output_1", "output_2"], artifact["file"]
+        assert all(o["passed"] for o in parity["outputs"]) and parity["passed"], artifact["file"]
+        scores, dense = parity["outputs"][1]["metrics"], parity["outputs"][0]["metrics"]
+        assert "top1_agreement" in scores and "top1_agreement" not in dense and "pixel_agreement" in dense
+        if artifact["precision"] == "fp32":  # each output's limit is relative to its own peak
+            limits = [o["thresholds"]["max_abs_error"] for o in parity["outputs"]]
+            assert all(o["metrics"]["max_abs_error"] <= limit for o, limit in zip(parity["outputs"], limits))
+        else:
+            assert all(o["metrics"]["snr_db"] >= 10 for o in parity["outputs"]), artifact["file"]
+            assert all(o["thresholds"]["min_snr_db"] == 10 for o in parity["outputs"])
+    golden = manifest["golden"]
+    assert set(golden["pytorch_by_output"]) == {"output_0", "output_1", "output_2"}
+    assert len(golden["artifacts"]) == 3 * 6 and golden["artifacts"]["heads.int8.tflite:output_2"]["shape"] == [4, 4, 8, 8]
+    verified = subprocess.run([sys.executable, str(out / "verify_bundle.py")], capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert verified.stdout.count("ok      heads.int8.tflite output_") == 3, verified.stdout
+
+
+class TwoMaps(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.a(x), self.b(x)
+
+
+def test_labels_name_the_one_class_score_output(tmp_path: Path) -> None:
+    assert class_count(graph_from_torch(heads_model(3), SHAPE), tmp_path / "labels.txt", "heads.pt2") == 5
+    with pytest.raises(BadInputError) as caught:
+        class_count(graph_from_torch(TwoMaps(), SHAPE), tmp_path / "labels.txt", "maps.pt2")
+    assert str(caught.value) == ("--labels labels.txt names the classes of one class-score output (N, K), but "
+                                 "maps.pt2 has 0 among its 2 outputs: leave out --labels")
+    assert class_count(graph_from_torch(TwoMaps(), SHAPE), None, "maps.pt2") == 0

@@ -78,3 +78,21 @@ def test_metrics_properties(ref: np.ndarray, noise_scale: float) -> None:
     assert m.max_abs_error >= m.mean_abs_error >= 0
     assert -1 - 1e-9 <= m.cosine <= 1 + 1e-9
     assert compare(ref, ref).snr_db >= m.snr_db
+
+
+def test_dense_outputs_get_dense_metrics_not_top1() -> None:
+    """Top-1/top-5 only for class scores ((N, K) or (N, K, 1, 1)); a segmentation map (N, C, H, W) gets per-pixel
+    arg-max agreement and mean IoU over the classes PyTorch predicts; a one-channel map neither."""
+    want = np.zeros((2, 3, 4, 4), np.float32)
+    want[:, 0] = 1.0  # every pixel class 0 ...
+    want[:, 1, :2, :] = 2.0  # ... except the top half: class 1
+    got = want.copy()
+    got[0, 2, 0, 0] = 5.0  # one pixel of 32 turns to class 2
+    metrics = compare(want, got)
+    assert metrics.top1_agreement is None and metrics.top5_agreement is None
+    assert metrics.pixel_agreement == 31 / 32
+    assert metrics.mean_iou == np.mean([16 / 16, 15 / 16])  # class 0 intact, class 1 lost one pixel
+    assert compare(want[:, :1], got[:, :1]).pixel_agreement is None
+    scores = np.eye(4, dtype=np.float32)[:, :, None, None]
+    assert compare(scores, scores).top1_agreement == 1.0 and compare(scores, scores).pixel_agreement is None
+    assert "top1_agreement" not in metrics.to_dict() and "mean_iou" in metrics.to_dict()

@@ -28,18 +28,18 @@ class GoldenOutput:
     target: Target
     precision: Precision
     runtime: str
-    outputs: np.ndarray  # (GOLDEN_SAMPLES, classes) float32, as the runtime answered
-    tolerance: GoldenTolerance  # how close another run must come (the target's ``Converter.golden_tolerance``)
+    names: tuple[str, ...]  # the artifact's output names, in the model's order
+    outputs: tuple[np.ndarray, ...]  # per output (GOLDEN_SAMPLES, ...) float32, as the runtime answered
+    tolerances: tuple[GoldenTolerance, ...]  # per output, how close another run must come (the converter's)
 
 
-def scaled_tolerance(golden: GoldenOutput) -> GoldenTolerance:
+def scaled_tolerance(precision: Precision, tolerance: GoldenTolerance, outputs: np.ndarray) -> GoldenTolerance:
     """An fp32 artifact's absolute tolerance (the converter's) is a floor: another CPU's float kernels sum in another
     order, and float32 error grows with the magnitudes summed, so the tolerance is max(it, 7.5e-5 * peak |golden
     output|), the relative limit of fp32 parity (mdeploy.parity.FP32_MAX_ERROR_OF_PEAK)."""
-    tolerance = golden.tolerance
-    if golden.precision != Precision.fp32 or tolerance.max_abs_error is None:
+    if precision != Precision.fp32 or tolerance.max_abs_error is None:
         return tolerance
-    finite = np.abs(golden.outputs[np.isfinite(golden.outputs)])
+    finite = np.abs(outputs[np.isfinite(outputs)])
     peak = float(finite.max(initial=0.0))
     limit = float(f"{max(tolerance.max_abs_error, FP32_MAX_ERROR_OF_PEAK * peak):.3g}")
     if limit <= tolerance.max_abs_error:
@@ -56,9 +56,11 @@ def _write_array(folder: Path, stem: str, array: np.ndarray) -> GoldenArray:
     return GoldenArray(f"golden/{stem}.npy", f"golden/{stem}.f32", list(array.shape), "float32", "little")
 
 
-def write_golden(stage: Path, inputs: np.ndarray, reference: np.ndarray, paths: list[str],
+def write_golden(stage: Path, inputs: np.ndarray, references: tuple[np.ndarray, ...], paths: list[str],
                  outputs: list[GoldenOutput], layout: str) -> Golden:
-    """Writes ``stage/golden/`` and returns the manifest's ``golden`` section."""
+    """Writes ``stage/golden/`` and returns the manifest's ``golden`` section. A model of several outputs gets one
+    array per output (``golden/<artifact>.<output>.npy``, ``golden/pytorch.<output>.npy``), each with its own
+    tolerance, keyed ``<artifact>:<output>``."""
     folder = stage / "golden"
     (folder / "images").mkdir(parents=True)
     count = min(GOLDEN_SAMPLES, len(inputs))
@@ -72,15 +74,23 @@ def write_golden(stage: Path, inputs: np.ndarray, reference: np.ndarray, paths: 
         else:
             images.append(None)  # a preprocessed tensor from a .npy/.npz file: no raw image exists
     images += [None] * (count - len(images))
-    written = {golden.file: _write_array(folder, golden.file, golden.outputs[:count]) for golden in outputs}
+    several = len(references) > 1
+    artifacts = {}
+    for golden in outputs:
+        for name, array, tolerance in zip(golden.names, golden.outputs, golden.tolerances, strict=True):
+            stem = f"{golden.file}.{name}" if several else golden.file
+            artifacts[f"{golden.file}:{name}" if several else golden.file] = GoldenArtifact(
+                **vars(_write_array(folder, stem, array[:count])), runtime=golden.runtime,
+                tolerance=scaled_tolerance(golden.precision, tolerance, array[:count]),
+                artifact=golden.file if several else None, output=name if several else None)
+    names = outputs[0].names if outputs else ()
+    by_output = {name: _write_array(folder, f"pytorch.{name}", reference[:count])
+                 for name, reference in zip(names, references, strict=True)} if several else None
     return Golden(
         samples=count,
         images=images,
         inputs=GoldenInputs(**vars(_write_array(folder, "inputs", inputs[:count])), layout=layout),
-        pytorch_outputs=_write_array(folder, "pytorch", reference[:count]),
-        artifacts={
-            golden.file: GoldenArtifact(**vars(written[golden.file]), runtime=golden.runtime,
-                                        tolerance=scaled_tolerance(golden))
-            for golden in outputs
-        },
+        pytorch_outputs=by_output[names[0]] if by_output else _write_array(folder, "pytorch", references[0][:count]),
+        artifacts=artifacts,
+        pytorch_by_output=by_output,
     )

@@ -24,17 +24,33 @@ def _contract(manifest: Manifest) -> str:
               f"`floor({p.resize} * long / short)`), then " if p.resize else "")
     labels = (f"`{manifest.labels_file}`: one class name per line, line *i* is output index *i*."
               if manifest.labels_file else "No labels were given at conversion: the outputs are class indices.")
+    outputs = manifest.outputs or [manifest.output]
+    if len(outputs) == 1 and outputs[0].meaning == "raw logits":
+        text = f"{outputs[0].meaning}, one per class; the answer is the arg-max. {labels}"
+    else:
+        text = ("; ".join(f"`{o.name}` `{o.shape}` ({o.meaning})" for o in outputs) + ", in this order, each "
+                "as the PyTorch model returns it (an artifact in NHWC gives maps as NHWC; its README says)."
+                + (f" {labels}" if manifest.labels_file else ""))
     return render_template("contract.md.tmpl", PACKAGE, channel_order=p.channel_order, resize=resize, crop=p.crop,
-                           divisor=divisor(p), mean=p.mean, std=p.std, meaning=manifest.output.meaning,
-                           labels=labels)
+                           divisor=divisor(p), mean=p.mean, std=p.std, outputs=text)
 
 
 def _golden(manifest: Manifest) -> str:
     golden = manifest.golden
     if not golden.samples:  # no golden vectors were written
         return ""
+    if golden.pytorch_by_output:  # several outputs: one array per artifact and output
+        shapes = ", ".join(f"`{name}` `{array.shape}`" for name, array in golden.pytorch_by_output.items())
+        text = (f"`<artifact>.<output>.f32`: that artifact's outputs on them, one file per output ({shapes}, "
+                "NCHW maps); `pytorch.<output>.f32`: the PyTorch model's.")
+        key, golden_file = "file>:<output", "<artifact>.<output>.f32"
+    else:
+        text = (f"`<artifact>.f32`: that artifact's outputs on them, shape `{golden.pytorch_outputs.shape}`; "
+                "`pytorch.f32`: the PyTorch model's.")
+        key, golden_file = "file", "<artifact>.f32"
     return render_template("golden.md.tmpl", PACKAGE, samples=golden.samples, shape=golden.inputs.shape,
-                           layout=golden.inputs.layout, outputs_shape=golden.pytorch_outputs.shape) + "\n"
+                           layout=golden.inputs.layout, outputs_text=text, key=key,
+                           golden_file=golden_file) + "\n"
 
 
 def _files(manifest: Manifest) -> str:

@@ -32,7 +32,7 @@ def parity_table(report: dict[str, Any]) -> Table:
         parity, m = artifact["parity"], artifact["parity"]["metrics"]
         verdict = "pass" if parity["passed"] else "FAIL: " + "; ".join(parity["failures"])
         table.add_row(artifact["file"], artifact["runtime"], fmt(m["max_abs_error"], ".2e"), fmt(m["snr_db"], ".1f"),
-                      fmt(m["top1_agreement"], ".1%"), fmt(m["top5_agreement"], ".1%"), verdict,
+                      fmt(m.get("top1_agreement", "-"), ".1%"), fmt(m.get("top5_agreement", "-"), ".1%"), verdict,
                       style=None if parity["passed"] else "red")
     return table
 
@@ -68,7 +68,7 @@ def arm_table(arm: dict[str, Any]) -> Table:
         table.add_column(header)
     for row in arm["results"]:
         m, parity = row["parity"]["metrics"], row["parity"]
-        table.add_row(row["artifact"], row["cpu"], fmt(m["snr_db"], ".1f"), fmt(m["top1_agreement"], ".1%"),
+        table.add_row(row["artifact"], row["cpu"], fmt(m["snr_db"], ".1f"), fmt(m.get("top1_agreement", "-"), ".1%"),
                       row["summary"].split(": ", 1)[1],
                       "pass" if parity["passed"] else "FAIL: " + "; ".join(parity["failures"]),
                       style=None if parity["passed"] else "red")

@@ -147,7 +147,9 @@ def read_golden(root: Path, problems: list[str]) -> dict[str, Any]:
     field(field(golden, "inputs", dict, "golden"), "npy", str, "golden.inputs")
     field(golden, "artifacts", dict, "golden")
     images = golden.get("images") if isinstance(golden.get("images"), list) else []
-    records = [golden["inputs"], golden.get("pytorch_outputs")]
+    by_output = golden.get("pytorch_by_output")
+    records = [golden["inputs"], golden.get("pytorch_outputs"),
+               *(by_output.values() if isinstance(by_output, dict) else ())]
     for path in [*images, *(r.get(k) for r in records if isinstance(r, dict) for k in ("npy", "f32"))]:
         try:
             if isinstance(path, str):
@@ -184,14 +186,16 @@ class BundleRunner(NamedTuple):
 
     suffix: str  # the artifact's file name ends with it, e.g. ".onnx"
     runtime: str  # named in messages, e.g. "onnxruntime"
-    run: Callable[[Path, np.ndarray], np.ndarray] | None  # (artifact, inputs NCHW) -> outputs; None: cannot run here
+    # (artifact, inputs NCHW) -> every output by name (a one-output target may return the array); None: cannot run here
+    run: Callable[[Path, np.ndarray], dict[str, np.ndarray] | np.ndarray] | None
     why_not: str  # why not, when ``run`` is None
 
 
 RUNNERS: dict[str, BundleRunner] = {}  # target name -> its runner
 
 
-def register(target: str, suffix: str, runtime: str, run: Callable[[Path, np.ndarray], np.ndarray] | None,
+def register(target: str, suffix: str, runtime: str,
+             run: Callable[[Path, np.ndarray], dict[str, np.ndarray] | np.ndarray] | None,
              why_not: str = "") -> None:
     RUNNERS[target] = BundleRunner(suffix, runtime, run, why_not)
 
@@ -216,11 +220,15 @@ def within(expected: np.ndarray, actual: np.ndarray, tolerance: tuple[str, float
     return snr >= limit, f"SNR {snr:.1f} dB (tolerance {limit:g} dB)"
 
 
-def verify_artifact(root: Path, file: str, record: Any, inputs: np.ndarray | None, bad: set[str]) -> bool | None:
-    """Prints the artifact's line; True if it reproduces its golden outputs, None if it was not run.
-    Corrupt if its manifest record is malformed or names a path outside the bundle, or if its runtime cannot load it."""
-    where = f"golden.artifacts[{json.dumps(file)}]"
+def verify_artifact(root: Path, key: str, record: Any, inputs: np.ndarray | None, bad: set[str]) -> bool | None:
+    """Prints the line of one artifact (or of one output of it, keyed "<artifact>:<output>"); True if it reproduces
+    its golden outputs, None if it was not run. Corrupt if its manifest record is malformed or names a path outside
+    the bundle, or if its runtime cannot load it."""
+    where = f"golden.artifacts[{json.dumps(key)}]"
     npy = field(record, "npy", str, where)
+    file = field(record, "artifact", str, where) if "artifact" in record else key
+    output = field(record, "output", str, where) if "output" in record else None
+    shown = f"{show(file)} {output}" if output else show(file)
     tolerance = tolerance_of(field(record, "tolerance", dict, where), where)
     for name in (file, npy, record.get("f32")):
         if isinstance(name, str):
@@ -229,21 +237,27 @@ def verify_artifact(root: Path, file: str, record: Any, inputs: np.ndarray | Non
         return None  # what is wrong with its files is already reported: running it would only repeat that
     found = runner_for(file)
     if found is None or found.run is None:
-        print(f"skipped  {show(file)}: {found.why_not if found else 'this script does not know how to run it'}")
+        print(f"skipped  {shown}: {found.why_not if found else 'this script does not know how to run it'}")
         return None
     runtime = found.runtime
     expected = load_array(root, npy)
     try:
-        actual = np.asarray(found.run(root / file, inputs), dtype=np.float32)
+        answered = found.run(root / file, inputs)  # every output by name (or the one output's array)
     except ImportError as err:  # the runners import their runtime first: nothing was read yet
-        print(f"skipped  {show(file)}: runtime not installed ({err.name or first_line(err)})")
+        print(f"skipped  {shown}: runtime not installed ({err.name or first_line(err)})")
         return None
     except Exception as err:  # noqa: BLE001 - whatever the runtime raises on a file it cannot read
         raise Corrupt(f"{show(file)}: {runtime} cannot load or run it ({first_line(err)})") from None
+    if not isinstance(answered, dict):
+        answered = {"the one output": answered}
+    if output is None and len(answered) != 1 or output is not None and output not in answered:
+        raise Corrupt(f"{show(file)}: answers outputs {sorted(answered)}, but {where} expects "
+                      f"{json.dumps(output) if output else 'one'}")
+    actual = np.asarray(answered[output] if output else next(iter(answered.values())), dtype=np.float32)
     if expected.shape != actual.shape:
-        raise Corrupt(f"{show(npy)}: shape {expected.shape}, but {show(file)} answers {actual.shape}")
+        raise Corrupt(f"{show(npy)}: shape {expected.shape}, but {shown} answers {actual.shape}")
     ok, detail = within(expected, actual, tolerance)
-    print(f"{'ok     ' if ok else 'MISMATCH'} {show(file)}: {detail} with {runtime}")
+    print(f"{'ok     ' if ok else 'MISMATCH'} {shown}: {detail} with {runtime}")
     return ok
 
 

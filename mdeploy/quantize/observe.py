@@ -39,5 +39,5 @@ def channel_ranges(graph: Graph, calibration: np.ndarray) -> dict[str, np.ndarra
     runner = fast_runner(graph)
     with torch.no_grad():
         for i in range(0, len(calibration), BATCH):
-            runner(channels_last(torch.from_numpy(np.ascontiguousarray(calibration[i : i + BATCH]))), hook)
+            runner.run(channels_last(torch.from_numpy(np.ascontiguousarray(calibration[i : i + BATCH]))), hook)
     return {name: r.double().numpy() for name, r in ranges.items()}

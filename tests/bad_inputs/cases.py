@@ -71,9 +71,9 @@ CASES: list[Case] = [
     # --- operators ---------------------------------------------------------------------------------------------
     Case("unsupported-op", convert("unsupported_pt2", arch=None), FAILED,
          "operator aten.cumsum (from tail (CumsumTail)) is not supported by any mdeploy target"),
-    Case("two-outputs", convert("two_outputs_pt2", arch=None), BAD,
-         "two_outputs.pt2 has 2 outputs; mdeploy convert (classifier parity, labels, golden outputs) handles one "
-         "output so far (multi-output models: issue 15)"),
+    Case("labels-for-two-class-score-outputs", convert("two_outputs_pt2", "--labels", "{labels_right}", arch=None),
+         BAD, "--labels labels.txt names the classes of one class-score output (N, K), but two_outputs.pt2 has 2 "
+         "among its 2 outputs: leave out --labels"),
     Case("pt2-zip-slip-member", convert("slip_pt2", arch=None), BAD, "member '../../x' points outside the archive"),
     Case("pt2-absolute-member", convert("absolute_pt2", arch=None), BAD, "member '/tmp/x' points outside"),
     Case("pt2-backslash-member", convert("backslash_pt2", arch=None), BAD, "points outside the archive"),
