@@ -22,7 +22,7 @@ from mdeploy.converters.coreml_mil_attention import ATTENTION_LOWERINGS  # RESHA
 from mdeploy.converters.coreml_mil_dense import DENSE_LOWERINGS  # RESIZE, CONV_TRANSPOSE
 from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
-from mdeploy.graph.ir import GeluAttrs, LeakyReluAttrs, PoolAttrs, ShuffleAttrs, SliceAttrs
+from mdeploy.graph.ir import GeluAttrs, LeakyReluAttrs, PoolAttrs, ShuffleAttrs, SliceAttrs, concat_axis, softmax_axis
 from mdeploy.graph.pooling import pool_geometry
 from mdeploy.quantize.params import QuantizedGraph, TensorQuant, quantize_bias
 from mdeploy.quantize.rounding import affine_dequantized
@@ -293,11 +293,13 @@ class _Emitter:
 
     @lowers(Op.SOFTMAX, "softmax")
     def softmax(self, node: Node, xs: list[Any], name: str) -> Any:
-        return self.mb.softmax(x=xs[0], axis=-1, name=name)
+        rank = len(self.graph.shapes[node.output])
+        axis = softmax_axis(node, rank)
+        return self.mb.softmax(x=xs[0], axis=-1 if axis == rank - 1 else axis, name=name)
 
     @lowers(Op.CONCAT, "concat")
     def concat(self, node: Node, xs: list[Any], name: str) -> Any:  # W8A8: the output's quantize requantises
-        return self.mb.concat(values=xs, axis=1, name=name)
+        return self.mb.concat(values=xs, axis=concat_axis(node), name=name)
 
     @lowers(Op.MAX_POOL, "max_pool")
     def max_pool(self, node: Node, xs: list[Any], name: str) -> Any:

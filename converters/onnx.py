@@ -21,7 +21,7 @@ from mdeploy.converters.onnx_dense import DENSE_EMITTERS
 from mdeploy.errors import BadInputError, UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs, only_output
 from mdeploy.graph.ir import GeluAttrs, LeakyReluAttrs, PoolAttrs, ReshapeAttrs, ShuffleAttrs, SliceAttrs
-from mdeploy.graph.ir import TransposeAttrs
+from mdeploy.graph.ir import TransposeAttrs, concat_axis, softmax_axis
 from mdeploy.graph.pooling import pool_geometry, shuffle_permutation
 from mdeploy.quantize.params import QuantizedGraph, quantize_bias
 from mdeploy.quantize.rounding import affine_dequantized
@@ -227,7 +227,9 @@ class _Writer:
 
     @emits(Op.SOFTMAX)
     def softmax(self, node: Node, inputs: list[str], out: str) -> str:
-        return self.add("Softmax", inputs, out, axis=-1)
+        rank = len(self.graph.shapes[node.output])
+        axis = softmax_axis(node, rank)
+        return self.add("Softmax", inputs, out, axis=-1 if axis == rank - 1 else axis)
 
     @emits(Op.CONCAT)
     def concat(self, node: Node, inputs: list[str], out: str) -> str:
@@ -241,7 +243,7 @@ class _Writer:
                     zero_point = self.constant(tag + "/zero_point", np.array(int(grid.zero_point), np.int8))
                     self.add("QuantizeLinear", [inputs[i], scale, zero_point], tag + "/q")
                     inputs[i] = self.add("DequantizeLinear", [tag + "/q", scale, zero_point], tag)
-        return self.add("Concat", inputs, out, axis=1)
+        return self.add("Concat", inputs, out, axis=concat_axis(node))
 
     @emits(Op.MAX_POOL, Op.AVG_POOL)
     def pool(self, node: Node, inputs: list[str], out: str) -> str:

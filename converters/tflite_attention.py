@@ -14,7 +14,7 @@ op needs another one:
   splits axes (``reshape_plan``): NHWC ``(N, H, W, C)`` read as ``(N, C, H*W)`` is a RESHAPE to ``(N, H*W, C)``,
   no TRANSPOSE; otherwise the input is transposed to PyTorch's order first;
 - MATMUL is BATCH_MATMUL: an operand stored with its last two axes swapped is read with ``adj_x``/``adj_y``;
-- SOFTMAX reads any order that keeps the last axis last;
+- SOFTMAX reads any order that keeps its axis last (the last axis; the channels of a map: NHWC as it is);
 - every other op (convolutions, pools, elementwise ops) reads the canonical layout (``Translator.canonical``
   transposes a tensor stored otherwise), and a model output is written in it.
 
@@ -34,7 +34,7 @@ import numpy as np
 
 from mdeploy.converters.tflite_flatbuffer import Quant, fb
 from mdeploy.errors import UnsupportedOpError
-from mdeploy.graph.ir import Node, Op, OpRegistry, ReshapeAttrs, TransposeAttrs
+from mdeploy.graph.ir import Node, Op, OpRegistry, ReshapeAttrs, TransposeAttrs, softmax_axis
 from mdeploy.quantize.params import TensorQuant
 
 B = fb.BuiltinOperator
@@ -290,12 +290,16 @@ def matmul(t: Translator, node: Node) -> None:
     t.op(B.BATCH_MATMUL, xs, declare(t, node, shape, _identity(len(shape))), options, O.BatchMatMulOptions)
 
 
-def last_axis_operand(t: Translator, node: Node) -> tuple[str, Callable[[], str]]:
-    """For SOFTMAX: its input stored with PyTorch's last axis last, and a maker of its output in the same order."""
+def last_axis_operand(t: Translator, node: Node, axis: int | None = None) -> tuple[str, Callable[[], str]]:
+    """For SOFTMAX: its input stored with PyTorch's ``axis`` (default: the last) last, and a maker of its output in
+    the same order. Stored otherwise, it is transposed to the order that moves only that axis last (NHWC for the
+    channels of a map, which is then the canonical layout: no TRANSPOSE)."""
     x, order = operand(t, node)
     rank = len(order)
-    if order[-1] != rank - 1:
-        x, order = arrange(t, x, order, _identity(rank), node.inputs[0]), _identity(rank)
+    axis = rank - 1 if axis is None else axis
+    if order[axis] != rank - 1:
+        want = _inverse((*(i for i in range(rank) if i != axis), axis))
+        x, order = arrange(t, x, order, want, node.inputs[0]), want
     return x, lambda: declare(t, node, t.b.shape(x), order)
 
 
@@ -303,5 +307,5 @@ def last_axis_operand(t: Translator, node: Node) -> tuple[str, Callable[[], str]
 def softmax(t: Translator, node: Node) -> None:
     options = fb.SoftmaxOptionsT()
     options.beta = 1.0
-    x, out = last_axis_operand(t, node)
+    x, out = last_axis_operand(t, node, softmax_axis(node, len(t.graph.shapes[node.output])))
     t.fixed_grid_op(node, B.SOFTMAX, options, O.SoftmaxOptions, x, out)

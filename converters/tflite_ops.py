@@ -364,9 +364,18 @@ class Translator:
     @emits(Op.GLOBAL_AVG_POOL)
     def global_avg_pool(self, node: Node) -> None:
         x = self.input(node)
-        axes = self.b.constant(f"{node.name}/axes", np.array([1, 2], np.int32))
         options = fb.ReducerOptionsT()
         options.keepDims = True
+        n, h, w, c = self.b.shape(x)
+        if not self.is_int8(node) and h > 1 and w > 1:  # fp32: over W, then H. XNNPACK's one MEAN over a 40 x 40 map
+            # measured 11-18 dB noisier than ONNX Runtime's, which squeeze-and-excitation gates amplify (random-weight
+            # LR-ASPP at 320: 0.79 off PyTorch at a peak of 471 with one MEAN, 0.021 with two; still one partition)
+            axis = self.b.constant(f"{node.name}/axis_w", np.array([2], np.int32))
+            x = self.op(B.MEAN, [x, axis], self.temp(node, "row_means", (n, h, 1, c), None), options,
+                        O.ReducerOptions)
+            axes = self.b.constant(f"{node.name}/axis_h", np.array([1], np.int32))
+        else:
+            axes = self.b.constant(f"{node.name}/axes", np.array([1, 2], np.int32))
         self.op(B.MEAN, [x, axes], self.output(node), options, O.ReducerOptions)
 
     @emits(Op.FLATTEN)

@@ -4,9 +4,11 @@ takes that module's ``Translator`` as ``t``.
 
 Forms chosen for XNNPACK (LiteRT's CPU delegate; tests/test_ops_structure.py counts partitions):
 
-- CONCAT is CONCATENATION on the channel axis. int8 kernels want every input on the output's grid: the quantiser
-  gives inputs that grid where it can (``policy.inputs_take_output_grid``); any other input is requantised with an
-  int8 -> int8 QUANTIZE first, the rounding the quantiser simulates.
+- CONCAT is CONCATENATION on its axis as stored (NHWC's 3 for the channels of a map; inputs that RESHAPE/TRANSPOSE
+  left in another order are joined in that order when they share it); above CONCAT_MAX_INPUTS inputs (SSD's six
+  heads), which XNNPACK refuses in one, a chain of them. int8 kernels want every input on the output's grid: the
+  quantiser gives inputs that grid where it can (``policy.inputs_take_output_grid``); any other input is
+  requantised with an int8 -> int8 QUANTIZE first, the rounding the quantiser simulates.
 - MAX_POOL is MAX_POOL_2D: VALID; SAME when PyTorch's windows are SAME's (TFLite's SAME max pool ignores the
   padding); after a PAD where the input cannot be negative (a ReLU before it; in int8 a zero point of -128), as
   zero is then the lowest value; else after a PADV2 with the lowest value (-128 in int8, float32's lowest in fp32),
@@ -26,8 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from mdeploy.converters.tflite_attention import arrange, canonical_order, declare, operand, stored_shape
+from mdeploy.converters.tflite_dense import CONCAT_MAX_INPUTS
 from mdeploy.converters.tflite_flatbuffer import Quant, fb
-from mdeploy.graph.ir import Graph, Node, Op, OpRegistry, PoolAttrs, ShuffleAttrs, SliceAttrs
+from mdeploy.graph.ir import Graph, Node, Op, OpRegistry, PoolAttrs, ShuffleAttrs, SliceAttrs, concat_axis
 from mdeploy.graph.pooling import pool_geometry
 from mdeploy.quantize.params import TensorQuant
 from mdeploy.quantize.policy import policy_of
@@ -46,15 +50,45 @@ emits = STRUCTURE_EMITTERS.register
 
 @emits(Op.CONCAT)
 def concat(t: Translator, node: Node) -> None:
-    xs = [t.input(node, i) for i in range(len(node.inputs))]
+    shape = t.graph.shapes[node.output]
+    order = _concat_order(t, node)
+    canonical = order == canonical_order(len(shape))
+    if canonical:
+        xs = [t.input(node, i) for i in range(len(node.inputs))]
+    else:  # every input stored in one other order (rank 3 and up, left by RESHAPE/TRANSPOSE): joined as stored
+        xs = [arrange(t, *operand(t, node, i), order, node.inputs[i]) for i in range(len(node.inputs))]
     if t.is_int8(node):
         grid = t.tq(node.output)
         for i, name in enumerate(node.inputs):
             if t.tq(name) != grid:  # an input that could not take the concat's grid: requantised to it
                 xs[i] = t.op(B.QUANTIZE, [xs[i]], t.temp(node, f"input{i}_requantized", t.b.shape(xs[i]), grid))
+    out = (lambda: t.output(node)) if canonical else (lambda: declare(t, node, stored_shape(shape, order), order))
+    _concatenation(t, node, xs, out, order[concat_axis(node)])  # a map's channels in NHWC: axis 3
+
+
+def _concat_order(t: Translator, node: Node) -> tuple[int, ...]:
+    """The order to join ``node``'s inputs in: the one they are all stored in, else the canonical layout."""
+    rank = len(t.graph.shapes[node.output])
+    orders = {t.order.get(name, canonical_order(rank)) for name in node.inputs}
+    return orders.pop() if len(orders) == 1 else canonical_order(rank)
+
+
+def _concatenation(t: Translator, node: Node, xs: list[str], out: Callable[[], str], axis: int) -> None:
+    """CONCATENATION along stored ``axis`` into ``out()`` (declared last); more than CONCAT_MAX_INPUTS inputs (SSD's
+    six heads), which XNNPACK refuses in one, as a chain of CONCATENATIONs of at most that many (int8: the pieces
+    on the output's grid, codes moved)."""
     options = fb.ConcatenationOptionsT()
-    options.axis = 3  # NHWC channels
-    t.op(B.CONCATENATION, xs, t.output(node), options, O.ConcatenationOptions)
+    options.axis = axis
+    step = 0
+    while len(xs) > CONCAT_MAX_INPUTS:  # the first inputs joined into one, until few enough remain
+        group = xs[:CONCAT_MAX_INPUTS]
+        shape = list(t.b.shape(group[0]))
+        shape[axis] = sum(t.b.shape(x)[axis] for x in group)
+        quant = t.tq(node.output) if t.is_int8(node) else None
+        piece = t.temp(node, f"joined{step}", tuple(shape), quant)
+        joined = t.op(B.CONCATENATION, group, piece, options, O.ConcatenationOptions)
+        xs, step = [joined, *xs[CONCAT_MAX_INPUTS:]], step + 1
+    t.op(B.CONCATENATION, xs, out(), options, O.ConcatenationOptions)
 
 
 def _pool_options(attrs: PoolAttrs, padding: int) -> Any:

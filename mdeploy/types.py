@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 from enum import Enum
 
@@ -15,10 +16,19 @@ INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
 
-def output_names(count: int) -> tuple[str, ...]:
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def output_names(count: int, keys: Sequence[str] = ()) -> tuple[str, ...]:
     """An artifact's output names, in the model's order: a single output keeps the classifier's name (so today's
-    artifacts stay byte for byte the same), several are ``output_0``, ``output_1``, ..."""
-    return (OUTPUT_NAME,) if count == 1 else tuple(f"output_{i}" for i in range(count))
+    artifacts stay byte for byte the same); several take the keys of the dict forward() returns (``out``, ``aux``;
+    ``bbox_regression``, ``cls_logits``) when those are plain identifiers every runtime accepts as a tensor name,
+    else they are ``output_0``, ``output_1``, ..."""
+    if count == 1:
+        return (OUTPUT_NAME,)
+    usable = (len(keys) == count and len(set(keys)) == count and INPUT_NAME not in keys
+              and all(_NAME.fullmatch(key) for key in keys))
+    return tuple(keys) if usable else tuple(f"output_{i}" for i in range(count))
 
 
 def outputs_entry(described: list[dict[str, Any]]) -> dict[str, Any]:

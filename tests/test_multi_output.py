@@ -199,3 +199,41 @@ def test_labels_name_the_one_class_score_output(tmp_path: Path) -> None:
     assert str(caught.value) == ("--labels labels.txt names the classes of one class-score output (N, K), but "
                                  "maps.pt2 has 0 among its 2 outputs: leave out --labels")
     assert class_count(graph_from_torch(TwoMaps(), SHAPE), None, "maps.pt2") == 0
+
+
+class DictHeads(nn.Module):
+    """A forward() returning a dict, as torchvision's segmenters ({"out", "aux"}) and SSD heads do."""
+
+    def __init__(self, keys: tuple[str, str]) -> None:
+        super().__init__()
+        self.keys = keys
+        self.heads = Heads(2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits, boxes = self.heads(x)
+        return {self.keys[0]: boxes, self.keys[1]: logits}  # not the alphabetical order
+
+
+@pytest.mark.parametrize(("keys", "names"), [(("out", "aux"), ("out", "aux")),
+                                             (("boxes 1", "scores"), ("output_0", "output_1")),
+                                             (("input", "scores"), ("output_0", "output_1"))],
+                         ids=["identifiers", "not-an-identifier", "the-input-name"])
+@pytest.mark.parametrize("saved", ["module", "torchscript"])
+def test_a_dict_of_outputs_keeps_its_order_and_names(keys: tuple[str, str], names: tuple[str, str], saved: str,
+                                                    tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = DictHeads(keys).eval()
+    randomize_batch_norm(model.heads)
+    if saved == "torchscript":
+        model = torch.jit.trace(model, torch.zeros(SHAPE), strict=False)
+    graph = graph_from_torch(model, SHAPE)
+    assert tuple(graph.artifact_names.values()) == names
+    x = inputs()
+    expected = torch_outputs(model)(x)
+    assert [e.shape for e in expected] == [(4, 4, 8, 8), (4, 5)]  # the dict's order
+    path = tmp_path / "dict.fp32.onnx"
+    REGISTRY[Target.onnx].export(graph, None, path, INFO)
+    outputs = REGISTRY[Target.onnx].outputs_runner(path)(x)
+    assert tuple(outputs) == names
+    for want, got in zip(expected, outputs.values(), strict=True):
+        assert np.abs(want - got).max() <= 1e-4

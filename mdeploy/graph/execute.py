@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs
 from mdeploy.graph.ir import GeluAttrs, LeakyReluAttrs, PoolAttrs, ReshapeAttrs, ShuffleAttrs, SliceAttrs
-from mdeploy.graph.ir import ConvTransposeAttrs, ResizeAttrs, TransposeAttrs
+from mdeploy.graph.ir import ConvTransposeAttrs, ResizeAttrs, TransposeAttrs, concat_axis, softmax_axis
 from mdeploy.graph.conv_transpose import to_torch_layout
 
 # Called with (tensor name, value) for the graph input and every node output; returns the value to propagate.
@@ -139,7 +139,7 @@ def _pad(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor])
 
 @op(Op.CONCAT)
 def _concat(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return torch.cat(xs, dim=1)
+    return torch.cat(xs, dim=concat_axis(node))
 
 
 @op(Op.MAX_POOL, Op.AVG_POOL)
@@ -166,7 +166,7 @@ def _slice(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor
 
 @op(Op.SOFTMAX)
 def _softmax(node: Node, xs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return torch.softmax(xs[0], dim=-1)
+    return torch.softmax(xs[0], dim=softmax_axis(node, xs[0].dim()))
 
 
 @op(Op.RESHAPE)
@@ -212,12 +212,15 @@ def node_params(node: Node) -> dict[str, torch.Tensor]:
 
 
 class GraphRunner:
-    """Runs a graph on float32 batches. Parameters are converted to tensors once; ``params`` may be overridden
-    per node (the quantiser swaps in rounded weights) and ``hook`` sees every tensor as it is produced."""
+    """Runs a graph on float32 batches (``dtype=torch.float64``: float64, to tell float32 rounding from a wrong
+    translation). Parameters are converted to tensors once; ``params`` may be overridden per node (the quantiser
+    swaps in rounded weights) and ``hook`` sees every tensor as it is produced."""
 
-    def __init__(self, graph: Graph) -> None:
-        self.graph = graph
-        self.params: dict[str, dict[str, torch.Tensor]] = {n.name: node_params(n) for n in graph.nodes}
+    def __init__(self, graph: Graph, dtype: torch.dtype = torch.float32) -> None:
+        self.graph, self.dtype = graph, dtype
+        self.params: dict[str, dict[str, torch.Tensor]] = {
+            n.name: {key: value.to(dtype) if value.is_floating_point() else value
+                     for key, value in node_params(n).items()} for n in graph.nodes}
 
     @torch.no_grad()
     def run(
@@ -227,7 +230,7 @@ class GraphRunner:
         keep = set(self.graph.outputs) | (keep or set())
         last_use = {name: i for i, node in enumerate(self.graph.nodes) for name in node.inputs}
         values: dict[str, torch.Tensor] = {}
-        x = torch.as_tensor(x, dtype=torch.float32)
+        x = torch.as_tensor(x, dtype=self.dtype)
         values[self.graph.input_name] = hook(self.graph.input_name, x) if hook else x
         for i, node in enumerate(self.graph.nodes):
             y = OPS[node.op](node, [values[name] for name in node.inputs], self.params[node.name])

@@ -16,7 +16,7 @@ import torch
 from torch import fx
 
 from mdeploy.errors import BadInputError, ConversionError, MdeployError, UnsupportedOpError, first_line
-from mdeploy.graph.ir import WEIGHTED_OPS, Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
+from mdeploy.graph.ir import WEIGHTED_OPS, Activation, AxisAttrs, ClipAttrs, ConvAttrs, Graph, Node, Op, PadAttrs
 from mdeploy.graph.programs import BatchedProgram, torchscript_program, traceable, unwrap_module
 from mdeploy.graph.rewrite import simplify
 from mdeploy.graph.from_torch_attention import ATTENTION_HANDLERS
@@ -301,10 +301,12 @@ def _pad(b: _Builder, n: fx.Node) -> None:
 @handles("softmax", "_softmax")
 def _softmax(b: _Builder, n: fx.Node) -> None:
     x_name = b.tensor(n.args[0])
-    if int(n.args[1]) % len(b.shapes[x_name]) != len(b.shapes[x_name]) - 1:
-        raise UnsupportedOpError(f"softmax over dim {n.args[1]} at {_source(n)}: only over the last dimension "
-                                 "(of a tensor of any rank)")
-    b.emit(n, Op.SOFTMAX, [x_name])
+    rank = len(b.shapes[x_name])
+    axis = int(n.args[1]) % rank
+    if axis == 0:
+        raise UnsupportedOpError(f"softmax over the batch axis (dim {n.args[1]}) at {_source(n)}: only over "
+                                 "another axis")
+    b.emit(n, Op.SOFTMAX, [x_name], attrs=None if axis == rank - 1 else AxisAttrs(axis))
 
 
 @handles("dropout", "dropout_", "clone", "contiguous", "alias", "detach", "_to_copy", "to", "identity", "lift_fresh_copy")
@@ -382,7 +384,7 @@ def graph_from_torch(module: torch.nn.Module, input_shape: tuple[int, ...]) -> G
             ) from None
     shapes = {k: (input_shape[0], *v[1:]) if v and v[0] == batch else v for k, v in builder.shapes.items()}
     nodes, outputs = simplify(builder.nodes, outputs)  # written-out activations; constant affines folded
-    graph = Graph(nodes, INPUT_NAME, tuple(input_shape), outputs, shapes)
+    graph = Graph(nodes, INPUT_NAME, tuple(input_shape), outputs, shapes, _output_keys(program.call_spec.out_spec))
     _check_graph(graph)
     return graph
 
@@ -404,6 +406,15 @@ def _outputs(b: _Builder, returned: Any) -> tuple[str, ...]:
         raise UnsupportedOpError("the model returns the same tensor more than once: return it once and reuse it "
                                  "in the app")
     return tuple(names)
+
+
+def _output_keys(spec: Any) -> tuple[str, ...]:
+    """The keys of a dict of tensors forward() returns (torch.export flattens it in key order), else ()."""
+    if spec is None or not issubclass(spec.type or object, dict):
+        return ()
+    if not all(child.is_leaf() for child in spec.children()):
+        return ()
+    return tuple(str(key) for key in spec.context)
 
 
 def _check_finite(name: str, value: torch.Tensor) -> None:

@@ -1,7 +1,7 @@
-"""Tracer handlers for the ops that move channels and windows around: ``torch.cat`` (CONCAT), max/average pooling
-with any kernel, stride, padding and ``ceil_mode`` (MAX_POOL, AVG_POOL; adaptive pooling that reduces to a fixed
-window), channel shuffles (CHANNEL_SHUFFLE) and channel ranges from ``split``/``chunk``/``x[:, a:b]``/``narrow``
-(SLICE). ``from_torch`` merges ``STRUCTURE_HANDLERS`` into its handler table and calls ``rewrite_structure`` on the
+"""Tracer handlers for the ops that move channels and windows around: ``torch.cat`` along any axis but the batch
+(CONCAT), max/average pooling with any kernel, stride, padding and ``ceil_mode`` (MAX_POOL, AVG_POOL; adaptive
+pooling that reduces to a fixed window), channel shuffles (CHANNEL_SHUFFLE) and channel ranges from
+``split``/``chunk``/``x[:, a:b]``/``narrow`` (SLICE). ``from_torch`` merges ``STRUCTURE_HANDLERS`` into its handler table and calls ``rewrite_structure`` on the
 exported graph first, which turns multi-node forms into single ATen calls these handlers read:
 
 - ShuffleNet's ``x.view(n, g, c // g, h, w).transpose(1, 2).contiguous().view(n, c, h, w)`` becomes
@@ -21,7 +21,7 @@ from torch import fx
 
 from mdeploy.errors import UnsupportedOpError
 from mdeploy.graph.fx_nodes import op_name, pair, source
-from mdeploy.graph.ir import Node, Op, PoolAttrs, ShuffleAttrs, SliceAttrs
+from mdeploy.graph.ir import AxisAttrs, Node, Op, PoolAttrs, ShuffleAttrs, SliceAttrs
 from mdeploy.graph.pooling import adaptive_window
 
 aten = torch.ops.aten
@@ -75,8 +75,16 @@ def _cat(b: Builder, n: fx.Node) -> None:
     if len(tensors) == 1:
         b.bind(n, tensors[0])
         return
-    _channel_dim(b, n, tensors[0], dim, "torch.cat")
-    b.emit(n, Op.CONCAT, tensors)
+    ranks = {len(b.shapes[t]) for t in tensors}
+    rank = ranks.pop()
+    if ranks or rank < 2:
+        raise UnsupportedOpError(f"torch.cat of tensors of ranks {sorted({len(b.shapes[t]) for t in tensors})} at "
+                                 f"{_where(n)}: only tensors of one rank (2 or more) with a batch axis")
+    axis = int(dim) % rank  # type: ignore[call-overload]
+    if axis == 0:
+        raise UnsupportedOpError(f"torch.cat along the batch axis (dim {dim}) at {_where(n)}: mdeploy's targets run "
+                                 "one batch of images; join along another axis")
+    b.emit(n, Op.CONCAT, tensors, attrs=None if axis == 1 else AxisAttrs(axis))
 
 
 # -- pooling -------------------------------------------------------------------------------------------------

@@ -33,8 +33,8 @@ class Op(str, Enum):
     GLOBAL_AVG_POOL = "global_avg_pool"  # (N,C,H,W) -> (N,C,1,1)
     FLATTEN = "flatten"  # (N,C,H,W) -> (N, C*H*W) in PyTorch's element order
     PAD = "pad"  # zero padding; attrs: PadAttrs
-    SOFTMAX = "softmax"  # over the last axis, any rank
-    CONCAT = "concat"  # inputs joined along the channel axis (dim 1), in order
+    SOFTMAX = "softmax"  # attrs: AxisAttrs (None: the last axis); any rank
+    CONCAT = "concat"  # attrs: AxisAttrs (None: the channel axis, dim 1); inputs of one rank joined in order
     MAX_POOL = "max_pool"  # attrs: PoolAttrs (padding never wins: it is -inf)
     AVG_POOL = "avg_pool"  # attrs: PoolAttrs (PyTorch's divisor: count_include_pad, ceil_mode, divisor_override)
     CHANNEL_SHUFFLE = "channel_shuffle"  # attrs: ShuffleAttrs; (N, g*k, H, W): out channel i*g + j = in j*k + i
@@ -144,6 +144,24 @@ class SliceAttrs:
 
 
 @dataclass(frozen=True)
+class AxisAttrs:
+    """The axis CONCAT joins along or SOFTMAX normalises over, as a PyTorch dim >= 0; the tracer writes it only where
+    it is not the op's default (CONCAT: 1, the channels; SOFTMAX: the last axis), so ``attrs`` None is that."""
+
+    axis: int
+
+
+def concat_axis(node: Node) -> int:
+    """The PyTorch axis a CONCAT joins along."""
+    return node.attrs.axis if isinstance(node.attrs, AxisAttrs) else 1
+
+
+def softmax_axis(node: Node, rank: int) -> int:
+    """The PyTorch axis a SOFTMAX of a rank-``rank`` tensor normalises over."""
+    return node.attrs.axis if isinstance(node.attrs, AxisAttrs) else rank - 1
+
+
+@dataclass(frozen=True)
 class ReshapeAttrs:
     shape: tuple[int, ...]  # the output's shape at batch 1 (its first axis is the batch: 1)
 
@@ -183,7 +201,7 @@ class Node:
     inputs: list[str]
     output: str
     attrs: (ConvAttrs | ClipAttrs | PadAttrs | PoolAttrs | ShuffleAttrs | SliceAttrs | LeakyReluAttrs | GeluAttrs
-            | ReshapeAttrs | TransposeAttrs | ResizeAttrs | ConvTransposeAttrs | None) = None
+            | ReshapeAttrs | TransposeAttrs | ResizeAttrs | ConvTransposeAttrs | AxisAttrs | None) = None
     params: dict[str, np.ndarray] = field(default_factory=dict)
     activation: Activation = Activation.NONE
     source: str = ""  # where it came from in the user's model (module path), for error messages and reports
@@ -214,6 +232,7 @@ class Graph:
     input_shape: tuple[int, ...]  # (1, C, H, W), PyTorch layout
     outputs: tuple[str, ...]  # the model's outputs in the order its forward() returns them (any number, any rank)
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every tensor's shape at batch 1
+    output_keys: tuple[str, ...] = ()  # the keys of the dict forward() returns, in its order (else empty)
 
     def single_output(self, stage: str, source: str = "the model") -> str:
         """The only output, for a stage that still handles one (classifier parity, labels, the manifest's output
@@ -223,7 +242,7 @@ class Graph:
     @property
     def artifact_names(self) -> dict[str, str]:
         """IR output tensor -> the artifact's name for it (``mdeploy.types.output_names``), in output order."""
-        return dict(zip(self.outputs, output_names(len(self.outputs)), strict=True))
+        return dict(zip(self.outputs, output_names(len(self.outputs), self.output_keys), strict=True))
 
     def producer(self, tensor: str) -> Node | None:
         return next((n for n in self.nodes if n.output == tensor), None)
