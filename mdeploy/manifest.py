@@ -20,7 +20,7 @@ from mdeploy.errors import BadInputError
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_FILE = "manifest.schema.json"
-MANIFEST_VERSION = "1.3"  # manifest.schema.json's version; bump both together
+MANIFEST_VERSION = "1.4"  # manifest.schema.json's version; bump both together
 
 R = TypeVar("R", bound="Record")
 
@@ -235,6 +235,17 @@ class ParityMetricsRecord(Record):
 
 
 @dataclass(frozen=True)
+class DetectionParityRecord(Record):
+    """A detector's outputs decoded with its anchors, against PyTorch's (1.4, ``convert --detector``)."""
+
+    top_k: int
+    topk_agreement: Metric  # of PyTorch's top-k (anchor, class) pairs by score, the mean fraction in the artifact's
+    box_error_px_mean: Metric  # max |corner difference| of the decoded boxes of those pairs' anchors, input pixels
+    box_error_px_max: Metric
+    score_max_abs_error: Metric  # after the score function, on those pairs
+
+
+@dataclass(frozen=True)
 class OutputParityRecord(Record):
     """One output's parity, in a model of several (1.3)."""
 
@@ -255,6 +266,7 @@ class ParityRecord(Record):
     failures: list[str]
     threshold_notes: dict[str, str] | None = optional()  # how a limit was derived, keyed like thresholds (1.2)
     outputs: list[OutputParityRecord] | None = optional()  # per output, when the model has several (1.3)
+    detection: DetectionParityRecord | None = optional()  # a detector's decoded boxes and scores (1.4)
 
 
 @dataclass(frozen=True)
@@ -332,6 +344,41 @@ class Golden(Record):
 
 
 @dataclass(frozen=True)
+class PostprocessRecord(Record):
+    """The fp32 TFLite with TFLite_Detection_PostProcess appended (1.4, a spec's ``[postprocess] tflite = true``)."""
+
+    file: str
+    op: str
+    outputs: list[str]  # boxes (1, D, 4) ymin, xmin, ymax, xmax normalised; classes; scores; count
+    object_detector_metadata: bool  # TFLite Support metadata as the Task Library's ObjectDetector needs it
+    max_detections: int
+    score_threshold: float
+    iou_threshold: float
+    nms: str
+    check: dict[str, Any]  # its detections against NumPy decoding + NMS of the fp32 TFLite's raw outputs
+
+
+@dataclass(frozen=True)
+class DetectionRecord(Record):
+    """What ``convert --detector`` said about the detector's outputs, and how an app decodes them (1.4)."""
+
+    boxes_output: str  # box regression (N, A, 4)
+    scores_output: str  # class logits (N, A, K)
+    anchors_file: str  # (A, 4) float32 .npy in the bundle
+    anchors: int
+    anchor_format: str
+    box_order: list[str]  # the regression's four numbers per anchor, e.g. ["dx", "dy", "dw", "dh"]
+    box_scales: list[float]  # the box coder's scales, in box_order
+    score_function: str  # "softmax" or "sigmoid"
+    background_class: int | None
+    classes: int  # K, background included
+    decoding: str  # the formula, in words
+    top_k: int  # k of the parity metrics
+    limits: dict[str, dict[str, float]]  # per precision; empty: reported only
+    postprocess: PostprocessRecord | None = optional()
+
+
+@dataclass(frozen=True)
 class Bundle(Record):
     readmes: list[str]
     files: list[str]
@@ -361,6 +408,7 @@ class Manifest(Record):
     bundle: Bundle | None = optional()  # None only while the bundle is being written (and in folders from before)
     # Every output in the model's order (1.3); ``output`` is the first of them, as in manifests before 1.3.
     outputs: list[OutputSpec] | None = optional()
+    detection: DetectionRecord | None = optional()  # convert --detector (1.4)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"

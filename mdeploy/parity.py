@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 
 from mdeploy.types import Precision, Runner
 from mdeploy.errors import BadInputError
@@ -123,6 +125,7 @@ class ParityResult:
     threshold_notes: dict[str, str] = field(default_factory=dict)  # how a limit was derived, keyed like thresholds
     output: str | None = None  # the artifact's output this result is about, when the model has several
     outputs: tuple[ParityResult, ...] = ()  # per output, in the model's order, when it has several
+    detection: Any = None  # mdeploy.detection.DetectionMetrics of a detector's outputs (convert --detector)
 
     @property
     def passed(self) -> bool:
@@ -138,6 +141,7 @@ class ParityResult:
             "failures": list(self.failures),
             **({"threshold_notes": dict(self.threshold_notes)} if self.threshold_notes else {}),
             **({"outputs": [result.to_dict() for result in self.outputs]} if self.outputs else {}),
+            **({"detection": self.detection.to_dict()} if self.detection is not None else {}),
         }
 
 
@@ -183,13 +187,14 @@ def torch_runner(module: torch.nn.Module, source: str = "the model") -> Runner:
 
 
 def torch_outputs(module: torch.nn.Module) -> Callable[[np.ndarray], tuple[np.ndarray, ...]]:
-    """Every output of the PyTorch model (a forward() may return a tuple or list of tensors), in its order."""
+    """Every output of the PyTorch model (a forward() may return a tuple, list or dict of tensors), in the order
+    torch.export flattens them (a dict's in key order), as the artifacts have them."""
 
     @torch.no_grad()
     def run(batch: np.ndarray) -> tuple[np.ndarray, ...]:
         returned = module(torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)))
-        returned = tuple(returned) if isinstance(returned, (tuple, list)) else (returned,)
-        return tuple(value.float().numpy() for value in returned)
+        return tuple(value.float().numpy() for value in pytree.tree_leaves(returned)
+                     if isinstance(value, torch.Tensor))
 
     return run
 
@@ -261,19 +266,27 @@ class Float32Noise:
         return self.measured[index] if self.measured is not None else None
 
     @functools.cached_property
-    def measured(self) -> tuple[float | None, ...] | None:
+    def exact(self) -> tuple[np.ndarray, ...] | None:
+        """Every output computed in float64 (None when the model does not run in float64)."""
         try:
-            double = copy.deepcopy(self.module).double()
+            with warnings.catch_warnings():  # deep-copying an ExportedProgram's module warns about pytree specs
+                warnings.simplefilter("ignore")
+                double = copy.deepcopy(self.module).double()
             batches = []
             with torch.no_grad():
                 for start in range(0, len(self.inputs), BATCH):
                     returned = double(torch.from_numpy(self.inputs[start:start + BATCH]).double())
-                    returned = tuple(returned) if isinstance(returned, (tuple, list)) else (returned,)
-                    batches.append([value.numpy() for value in returned])
-            exact = [np.concatenate(parts) for parts in zip(*batches, strict=True)]
+                    batches.append([value.numpy() for value in pytree.tree_leaves(returned)
+                                    if isinstance(value, torch.Tensor)])  # a tuple, list or dict, as torch_outputs
+            exact = tuple(np.concatenate(parts) for parts in zip(*batches, strict=True))
         except Exception:  # noqa: BLE001 - any model that cannot run in float64 keeps the plain limit
             return None
-        if len(exact) != len(self.references):
+        return exact if len(exact) == len(self.references) else None
+
+    @functools.cached_property
+    def measured(self) -> tuple[float | None, ...] | None:
+        exact = self.exact
+        if exact is None:
             return None
         return tuple(float(np.abs(want.astype(np.float64) - got).max())
                      if got.shape == want.shape and np.all(np.isfinite(got)) else None

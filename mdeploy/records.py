@@ -14,6 +14,7 @@ from mdeploy.bundle.golden import GoldenOutput
 from mdeploy.calibration.config import QuantRecipe
 from mdeploy.calibration.preprocess import Preprocess
 from mdeploy.converters import REGISTRY, Converter
+from mdeploy.detection import DetectorSpec
 from mdeploy.latency import Latency
 from mdeploy.graph.ir import only_output
 from mdeploy.parity import Float32Noise, ParityResult, Thresholds
@@ -87,6 +88,7 @@ class ConvertOptions:
     keep_going: bool = False  # a target that fails to convert is recorded in the manifest; the others still ship
     # Configured converters (e.g. TfliteConverter(io="uint8")) replacing the registry's defaults for their target.
     converters: tuple[Converter, ...] = ()
+    detector: DetectorSpec | None = None  # --detector: which outputs are a detector's boxes and scores, its anchors
 
     def converter(self, target: Target) -> Converter:
         return next((c for c in self.converters if c.target == target), REGISTRY[target])

@@ -13,10 +13,11 @@ from rich.table import Table
 
 from mdeploy.converters import tool_packages
 from mdeploy.converters.base import artifact_files, artifact_size
-from mdeploy.manifest import (MANIFEST_VERSION, SCHEMA_FILE, ArtifactIO, ArtifactRecord, EvaluationInfo, Failure,
-                              Golden, InputSpec, LatencyRecord, Manifest, ModelInfo, OutputParityRecord, OutputSpec,
-                              ParityMetricsRecord, ParityRecord, PreprocessRecord, QuantizationInfo, SampleSetRecord,
-                              SkippedFile)
+from mdeploy.detection import detection_record
+from mdeploy.manifest import (MANIFEST_VERSION, SCHEMA_FILE, ArtifactIO, ArtifactRecord, DetectionParityRecord,
+                              EvaluationInfo, Failure, Golden, InputSpec, LatencyRecord, Manifest, ModelInfo,
+                              OutputParityRecord, OutputSpec, ParityMetricsRecord, ParityRecord, PreprocessRecord,
+                              QuantizationInfo, SampleSetRecord, SkippedFile)
 from mdeploy.metrics import is_class_scores
 from mdeploy.parity import ParityResult, json_numbers
 from mdeploy.paths import feed_file
@@ -26,6 +27,7 @@ from mdeploy import __version__
 
 if TYPE_CHECKING:
     from mdeploy.calibration.dataset import SampleSet
+    from mdeploy.detection import DetectorSpec
     from mdeploy.graph.ir import Graph
     from mdeploy.loading import LoadedModel
     from mdeploy.records import Artifact, ConvertOptions, Evaluation
@@ -87,14 +89,16 @@ def parity_record(parity: ParityResult) -> ParityRecord:
                                   threshold_notes=dict(result.threshold_notes) or None) for result in parity.outputs]
     return ParityRecord(passed=parity.passed, inputs=parity.inputs, metrics=metrics_record(parity),
                         thresholds=parity.thresholds.to_dict(), failures=list(parity.failures),
-                        threshold_notes=dict(parity.threshold_notes) or None, outputs=outputs or None)
+                        threshold_notes=dict(parity.threshold_notes) or None, outputs=outputs or None,
+                        detection=DetectionParityRecord(**parity.detection.to_dict()) if parity.detection else None)
 
 
-def output_specs(graph: Graph) -> list[OutputSpec]:
-    """The model's outputs as the artifacts name them, at batch 1, in order."""
+def output_specs(graph: Graph, detector: DetectorSpec | None = None) -> list[OutputSpec]:
+    """The model's outputs as the artifacts name them, at batch 1, in order (a detector's as ``detector`` says)."""
+    meanings = detector.meanings() if detector is not None else {}
     return [OutputSpec(name=name, shape=list(graph.shapes[tensor]),
-                       meaning="raw logits" if is_class_scores(graph.shapes[tensor]) else
-                       f"raw output (rank {len(graph.shapes[tensor])}, NCHW for a map)")
+                       meaning=meanings.get(name) or ("raw logits" if is_class_scores(graph.shapes[tensor]) else
+                                                      f"raw output (rank {len(graph.shapes[tensor])}, NCHW for a map)"))
             for tensor, name in graph.artifact_names.items()]
 
 
@@ -119,7 +123,7 @@ def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, gra
                    eval_set: SampleSet | None, quantized: QuantizedGraph | None,
                    seconds: dict[str, float], failures: list[Failure], golden: Golden) -> Manifest:
     config = model.config
-    outputs = output_specs(graph)
+    outputs = output_specs(graph, options.detector)
     scores = [spec for spec in outputs if spec.meaning == "raw logits"]
     classes = scores[0].shape[1] if len(scores) == 1 else 0  # 0: no single class-score output
     manifest = Manifest(
@@ -155,6 +159,8 @@ def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, gra
         seconds=seconds,  # wall time per pipeline stage
         tool_versions=tool_versions(),
         outputs=outputs,
+        detection=detection_record(options.detector, {o.name: tuple(o.shape) for o in outputs})
+        if options.detector else None,
     )
     manifest.write(stage)
     return manifest
@@ -226,6 +232,44 @@ def console_table(manifest: Manifest) -> Table:
     return table
 
 
+DETECTION_HEADERS = ["artifact", "top-k agreement", "box err mean px", "box err max px", "score max err"]
+
+
+def detection_rows(manifest: Manifest) -> list[list[str]]:
+    """One row per artifact of a detector (``convert --detector``): its boxes and scores decoded with the anchors
+    against PyTorch's (mdeploy.detection.detection_metrics)."""
+    rows = []
+    for artifact in manifest.artifacts:
+        found = artifact.parity.detection
+        if found is not None:
+            rows.append([artifact.file, percent(found.topk_agreement), fmt(found.box_error_px_mean, ".3g"),
+                         fmt(found.box_error_px_max, ".3g"), fmt(found.score_max_abs_error, ".2e")])
+    return rows
+
+
+def detection_caption(manifest: Manifest) -> str:
+    detection = manifest.detection
+    assert detection is not None
+    limits = "; ".join(f"{precision}: {', '.join(f'{k} {v:g}' for k, v in values.items())}"
+                       for precision, values in detection.limits.items())
+    return (f"PyTorch's top-{detection.top_k} (anchor, class) pairs by {detection.score_function} score; box error: "
+            f"max |corner difference| of the decoded boxes of their anchors, in input pixels; "
+            + (f"limits {limits}" if limits else "reported only (no limits set: see README, Detectors)"))
+
+
+def detection_table(manifest: Manifest) -> Table | None:
+    """The console table of :func:`detection_rows`, None when the model was not converted as a detector."""
+    if manifest.detection is None:
+        return None
+    table = Table(title=f"{manifest.model.name}: detections vs PyTorch fp32 ({manifest.detection.anchors} anchors)",
+                  caption=detection_caption(manifest), caption_justify="left")
+    for header in DETECTION_HEADERS:
+        table.add_column(header, justify="left" if header == "artifact" else "right")
+    for row in detection_rows(manifest):
+        table.add_row(*row)
+    return table
+
+
 def write_summary(stage: Path, manifest: Manifest) -> None:
     model = manifest.model
     lines = [
@@ -242,6 +286,11 @@ def write_summary(stage: Path, manifest: Manifest) -> None:
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(manifest)]
     notes = manifest_limit_notes(manifest)
     lines += ["", "Limits:", *(f"- {note}" for note in notes)] if notes else []
+    if manifest.detection is not None:
+        lines += ["", "Detections (boxes decoded with `anchors.npy`):", "",
+                  "| " + " | ".join(DETECTION_HEADERS) + " |", "|" + "---|" * len(DETECTION_HEADERS),
+                  *("| " + " | ".join(row) + " |" for row in detection_rows(manifest)), "",
+                  detection_caption(manifest) + "."]
     lines += ["", "Latency: batch 1, median of timed runs after warm-up on this machine's CPU "
               f"({platform.machine()}); not a phone measurement.", ""]
     (stage / "SUMMARY.md").write_text("\n".join(lines), encoding="utf-8")

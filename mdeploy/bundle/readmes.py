@@ -32,7 +32,47 @@ def _contract(manifest: Manifest) -> str:
                 "as the PyTorch model returns it (an artifact in NHWC gives maps as NHWC; its README says)."
                 + (f" {labels}" if manifest.labels_file else ""))
     return render_template("contract.md.tmpl", PACKAGE, channel_order=p.channel_order, resize=resize, crop=p.crop,
-                           divisor=divisor(p), mean=p.mean, std=p.std, outputs=text)
+                           divisor=divisor(p), mean=p.mean, std=p.std, outputs=text) + _detection(manifest)
+
+
+def _detection(manifest: Manifest) -> str:
+    """How to decode a detector's boxes and scores with the bundle's anchors ("" when it is no detector)."""
+    detection = manifest.detection
+    if detection is None:
+        return ""
+    shapes = {o.name: o.shape for o in manifest.outputs or [manifest.output]}
+    scales = dict(zip(detection.box_order, detection.box_scales, strict=True))
+    if detection.score_function == "softmax":
+        score_text = "softmax over the last axis of the logits"
+    else:
+        score_text = "sigmoid of each logit"
+    score_text += (f"; column {detection.background_class} is background, not a class: skip it."
+                   if detection.background_class is not None else "; every column is a class (no background).")
+    height, width = manifest.input.shape[-2:]
+    return render_template("detection.md.tmpl", PACKAGE, boxes=detection.boxes_output,
+                           boxes_shape=shapes[detection.boxes_output], scores=detection.scores_output,
+                           scores_shape=shapes[detection.scores_output], anchors_file=detection.anchors_file,
+                           anchors=detection.anchors, anchor_format=detection.anchor_format,
+                           order=", ".join(detection.box_order), sx=f"{scales['dx']:g}", sy=f"{scales['dy']:g}",
+                           sw=f"{scales['dw']:g}", sh=f"{scales['dh']:g}", width=width, height=height,
+                           score_text=score_text, top_k=detection.top_k, postprocess=_postprocess(manifest))
+
+
+def _postprocess(manifest: Manifest) -> str:
+    found = manifest.detection.postprocess if manifest.detection else None
+    if found is None:
+        return ""
+    return (f"\n\nAndroid: `{found.file}` is the fp32 TFLite model with `{found.op}` appended (decoding as above, "
+            f"{found.nms}; score >= {found.score_threshold:g}, IoU > {found.iou_threshold:g} suppressed, at most "
+            f"{found.max_detections} detections). Its outputs: `detection_boxes` `[1, {found.max_detections}, 4]` "
+            "(ymin, xmin, ymax, xmax, normalised), `detection_classes` (0-based, background excluded), "
+            "`detection_scores`, `num_detections`. "
+            + ("It carries the TFLite Support metadata the Task Library's `ObjectDetector` reads (image input with "
+               "its normalisation; `location`, `category`, `score`, `number of detections`); the Task Library "
+               "resizes the whole photo to the input instead of cropping: crop it first for the same framing."
+               if found.object_detector_metadata else
+               "It carries no TFLite Support metadata (no mean/std to state), so the Task Library cannot load it; a "
+               "plain `Interpreter` runs it.") + "\n")
 
 
 def _golden(manifest: Manifest) -> str:
@@ -55,6 +95,11 @@ def _golden(manifest: Manifest) -> str:
 
 def _files(manifest: Manifest) -> str:
     lines = [f"- `{a.file}` ({a.target} {a.precision}, sha256 `{a.sha256[:16]}…`)" for a in manifest.artifacts]
+    if (detection := manifest.detection) is not None:
+        lines.append(f"- `{detection.anchors_file}`: the detector's anchors ({detection.anchor_format})")
+        if manifest.detection.postprocess is not None:
+            lines.append(f"- `{manifest.detection.postprocess.file}`: the fp32 TFLite with "
+                         f"{manifest.detection.postprocess.op} appended")
     lines.append("- `manifest.json` (schema `manifest.schema.json`): every number above, machine-readable")
     lines.append("- `SHA256SUMS`: `sha256sum -c SHA256SUMS` checks every file")
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from mdeploy.calibration.config import QuantRecipe, RangeMethod
 from mdeploy.calibration.preprocess import Preprocess
 from mdeploy.converters import REGISTRY, Converter
 from mdeploy.converters.base import CliOption
+from mdeploy.detection import read_spec
 from mdeploy.families import help_epilog
 from mdeploy.types import Target
 from mdeploy.cli.app import app, print_error, run_guarded, stdout
@@ -27,7 +28,7 @@ from mdeploy.cli.options import (
 from mdeploy.errors import ExitCode
 from mdeploy.cli.output import dump_json
 from mdeploy.records import ConvertOptions, DataOptions, Limits, ModelSource, Provenance
-from mdeploy.reports import console_table
+from mdeploy.reports import console_table, detection_table
 from mdeploy.ui import ConsoleReporter
 
 
@@ -40,6 +41,9 @@ def convert(
     calib: Annotated[Path | None, typer.Option("--calib", help="calibration images or .npy/.npz")] = None,
     eval_dir: EvalOpt = None,
     labels: Annotated[Path | None, typer.Option("--labels", help="class names, one per line")] = None,
+    detector: Annotated[Path | None, typer.Option(
+        "--detector", help="a detector spec (TOML): which outputs are box regression and class logits, the anchors "
+        "(.npy), box coder scales, score function; adds detection parity and ships the anchors (see README)")] = None,
     input_size: InputSizeOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
@@ -94,6 +98,7 @@ def convert(
             keep_going=keep_going,
             threads=threads,
             converters=converters,
+            detector=read_spec(detector) if detector is not None else None,
         )
         return run_convert(options, ConsoleReporter(quiet=json_output))
 
@@ -102,6 +107,8 @@ def convert(
         print(dump_json(result.manifest.to_dict()))
     else:
         stdout.print(console_table(result.manifest))
+        if (detections := detection_table(result.manifest)) is not None:
+            stdout.print(detections)
         stdout.print(f"wrote {result.out}/ (manifest.json, SUMMARY.md)", highlight=False)
     for failure in result.failures:
         print_error(f"{failure.target} {failure.precision}: {failure.error}")
