@@ -19,6 +19,11 @@ op's output.
   int8 BATCH_MATMUL only when its second operand is symmetric (measured in tests/test_ops_attention.py; with any
   other zero point it leaves the op to LiteRT's builtin kernels, a partition boundary on each side). The quantiser
   gives the tensor that owns that grid (through RESHAPE/TRANSPOSE, which share it) a symmetric grid over its range;
+- ``saturates_outside``: the input range outside which the op's output no longer changes by as much as half a
+  step of its int8 grid (sigmoid: |x| > ln(511), where it is within 1/512 of 0 or 1; hard-sigmoid [-3, 3];
+  hard-swish below -3; clip at its bounds). A tensor read only by such ops needs no grid beyond that range: the
+  quantiser clips its calibrated range to it (a detector's logits reach +-170 before their sigmoid: a grid over
+  them has steps of 1.3, a grid over +-6.24 steps of 0.05);
 - ``inputs_take_output_grid``: the op's int8 kernels want every input on the output's grid (TFLite's CONCATENATION
   and XNNPACK's concatenate). The quantiser gives an input the op's grid where nothing read it earlier (its
   producer neither shares a grid nor is read before the op); any other input is requantised before the op by the
@@ -51,6 +56,8 @@ GELU_MIN = -0.1701
 
 # int8 grid of a probability, [0, 255/256]: what TFLite's int8 LOGISTIC and SOFTMAX kernels write.
 PROBABILITY_GRID = TensorQuant(1.0 / 256.0, -128)
+# sigmoid(x) is within half a probability step (1/512) of 0 or 1 for |x| > ln(511)
+SIGMOID_SATURATION = float(np.log(511.0))
 
 
 def _none(node: Node) -> Range | None:
@@ -83,6 +90,7 @@ class QuantPolicy:
     keeps_channels: bool = False
     inputs_take_output_grid: bool = False
     symmetric_inputs: tuple[int, ...] = ()
+    saturates_outside: RangeOf = _none
 
     def calibration_limit(self, node: Node) -> Range | None:
         """What the quantiser clips ``node``'s calibrated output range to (None: nothing)."""
@@ -102,11 +110,14 @@ POLICY: Mapping[Op, QuantPolicy] = MappingProxyType({
     Op.ADD: QuantPolicy(keeps_channels=True),
     Op.MUL: QuantPolicy(),
     Op.RELU: QuantPolicy(output_range=_constant(0.0, np.inf)),
-    Op.CLIP: QuantPolicy(output_range=_clip_attrs),
-    Op.HARDSWISH: QuantPolicy(output_range=_constant(-0.375, np.inf)),  # min at x = -1.5
-    Op.HARDSIGMOID: QuantPolicy(output_range=_constant(0.0, 1.0), limits_calibration=True),
+    Op.CLIP: QuantPolicy(output_range=_clip_attrs, saturates_outside=_clip_attrs),
+    Op.HARDSWISH: QuantPolicy(output_range=_constant(-0.375, np.inf),  # min at x = -1.5
+                              saturates_outside=_constant(-3.0, np.inf)),
+    Op.HARDSIGMOID: QuantPolicy(output_range=_constant(0.0, 1.0), limits_calibration=True,
+                                saturates_outside=_constant(-3.0, 3.0)),
     Op.SIGMOID: QuantPolicy(output_range=_constant(0.0, 1.0), limits_calibration=True,
-                            fixed_output=_fixed(tflite=PROBABILITY_GRID)),
+                            fixed_output=_fixed(tflite=PROBABILITY_GRID),
+                            saturates_outside=_constant(-SIGMOID_SATURATION, SIGMOID_SATURATION)),
     Op.GLOBAL_AVG_POOL: QuantPolicy(keeps_channels=True),
     Op.FLATTEN: QuantPolicy(shares_input_grid=True, keeps_channels=True),
     Op.PAD: QuantPolicy(shares_input_grid=True, keeps_channels=True),

@@ -168,6 +168,25 @@ def _grid_takers(graph: Graph) -> dict[str, str]:
     return takers
 
 
+def _saturation_limits(graph: Graph) -> dict[str, tuple[float, float]]:
+    """Tensors read only by ops that saturate outside a range (``QuantPolicy.saturates_outside``), and not outputs
+    of the model: tensor -> the widest of those ranges, which its calibrated range is clipped to."""
+    limits: dict[str, tuple[float, float]] = {}
+    for node in graph.nodes:
+        if node.output in graph.outputs:
+            continue
+        ranges = [policy_of(c.op).saturates_outside(c) for c in graph.consumers(node.output)]
+        if ranges and all(r is not None for r in ranges):
+            limits[node.output] = (min(r[0] for r in ranges), max(r[1] for r in ranges))  # type: ignore[index]
+    return limits
+
+
+def _intersect(a: tuple[float, float] | None, b: tuple[float, float] | None) -> tuple[float, float] | None:
+    if a is None or b is None:
+        return a or b
+    return max(a[0], b[0]), min(a[1], b[1])
+
+
 def _symmetric_grids(graph: Graph) -> set[str]:
     """Tensors whose grid is chosen symmetric (zero point 0): for each input an op's policy names in
     ``symmetric_inputs``, the tensor that owns its grid (followed back through ops sharing their input's grid)."""
@@ -229,6 +248,7 @@ def _calibrate(graph: Graph, calibration: np.ndarray, recipe: QuantRecipe, progr
     bias_limited: list[dict[str, object]] = []  # channels whose weight scale was raised for their int32 bias
     stream: dict[str, _Stored] = {graph.input_name: _Stored(x, tq_in if sequential else None)}
     takers = _grid_takers(graph)
+    saturation = _saturation_limits(graph)
 
     for i, node in enumerate(graph.nodes):
         params = {k: channels_last(torch.from_numpy(v)) for k, v in node.params.items()}
@@ -259,7 +279,8 @@ def _calibrate(graph: Graph, calibration: np.ndarray, recipe: QuantRecipe, progr
         if policy.shares_input_grid:
             tq = activations[node.inputs[0]]
         else:
-            tq = tensor_quant(y, recipe.range_method, limit=policy.calibration_limit(node), **range_kwargs)
+            limit = _intersect(policy.calibration_limit(node), saturation.get(node.output))
+            tq = tensor_quant(y, recipe.range_method, limit=limit, **range_kwargs)
             tq = TensorQuant.symmetric(*tq.range) if node.output in symmetric else tq
         for name in {name for name in node.inputs if takers.get(name) == node.name}:
             activations[name] = tq  # it waited in float for this grid; later readers get it on the grid
