@@ -20,12 +20,12 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("foundations", ("mdeploy.outputs", "mdeploy.manifest", "mdeploy.families", "mdeploy.paths", "mdeploy.apt", "mdeploy.model_archive",
                      "mdeploy.graph", "mdeploy.calibration", "mdeploy.zoo", "mdeploy.reporting")),
     ("numerics", ("mdeploy.quantize", "mdeploy.loading", "mdeploy.parity", "mdeploy.config", "mdeploy.baseline",
-                  "mdeploy.latency", "mdeploy.agreement")),
+                  "mdeploy.latency", "mdeploy.agreement", "mdeploy.detection")),
     ("targets", ("mdeploy.converters",)),
     ("services", ("mdeploy.bundle", "mdeploy.diagnose", "mdeploy.arm", "mdeploy.artifacts", "mdeploy.records",
                   "mdeploy.samples", "mdeploy.reports", "mdeploy.demo_assets")),
     ("commands", ("mdeploy.bench", "mdeploy.pipeline", "mdeploy.check")),
-    ("interfaces", ("mdeploy.cli", "mdeploy.demo")),
+    ("interfaces", ("mdeploy.cli", "mdeploy.demo", "mdeploy.demo_ocr")),
 ]
 # Run outside mdeploy (in the app team's Python, in the ARM guest): they import nothing of it. tflite_io is also
 # mdeploy's own, copied into the guest and (its functions) into the bundle's verifier.
