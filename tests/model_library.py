@@ -21,7 +21,8 @@ from torch import nn
 
 from mdeploy.families import FAMILIES, Family
 
-__all__ = ["FAMILIES", "Family", "build", "library_model", "SAVERS"]
+__all__ = ["FAMILIES", "HEAD_LAYOUTS", "Family", "SSDHeadOutputs", "build", "build_head_layout", "head_layout_model",
+           "library_model", "SAVERS"]
 
 _SHIM: list[Any] = []  # keeps the torch.library definitions alive
 
@@ -54,12 +55,14 @@ def build(family: Family, num_classes: int = 10) -> nn.Module:
     return getattr(torchvision.models, family.builder)(weights=None, num_classes=num_classes, **kwargs)
 
 
-def photos(folder: Path, size: int, count: int = 32) -> torch.Tensor:
-    """``count`` real photos from ``folder``, preprocessed as mdeploy does (ImageNet mean/std) at ``size``."""
+def photos(folder: Path, size: int, count: int = 32, spread: bool = False) -> torch.Tensor:
+    """``count`` real photos from ``folder``, preprocessed as mdeploy does (ImageNet mean/std) at ``size``: the
+    first in name order (crops of a few scenes), or with ``spread`` evenly spaced over all (many scenes)."""
     from mdeploy.calibration.preprocess import Preprocess, load_image
 
     preprocess = Preprocess.imagenet(size)
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:count]
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    paths = paths[::max(1, len(paths) // count)][:count] if spread else paths[:count]
     return torch.from_numpy(np.stack([preprocess(load_image(p)) for p in paths]))
 
 
@@ -93,9 +96,51 @@ def save_exported(model: nn.Module, example: torch.Tensor, path: Path) -> None:
 
 
 def save_traced(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    """As users script: ``torch.jit.trace`` then ``torch.jit.save``."""
+    """As users script: ``torch.jit.trace`` then ``torch.jit.save`` (``strict=False``, which a model returning a dict
+    needs, as torchvision's segmenters do)."""
     with torch.no_grad():
-        torch.jit.save(torch.jit.trace(model, example), path)
+        torch.jit.save(torch.jit.trace(model, example, strict=False), path)
 
 
 SAVERS: dict[str, tuple[Saver, str]] = {"pt2": (save_exported, ".pt2"), "torchscript": (save_traced, ".pt")}
+
+
+# -- issue 15: torchvision's detection and segmentation layouts on a MobileNetV3-Large backbone ------------------------
+class SSDHeadOutputs(nn.Module):
+    """SSDLite without its box decoding and NMS, as users export it for phones: the backbone's feature maps through
+    the head, returning the head's own dict (``bbox_regression`` (N, anchors, 4), ``cls_logits`` (N, anchors, K))."""
+
+    def __init__(self, ssd: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = ssd.backbone, ssd.head
+        # no parameters, unused by forward(): mdeploy.detection.anchors_from_torchvision(this, size) reads it
+        self.anchor_generator = ssd.anchor_generator
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.head(list(self.backbone(x).values()))
+
+
+HEAD_LAYOUTS = ("ssdlite320_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")
+
+
+def build_head_layout(name: str) -> nn.Module:
+    """torchvision's own ``name`` (one of HEAD_LAYOUTS), random weights, no backbone weights: SSDLite with 91 classes
+    as raw head outputs; the segmenters with 21 classes, returning their ``{"out": (N, 21, H, W)}`` dict."""
+    install_torchvision_shim()
+    from torchvision.models import detection, segmentation
+
+    if name == "ssdlite320_mobilenet_v3_large":
+        return SSDHeadOutputs(detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None,
+                                                                      num_classes=91))
+    if name == "deeplabv3_mobilenet_v3_large":
+        return segmentation.deeplabv3_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21,
+                                                         aux_loss=False)
+    if name == "lraspp_mobilenet_v3_large":
+        return segmentation.lraspp_mobilenet_v3_large(weights=None, weights_backbone=None, num_classes=21)
+    raise ValueError(f"unknown layout {name!r}; known: {', '.join(HEAD_LAYOUTS)}")
+
+
+def head_layout_model(name: str, calib_dir: Path, size: int) -> nn.Module:
+    """``build_head_layout(name)`` seeded, with BatchNorm statistics from the photos in ``calib_dir`` at ``size``."""
+    torch.manual_seed(0)
+    return with_photo_statistics(build_head_layout(name), photos(calib_dir, size))
