@@ -4,12 +4,16 @@
 Prints per artifact: SNR and max |error| of the probability map, the agreement of the map thresholded at 0.3 (as
 PaddleOCR's DB post-processing does), and TFLite fp32 vs int8 latency on XNNPACK timed in interleaved rounds.
 
-    .venv/bin/python bench/ppocr_det.py [--size 320] [--calib-count 64] [--eval-count 48] [--keep DIR]
+    .venv/bin/python bench/ppocr_det.py [--size 320] [--calib-count 64] [--eval-count 48] [--target-snr DB]
+        [--keep DIR]
+
+``--target-snr``: mixed precision (``mdeploy convert --target-snr``), the fewest layers kept in float to reach it.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -24,12 +28,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 os.environ.setdefault("XDG_CACHE_HOME", str(ROOT / ".cache" / "library-home" / "cache"))
 
 from families import cpu_line  # noqa: E402
+from mdeploy.calibration.config import QuantRecipe  # noqa: E402
 from mdeploy.calibration.preprocess import ChannelOrder, Preprocess  # noqa: E402
 from mdeploy.converters import REGISTRY  # noqa: E402
 from mdeploy.demo_assets import prepare_demo_assets  # noqa: E402
 from mdeploy.parity import run_batches_outputs  # noqa: E402
 from mdeploy.pipeline import convert  # noqa: E402
 from mdeploy.records import ConvertOptions, DataOptions, ModelSource  # noqa: E402
+from mdeploy.reports import mixed_precision_summary  # noqa: E402
 from mdeploy.types import Precision, Target  # noqa: E402
 from mdeploy.zoo.ppocr_det import DET_THRESH  # noqa: E402
 from mdeploy.zoo.ppocr_weights import load_ppocr_det, ppocr_det_onnx  # noqa: E402
@@ -52,6 +58,7 @@ def main() -> None:
     parser.add_argument("--calib-count", type=int, default=64)
     parser.add_argument("--eval-count", type=int, default=48)
     parser.add_argument("--runs", type=int, default=60, help="timed invoke() runs per TFLite model")
+    parser.add_argument("--target-snr", type=float, default=None, help="mixed precision target, dB (default: none)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the renders, the .pt2 and the output here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -71,13 +78,16 @@ def main() -> None:
             data=DataOptions(calib=work / "calib", eval=work / "eval", calib_size=args.calib_count,
                              eval_size=args.eval_count),
             preprocess=Preprocess(resize=None, crop=args.size, **PREPROCESS), overwrite=True, overwrite_any=True,
-            latency_runs=0)
+            latency_runs=0, recipe=dataclasses.replace(QuantRecipe.default(), target_snr_db=args.target_snr))
         start = time.perf_counter()
         result = convert(options)
         seconds = time.perf_counter() - start
         reference = result.evaluation.references[0]
         print(f"\n{args.size}x{args.size} px, {args.calib_count} calibration renders, {args.eval_count} held-out "
               f"renders; conversion (6 artifacts with parity) {seconds:.0f} s\n")
+        mixed = result.manifest.quantization.mixed_precision if result.manifest.quantization else None
+        if mixed is not None:
+            print(f"{mixed_precision_summary(mixed)}\n")
         print(f"| artifact | runtime | SNR dB | max abs err | map > {DET_THRESH} agreement | parity (default limits) |")
         print("|---|---|---|---|---|---|")
         for artifact in result.artifacts:

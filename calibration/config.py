@@ -56,6 +56,9 @@ class QuantRecipe:
     # than this (e.g. the classifier on a few hundred images) are rounded to nearest instead.
     min_rows_per_column: float = 8.0
     float_nodes: tuple[str, ...] = ()  # IR node names kept in float (mixed precision)
+    # Mixed precision by a target: keep the fewest layers in float so that the int8 model's SNR on the calibration
+    # samples reaches this (``mdeploy.quantize.mixed``); None: full int8.
+    target_snr_db: float | None = None
     max_samples: int = 0  # use at most this many calibration samples (0: all)
     seed: int = 0
 

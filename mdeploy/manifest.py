@@ -20,7 +20,7 @@ from mdeploy.errors import BadInputError
 
 MANIFEST_FILE = "manifest.json"
 SCHEMA_FILE = "manifest.schema.json"
-MANIFEST_VERSION = "1.4"  # manifest.schema.json's version; bump both together
+MANIFEST_VERSION = "1.5"  # manifest.schema.json's version; bump both together
 
 R = TypeVar("R", bound="Record")
 
@@ -199,11 +199,36 @@ class SampleSetRecord(Record):
 
 
 @dataclass(frozen=True)
+class FloatLayerRecord(Record):
+    """One tensor grid the mixed-precision search removed: the layers around it compute in float (1.5)."""
+
+    tensor: str
+    source: str  # the user's module that makes the tensor
+    nodes: list[str]  # the IR layers this choice moved to float
+    noise_share: float  # of the full-int8 model's estimated output noise, the part this choice removed
+
+
+@dataclass(frozen=True)
+class MixedPrecisionRecord(Record):
+    """``convert --target-snr`` (1.5): the layers kept in float to reach the target, and the SNR measured on the
+    calibration samples before and after (fake-quantised simulation)."""
+
+    target_snr_db: float
+    samples: int
+    int8_snr_db: Metric
+    snr_db: Metric
+    reached: bool
+    float_macs_share: float
+    layers: list[FloatLayerRecord]
+
+
+@dataclass(frozen=True)
 class QuantizationInfo(Record):
     recipe: dict[str, Any]
     float_nodes: list[str]
     calibration_set: SampleSetRecord | None
     channel_scales_file: str | None
+    mixed_precision: MixedPrecisionRecord | None = optional()  # convert --target-snr (1.5)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from mdeploy.loading import LoadedModel, load_model
 from mdeploy.outputs import OutputRules, check_output_path, staged_output
 from mdeploy.metrics import is_class_scores
 from mdeploy.parity import Float32Noise, judge_outputs, run_batches_outputs, torch_outputs
+from mdeploy.quantize.mixed import mixed_precision_line, quantize_to_target
 from mdeploy.quantize.params import QuantizedGraph
 from mdeploy.quantize.ptq import quantize
 from mdeploy.records import Artifact, ConvertOptions, Evaluation
@@ -298,8 +299,14 @@ def convert(options: ConvertOptions, reporter: Reporter | None = None) -> Conver
     quantized = None
     if calib is not None:
         with clock.stage("quantize"), reporter.track("int8 calibration", len(graph.nodes)) as advance:
-            quantized = quantize(graph, calib.to_array(), options.recipe,
-                                 progress=lambda done, total, node: advance(1))
+            if options.recipe.target_snr_db is None:
+                quantized = quantize(graph, calib.to_array(), options.recipe,
+                                     progress=lambda done, total, node: advance(1))
+            else:  # a quarter of the samples held back to judge which layers to keep in float
+                quantized = quantize_to_target(graph, calib.to_array(), options.recipe,
+                                               lambda done, total, node: advance(1), reporter.step)
+        if quantized.mixed_precision is not None:
+            reporter.step(mixed_precision_line(quantized.mixed_precision))
         reporter.step(f"int8 parameters chosen in {clock.seconds['quantize']:.1f} s")
     info = ArtifactInfo(model.name, options.preprocess.to_dict(), labels, __version__, options.provenance.entries())
     failures: list[Failure] = []

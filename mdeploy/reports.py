@@ -15,11 +15,11 @@ from mdeploy.converters import tool_packages
 from mdeploy.converters.base import artifact_files, artifact_size
 from mdeploy.detection import detection_record
 from mdeploy.manifest import (MANIFEST_VERSION, SCHEMA_FILE, ArtifactIO, ArtifactRecord, DetectionParityRecord,
-                              EvaluationInfo, Failure, Golden, InputSpec, LatencyRecord, Manifest, ModelInfo,
-                              OutputParityRecord, OutputSpec, ParityMetricsRecord, ParityRecord, PreprocessRecord,
-                              QuantizationInfo, SampleSetRecord, SkippedFile)
+                              EvaluationInfo, Failure, FloatLayerRecord, Golden, InputSpec, LatencyRecord, Manifest,
+                              MixedPrecisionRecord, ModelInfo, OutputParityRecord, OutputSpec, ParityMetricsRecord,
+                              ParityRecord, PreprocessRecord, QuantizationInfo, SampleSetRecord, SkippedFile)
 from mdeploy.metrics import is_class_scores
-from mdeploy.parity import ParityResult, json_numbers
+from mdeploy.parity import ParityResult, json_number, json_numbers
 from mdeploy.paths import feed_file
 from mdeploy.reporting.common import limit_notes
 from mdeploy.types import INPUT_NAME
@@ -149,6 +149,7 @@ def write_manifest(stage: Path, options: ConvertOptions, model: LoadedModel, gra
             float_nodes=sorted(quantized.float_nodes),
             calibration_set=sample_set_record(calib),
             channel_scales_file="int8_channel_scales.npz" if quantized.channel_scales else None,
+            mixed_precision=mixed_precision_record(quantized.mixed_precision),
         ) if quantized is not None else None,
         evaluation=EvaluationInfo(inputs=evaluation.description, set=sample_set_record(eval_set)),
         artifacts=[artifact_record(stage, artifact) for artifact in artifacts],
@@ -270,6 +271,34 @@ def detection_table(manifest: Manifest) -> Table | None:
     return table
 
 
+MIXED_SOURCES_SHOWN = 4  # SUMMARY.md names the first grids the search removed (the largest noise); the manifest all
+
+
+def mixed_precision_record(choice: Any) -> MixedPrecisionRecord | None:
+    """A ``mdeploy.quantize.mixed.MixedPrecision`` as the manifest records it (None: full int8 was asked for)."""
+    if choice is None:
+        return None
+    layers = [FloatLayerRecord(c.tensor, c.source, list(c.nodes), c.noise_share) for c in choice.choices]
+    return MixedPrecisionRecord(choice.target_snr_db, choice.samples, json_number(choice.int8_snr_db),
+                                json_number(choice.snr_db), choice.reached, choice.float_macs_share, layers)
+
+
+def mixed_precision_summary(record: MixedPrecisionRecord) -> str:
+    """SUMMARY.md's line on the layers kept in float."""
+    if not record.layers:
+        return (f"Mixed precision: not needed: full int8 reached {float(record.int8_snr_db):.1f} dB on "
+                f"{record.samples} held-back calibration samples (target {record.target_snr_db:g} dB).")
+    nodes = sorted({node for layer in record.layers for node in layer.nodes})
+    shown = MIXED_SOURCES_SHOWN
+    sources = ", ".join(f"`{layer.source}`" for layer in record.layers[:shown])
+    sources += f" and {len(record.layers) - shown} more" if len(record.layers) > shown else ""
+    verdict = "reaching" if record.reached else "short of"
+    return (f"Mixed precision: {len(nodes)} layers compute in float ({record.float_macs_share:.0%} of the "
+            f"multiply-accumulates) around the grids of {sources}: {float(record.snr_db):.1f} dB on {record.samples} "
+            f"held-back calibration samples against {float(record.int8_snr_db):.1f} dB in full int8, {verdict} the "
+            f"{record.target_snr_db:g} dB target (manifest.json: quantization.mixed_precision).")
+
+
 def write_summary(stage: Path, manifest: Manifest) -> None:
     model = manifest.model
     lines = [
@@ -286,6 +315,8 @@ def write_summary(stage: Path, manifest: Manifest) -> None:
     lines += ["| " + " | ".join(row) + " |" for row in summary_rows(manifest)]
     notes = manifest_limit_notes(manifest)
     lines += ["", "Limits:", *(f"- {note}" for note in notes)] if notes else []
+    if manifest.quantization is not None and manifest.quantization.mixed_precision is not None:
+        lines += ["", mixed_precision_summary(manifest.quantization.mixed_precision)]
     if manifest.detection is not None:
         lines += ["", "Detections (boxes decoded with `anchors.npy`):", "",
                   "| " + " | ".join(DETECTION_HEADERS) + " |", "|" + "---|" * len(DETECTION_HEADERS),

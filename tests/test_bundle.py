@@ -72,7 +72,7 @@ def test_manifest_follows_its_published_schema(bundle: Path) -> None:
     schema = json.loads((bundle / "manifest.schema.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.validate(manifest, schema)
-    assert manifest["$schema"] == "manifest.schema.json" and manifest["manifest_version"] == "1.4"
+    assert manifest["$schema"] == "manifest.schema.json" and manifest["manifest_version"] == "1.5"
     assert schema["$id"].endswith(manifest["manifest_version"])
 
 

@@ -251,9 +251,10 @@ def test_float_nodes_are_kept_float(tiny: tuple[Graph, np.ndarray]) -> None:
 
 # Recipe -------------------------------------------------------------------------------------------------------
 def test_recipe_round_trips_through_a_plain_dict() -> None:
-    recipe = dataclasses.replace(QuantRecipe.default(), float_nodes=("linear",))
+    recipe = dataclasses.replace(QuantRecipe.default(), float_nodes=("linear",), target_snr_db=20.0)
     data = recipe.to_dict()
     assert data["range_method"] == "mse" and data["weight_rounding"] == "gptq" and data["float_nodes"] == ["linear"]
+    assert data["target_snr_db"] == 20.0 and QuantRecipe.default().to_dict()["target_snr_db"] is None
     assert all(isinstance(v, (str, int, float, bool, list)) for v in data.values())
     assert QuantRecipe.from_dict(data) == recipe
     assert QuantRecipe.from_dict(QuantRecipe.stock_percentile().to_dict()).weight_rounding is WeightRounding.nearest

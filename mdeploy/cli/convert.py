@@ -25,7 +25,7 @@ from mdeploy.cli.options import (
     ArchOpt, ConfigOpt, DebugOpt, EvalOpt, EvalSizeOpt, InputSizeOpt, JsonOpt, MaxAbsOpt, MeanOpt, MinSnrOpt, MinTop1Opt,
     ModelArg, StdOpt, ThreadsOpt, TrustPickleOpt, build_preprocess, gate_config, parse_targets,
 )
-from mdeploy.errors import ExitCode
+from mdeploy.errors import BadInputError, ExitCode
 from mdeploy.cli.output import dump_json
 from mdeploy.records import ConvertOptions, DataOptions, Limits, ModelSource, Provenance
 from mdeploy.reports import console_table, detection_table
@@ -50,6 +50,10 @@ def convert(
     calib_size: Annotated[int, typer.Option("--calib-size", min=1, help="calibration samples to use")] = 200,
     eval_size: EvalSizeOpt = 500,
     calib_method: Annotated[RangeMethod | None, typer.Option("--calib-method", help="activation range method")] = None,
+    target_snr: Annotated[float | None, typer.Option(
+        "--target-snr", min=1.0, max=80.0, help="mixed precision: keep the fewest layers in float so that the int8 "
+        "model's SNR reaches this many dB on a quarter of the calibration samples held back from the quantiser "
+        "(needs --int8; float layers cost latency: SUMMARY.md and manifest.json say which and how many)")] = None,
     max_abs_error: MaxAbsOpt = None,
     min_snr: MinSnrOpt = None,
     min_top1: MinTop1Opt = None,
@@ -82,6 +86,11 @@ def convert(
         recipe = QuantRecipe.default()
         if calib_method is not None:
             recipe = replace(recipe, range_method=calib_method)
+        if target_snr is not None:
+            if not int8:
+                raise BadInputError(f"--target-snr {target_snr:g} chooses layers of the int8 model: add --int8 "
+                                    "--calib DIR, or leave --target-snr out")
+            recipe = replace(recipe, target_snr_db=target_snr)
         options = ConvertOptions(
             model=ModelSource(model, arch, trust_pickle),
             out=out,

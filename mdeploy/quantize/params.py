@@ -7,7 +7,9 @@ symmetric per output channel (zero point 0, q in [-127, 127]); biases are int32 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -81,3 +83,20 @@ class QuantizedGraph:
     # Per-channel scales equalisation divided tensors by (``graph`` = equalize.apply_scales(original, these)):
     # what a per-layer diagnosis needs to compare the artifact's tensors with PyTorch's.
     channel_scales: dict[str, np.ndarray] = field(default_factory=dict)
+    # ``mdeploy.quantize.mixed.MixedPrecision`` when a target SNR chose layers to keep in float (the manifest's)
+    mixed_precision: Any = None
+
+
+def float_tensors(graph: Graph, float_nodes: Collection[str]) -> frozenset[str]:
+    """The tensors of a mixed-precision model that need no int8 grid: made by a float node and read only by float
+    nodes, so every target passes them on in float. The graph's input and outputs keep their grids: they are the
+    int8 artifact's I/O contract (a TFLite model with int8 I/O, say)."""
+    if not float_nodes:
+        return frozenset()
+    readers: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        for name in set(node.inputs):
+            readers.setdefault(name, []).append(node.name)
+    return frozenset(node.output for node in graph.nodes
+                     if node.name in float_nodes and node.output not in graph.outputs
+                     and all(reader in float_nodes for reader in readers.get(node.output, ())))

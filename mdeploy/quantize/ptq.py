@@ -36,7 +36,8 @@ from mdeploy.graph.conv_transpose import equivalent_conv, stuffed
 from mdeploy.graph.ir import WEIGHTED_OPS, ConvTransposeAttrs, Graph, Node, Op
 from mdeploy.quantize.equalize import equalize
 from mdeploy.quantize.observe import channel_ranges, channels_last
-from mdeploy.quantize.params import QMAX, QMIN, QuantizedGraph, TensorQuant, WeightQuant, quantize_bias
+from mdeploy.quantize.params import (QMAX, QMIN, QuantizedGraph, TensorQuant, WeightQuant, float_tensors,
+                                     quantize_bias)
 from mdeploy.quantize.policy import policy_of
 from mdeploy.quantize.ranges import tensor_quant
 from mdeploy.quantize.rounding import bias_scale_floor, channel_scale, correct_bias, gptq, round_nearest
@@ -146,7 +147,14 @@ def _weight_codes(node: Node, codes: torch.Tensor) -> torch.Tensor:
     return codes.flip(2, 3) if node.op is Op.CONV_TRANSPOSE else codes
 
 
-def _grid_takers(graph: Graph) -> dict[str, str]:
+def _release(stream: dict[str, _Stored], node: Node, last_use: dict[str, int], i: int) -> None:
+    """Drops the inputs of the ``i``-th node ``node`` that no later node reads."""
+    for name in set(node.inputs):
+        if last_use.get(name, -1) <= i:
+            stream.pop(name, None)
+
+
+def _grid_takers(graph: Graph, float_nodes: tuple[str, ...] = ()) -> dict[str, str]:
     """Inputs of ops whose inputs take the output's grid (CONCAT) that can: tensor -> that node's name. An input
     can if its grid is its own to choose (made by a node that neither shares its input's grid nor hands its own
     grid to its inputs) and nothing reads it before that node, so that its grid is still open when the node's is
@@ -154,7 +162,7 @@ def _grid_takers(graph: Graph) -> dict[str, str]:
     takers: dict[str, str] = {}
     order = {node.name: i for i, node in enumerate(graph.nodes)}
     for node in graph.nodes:
-        if not policy_of(node.op).inputs_take_output_grid:
+        if not policy_of(node.op).inputs_take_output_grid or node.name in float_nodes:
             continue
         for name in node.inputs:
             producer = graph.producer(name)
@@ -247,7 +255,8 @@ def _calibrate(graph: Graph, calibration: np.ndarray, recipe: QuantRecipe, progr
     weights: dict[str, WeightQuant] = {}
     bias_limited: list[dict[str, object]] = []  # channels whose weight scale was raised for their int32 bias
     stream: dict[str, _Stored] = {graph.input_name: _Stored(x, tq_in if sequential else None)}
-    takers = _grid_takers(graph)
+    takers = _grid_takers(graph, recipe.float_nodes)
+    floating = float_tensors(graph, recipe.float_nodes)  # mixed precision: no grid between two float nodes
     saturation = _saturation_limits(graph)
 
     for i, node in enumerate(graph.nodes):
@@ -275,26 +284,27 @@ def _calibrate(graph: Graph, calibration: np.ndarray, recipe: QuantRecipe, progr
                           "bias": torch.from_numpy(bias_q.astype(np.float32))}
 
         y = _forward(node, inputs, params, n)
-        policy = policy_of(node.op)
-        if policy.shares_input_grid:
-            tq = activations[node.inputs[0]]
-        else:
-            limit = _intersect(policy.calibration_limit(node), saturation.get(node.output))
-            tq = tensor_quant(y, recipe.range_method, limit=limit, **range_kwargs)
-            tq = TensorQuant.symmetric(*tq.range) if node.output in symmetric else tq
-        for name in {name for name in node.inputs if takers.get(name) == node.name}:
-            activations[name] = tq  # it waited in float for this grid; later readers get it on the grid
-            if last_use[name] > i:
-                stream[name] = _Stored(stream[name][:], tq if sequential else None)
-        if node.output in takers:  # its grid is chosen at the op that takes it (see _grid_takers)
+        if node.output in floating:
             stream[node.output] = _Stored(y, None)
         else:
-            activations[node.output] = tq
-            stream[node.output] = _Stored(y, tq if sequential else None)
+            policy = policy_of(node.op)
+            if policy.shares_input_grid and node.inputs[0] in activations:  # else a float node's float input
+                tq = activations[node.inputs[0]]
+            else:
+                limit = _intersect(policy.calibration_limit(node), saturation.get(node.output))
+                tq = tensor_quant(y, recipe.range_method, limit=limit, **range_kwargs)
+                tq = TensorQuant.symmetric(*tq.range) if node.output in symmetric else tq
+            for name in {name for name in node.inputs if takers.get(name) == node.name}:
+                activations[name] = tq  # it waited in float for this grid; later readers get it on the grid
+                if last_use[name] > i:
+                    stream[name] = _Stored(stream[name][:], tq if sequential else None)
+            if node.output in takers:  # its grid is chosen at the op that takes it (see _grid_takers)
+                stream[node.output] = _Stored(y, None)
+            else:
+                activations[node.output] = tq
+                stream[node.output] = _Stored(y, tq if sequential else None)
         del y
-        for name in set(node.inputs):
-            if last_use.get(name, -1) <= i:
-                stream.pop(name, None)
+        _release(stream, node, last_use, i)
         if progress is not None:
             progress(i + 1, len(graph.nodes), node.name)
 
