@@ -27,12 +27,17 @@ class AgreementMatrix:
                 "snr_db": [[json_number(v) for v in row] for row in self.snr_db]}
 
 
-def agreement(outputs: dict[str, np.ndarray]) -> AgreementMatrix | None:
-    """Pairwise agreement of every artifact's outputs (name -> (N, classes)); None for fewer than two."""
+def agreement(outputs: dict[str, tuple[np.ndarray, ...]]) -> AgreementMatrix | None:
+    """Pairwise agreement of every artifact's outputs (name -> its outputs, in order; class scores (N, classes)
+    or maps (N, C, ...), arg-max over axis 1); None for fewer than two. With several outputs, each pair gets the
+    lower agreement and SNR over them."""
     names = tuple(outputs)
     if len(names) < 2:
         return None
-    classes = {name: np.argmax(outputs[name], axis=1) for name in names}
-    top1 = tuple(tuple(float(np.mean(classes[a] == classes[b])) for b in names) for a in names)
-    snr = tuple(tuple(None if a == b else round(snr_db(outputs[a], outputs[b]), 2) for b in names) for a in names)
+    count = len(outputs[names[0]])
+    classes = {name: [np.argmax(value, axis=1) for value in outputs[name]] for name in names}
+    top1 = tuple(tuple(min(float(np.mean(classes[a][i] == classes[b][i])) for i in range(count)) for b in names)
+                 for a in names)
+    snr = tuple(tuple(None if a == b else round(min(snr_db(x, y) for x, y in zip(outputs[a], outputs[b], strict=True)),
+                                                2) for b in names) for a in names)
     return AgreementMatrix(names, top1, snr)

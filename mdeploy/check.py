@@ -24,7 +24,7 @@ from mdeploy.errors import BadInputError, ConversionError, MdeployError, first_l
 from mdeploy.graph.ir import Graph
 from mdeploy.loading import LoadedModel, load_model
 from mdeploy.manifest import Manifest
-from mdeploy.parity import Float32Noise, ParityResult, judge, run_batches, torch_runner
+from mdeploy.parity import Float32Noise, ParityResult, judge, judge_outputs, run_batches_outputs, torch_outputs
 from mdeploy.paths import checksum_mismatches, manifest_paths, resolve_inside
 from mdeploy.records import DataOptions, Limits, ModelSource
 from mdeploy.samples import load_samples
@@ -151,23 +151,32 @@ def embedded_preprocess(path: Path) -> Preprocess | None:
         return None
 
 
-def run_artifact(path: Path, inputs: np.ndarray, threads: int, reporter: Reporter) -> np.ndarray:
+def run_artifact(path: Path, inputs: np.ndarray, threads: int, reporter: Reporter) -> dict[str, np.ndarray]:
+    """Every output of the artifact over ``inputs``, by its name, in the artifact's order."""
     converter = REGISTRY[target_of(path)]
     try:
-        run = converter.runner(path, threads=threads)
+        run = converter.outputs_runner(path, threads=threads)
     except MdeployError:
         raise
     except Exception as err:  # the runtime's own error types; the user needs to know the file is unusable
         raise BadInputError(f"{path} cannot be loaded by {converter.runtime_name} ({first_line(err)}): convert again") \
             from err
+    names: list[str] = []
+
+    def outputs(batch: np.ndarray) -> tuple[np.ndarray, ...]:
+        returned = run(batch)
+        names[:] = list(returned)
+        return tuple(returned.values())
+
     try:
         with reporter.track(f"{path.name} on {converter.runtime_name}", len(inputs)) as advance:
-            return run_batches(run, inputs, advance)
+            values = run_batches_outputs(outputs, inputs, advance)
     except MemoryError:
         raise
     except Exception as err:
         raise ConversionError(f"{path.name} failed while running on {converter.runtime_name}: {first_line(err)}") \
             from err
+    return dict(zip(names, values, strict=True))
 
 
 def artifact_graph(graph: Graph, path: Path, precision: Precision, manifest: Manifest | None) -> Graph | None:
@@ -216,16 +225,21 @@ def check(options: CheckOptions, reporter: Reporter | None = None) -> CheckRepor
                            reporter, 1)
     inputs = samples.to_array()
     with reporter.track("PyTorch reference", len(inputs)) as advance:
-        reference = run_batches(torch_runner(model.module, options.model.path.name), inputs, advance)
+        references = run_batches_outputs(torch_outputs(model.module), inputs, advance)
+    if options.arm_cpus and len(references) > 1:
+        raise BadInputError(f"--platform linux-arm64 runs models with one output so far, and "
+                            f"{options.model.path.name} has {len(references)}: leave --platform out")
     description = f"{len(inputs)} samples from {options.data.eval}"
-    noise = Float32Noise(model.module, inputs, reference)
-    outputs: dict[str, np.ndarray] = {}
+    noise = Float32Noise(model.module, inputs, references)
+    outputs: dict[str, tuple[np.ndarray, ...]] = {}
     results = []
     graph: Graph | None = None  # the model's IR, traced once and only if a diagnosis needs it
     for path in files:
-        outputs[path.name] = run_artifact(path, inputs, options.threads, reporter)
+        named = run_artifact(path, inputs, options.threads, reporter)
+        outputs[path.name] = tuple(named.values())
         precision = precisions[path]
-        parity = judge(reference, outputs[path.name], options.limits.thresholds(precision), description, noise)
+        parity = judge_outputs(references, outputs[path.name], tuple(named), options.limits.thresholds(precision),
+                               description, noise)
         diagnosis = None
         if options.explain or not parity.passed:
             if graph is None:
@@ -243,7 +257,7 @@ def check(options: CheckOptions, reporter: Reporter | None = None) -> CheckRepor
         from mdeploy.arm.parity import arm_parity
 
         def judge_one(path: Path, arm_outputs: np.ndarray, inputs_description: str) -> ParityResult:
-            return judge(reference[: len(arm_outputs)], arm_outputs,
+            return judge(references[0][: len(arm_outputs)], arm_outputs,
                          options.limits.thresholds(precisions[path]), inputs_description)
 
         arm = arm_parity(files, inputs, options.arm_cpus, judge_one, reporter.step)

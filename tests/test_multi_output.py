@@ -182,6 +182,19 @@ def test_convert_checks_and_ships_every_output(tmp_path: Path, calib_dir: Path, 
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert verified.stdout.count("ok      heads.int8.tflite output_") == 3, verified.stdout
 
+    # mdeploy check judges every output of every artifact again, and diagnoses each artifact per layer on request
+    report = tmp_path / "report"
+    checked = subprocess.run([sys.executable, "-m", "mdeploy.cli", "check", str(out), "--model", str(model_file),
+                              "--eval", str(eval_dir), "--eval-size", "24", "--min-snr", "10", "--explain",
+                              "--report", str(report)], capture_output=True, text=True, cwd=REPO)
+    assert checked.returncode == 0, checked.stderr
+    result = json.loads((report / "report.json").read_text())
+    assert len(result["artifacts"]) == 6 and result["passed"]
+    for artifact in result["artifacts"]:
+        assert [o["output"] for o in artifact["parity"]["outputs"]] == ["output_0", "output_1", "output_2"]
+        assert artifact["diagnosis"] is not None, artifact["file"]
+    assert len(result["agreement"]["artifacts"]) == 6
+
 
 class TwoMaps(nn.Module):
     def __init__(self) -> None:
