@@ -274,6 +274,8 @@ class Translator:
 
     def clamp(self, node: Node, low: float, high: float) -> None:
         fused = {(0.0, np.inf): ACT.RELU, (0.0, 6.0): ACT.RELU6, (-1.0, 1.0): ACT.RELU_N1_TO_1}.get((low, high))
+        if fused is None and low == 0.0 and self.is_int8(node) and self.tq(node.output).range[1] <= high:
+            fused = ACT.RELU  # clip(0, high) whose int8 grid ends at or below high: saturating at 127 clips the top
         x = self.input(node)
         if fused is not None and self.is_int8(node):  # XNNPACK takes int8 ADD with a fused clamp, not RELU*
             options = fb.AddOptionsT()

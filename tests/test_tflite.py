@@ -269,3 +269,32 @@ def test_export_is_fast(tmp_path: Path) -> None:
     TfliteConverter().export(graph, None, tmp_path / "a.tflite", INFO)
     TfliteConverter().export(graph, quantized, tmp_path / "b.tflite", INFO)
     assert time.perf_counter() - start < 5.0
+
+
+class PaddleHardSigmoid(nn.Module):
+    """PaddleOCR's hard-sigmoid, ``clamp(0.2 x + 0.5, 0, 1)``, gating a conv's output (PP-OCRv3's SE blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return y * torch.clamp(0.2 * y + 0.5, 0.0, 1.0)
+
+
+def test_int8_clip_from_zero_is_an_add_with_relu_in_one_partition(tmp_path: Path) -> None:
+    """clip(0, high) whose int8 output grid ends at or below ``high``: RELU clamps the bottom and int8 saturation the
+    top, so no MAXIMUM/MINIMUM (which XNNPACK leaves outside) is needed."""
+    torch.manual_seed(0)
+    graph = graph_from_torch(PaddleHardSigmoid().eval(), (1, 3, 16, 16))
+    assert Op.CLIP in {n.op for n in graph.nodes}
+    x = np.random.default_rng(1).standard_normal((8, 3, 16, 16)).astype(np.float32) * 4
+    quantized = nearest_int8(graph, x)
+    converter = TfliteConverter()
+    path = tmp_path / "model.int8.tflite"
+    converter.export(graph, quantized, path, INFO)
+    report = converter.inspect(path)["graph"]
+    assert report["xnnpack"]["partitions"] == 1 and report["xnnpack"]["ops_outside"] == [], report["xnnpack"]
+    assert "MAXIMUM" not in json.dumps(report) and "MINIMUM" not in json.dumps(report)
+    assert lsb_errors(converter.runner(path)(x), quantized, x).max() <= 2
