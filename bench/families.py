@@ -30,8 +30,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -52,6 +54,7 @@ from tests.model_library import build, photos, save_exported, with_photo_statist
 from tflite_latency import time_interleaved  # noqa: E402
 
 INT8_FLAGS = ("avx2", "avx512bw", "avx512_vnni", "avx_vnni", "avx_vnni_int8", "amx_tile", "amx_int8")
+T, R = TypeVar("T"), TypeVar("R")
 STAGES = ("load_and_trace", "data_and_reference", "quantize", "export_parity_latency")
 
 
@@ -103,13 +106,18 @@ def cpu_of_children() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def convert(model_path: Path, out: Path, args: argparse.Namespace, assets) -> tuple[int, float, float, str]:  # type: ignore[no-untyped-def]
-    """``mdeploy convert`` as a user runs it, in a fresh process (imports included): exit code, wall s, CPU s (user
-    + system, all its threads: what load from other processes does not inflate), stderr."""
-    command = [sys.executable, "-m", "mdeploy.cli", "convert", str(model_path), "--to", "onnx,tflite", "--int8",
-               "--calib", str(assets.calib_dir), "--calib-size", str(args.calib_count),
-               "--eval", str(assets.eval_dir), "--eval-size", str(args.eval_count),
-               "--input-size", str(args.size), "--out", str(out), "--overwrite"]
+def convert_command(model_path: Path, out: Path, args: argparse.Namespace, assets,  # type: ignore[no-untyped-def]
+                    targets: str = "onnx,tflite", *extra: str) -> list[str]:
+    """``mdeploy convert`` as a user runs it: ``--int8`` on ``args``' calibration and evaluation counts and size."""
+    return [sys.executable, "-m", "mdeploy.cli", "convert", str(model_path), "--to", targets, "--int8",
+            "--calib", str(assets.calib_dir), "--calib-size", str(args.calib_count),
+            "--eval", str(assets.eval_dir), "--eval-size", str(args.eval_count),
+            "--input-size", str(args.size), "--out", str(out), "--overwrite", *extra]
+
+
+def run_subprocess(command: list[str]) -> tuple[int, float, float, str]:
+    """``command`` in a fresh process (imports included): exit code, wall s, CPU s (user + system, all its threads:
+    what load from other processes does not inflate), stderr."""
     start, cpu = time.perf_counter(), cpu_of_children()
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     return done.returncode, time.perf_counter() - start, cpu_of_children() - cpu, done.stderr
@@ -169,7 +177,7 @@ def bench_family(family: Family, args: argparse.Namespace, assets, work: Path) -
     save_exported(model, torch.randn(1, 3, args.size, args.size), model_path)
 
     out = work / "out"
-    row.exit_code, row.wall_s, row.cpu_s, stderr = convert(model_path, out, args, assets)
+    row.exit_code, row.wall_s, row.cpu_s, stderr = run_subprocess(convert_command(model_path, out, args, assets))
     if row.exit_code not in (0, 1):  # 1: parity limits failed, artifacts written and measured all the same
         row.error = next((line for line in stderr.splitlines() if line.startswith("error:")), stderr[-300:])
         return row
@@ -254,18 +262,27 @@ def main() -> None:
     print(f"{args.size} px, {args.classes} classes, random weights with BatchNorm statistics from real photos; "
           f"{args.calib_count} calibration crops, {args.eval_count} held-out crops of other photos; TFLite latency "
           f"on XNNPACK, 1 thread, median of {args.runs} invoke() runs in interleaved rounds\n", flush=True)
+    print_table(families, lambda family: family.name,
+                lambda family, work: Row(family) if family.unsupported else bench_family(family, args, assets, work),
+                lambda family, error: Row(family, exit_code=-1, error=error), format_row, HEADER, args.keep)
+
+
+def print_table(items: list[T], name_of: Callable[[T], str], bench_one: Callable[[T, Path], R],
+                failed: Callable[[T, str], R], format_row: Callable[[R], str], header: str, keep: Path | None) -> None:
+    """One Markdown row per item, each benched in its own folder (under ``keep``, else a temporary one): rows go to
+    stderr as they come, the table to stdout at the end. An item that raises gets a row with the error."""
     rows, started = [], time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for family in families:
-            work = args.keep / family.name if args.keep else Path(tmp) / family.name
+        for item in items:
+            work = keep / name_of(item) if keep else Path(tmp) / name_of(item)
             work.mkdir(parents=True, exist_ok=True)
             try:
-                row = Row(family) if family.unsupported else bench_family(family, args, assets, work)
+                row = bench_one(item, work)
             except Exception as err:  # noqa: BLE001 - a bench row, not a crash: someone's half-done edit, say
-                row = Row(family, exit_code=-1, error=f"{type(err).__name__}: {err}".splitlines()[0][:200])
+                row = failed(item, f"{type(err).__name__}: {err}".splitlines()[0][:200])
             rows.append(row)
-            print(f"{format_row(row)}", file=sys.stderr, flush=True)
-    print(HEADER)
+            print(format_row(row), file=sys.stderr, flush=True)
+    print(header)
     for row in rows:
         print(format_row(row))
     print(f"\nwhole run {time.perf_counter() - started:.0f} s; load average at the end {os.getloadavg()[0]:.1f}")

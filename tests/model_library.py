@@ -22,7 +22,7 @@ from torch import nn
 from mdeploy.families import FAMILIES, Family
 
 __all__ = ["FAMILIES", "HEAD_LAYOUTS", "Family", "SSDHeadOutputs", "build", "build_head_layout", "head_layout_model",
-           "library_model", "SAVERS"]
+           "library_model", "SAVERS", "ssd_detector_spec"]
 
 _SHIM: list[Any] = []  # keeps the torch.library definitions alive
 
@@ -118,6 +118,13 @@ class SSDHeadOutputs(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.head(list(self.backbone(x).values()))
+
+
+def ssd_detector_spec(top_k: int = 100) -> str:
+    """``mdeploy convert --detector`` for ``SSDHeadOutputs``: its outputs, torchvision's box coder and softmax with
+    background class 0, anchors in ``anchors.npy`` beside the spec."""
+    return (f'boxes = "bbox_regression"\nscores = "cls_logits"\nanchors = "anchors.npy"\n'
+            f'box_scales = [10.0, 10.0, 5.0, 5.0]\nscore_function = "softmax"\nbackground_class = 0\ntop_k = {top_k}\n')
 
 
 HEAD_LAYOUTS = ("ssdlite320_mobilenet_v3_large", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large")

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from mdeploy.cli import app
 from mdeploy.detection import anchors_from_torchvision
-from tests.model_library import HEAD_LAYOUTS, SAVERS, head_layout_model
+from tests.model_library import HEAD_LAYOUTS, SAVERS, head_layout_model, ssd_detector_spec
 from tests.test_library_models import ALL_TARGETS, RANDOM_WEIGHTS_MIN_SNR_DB, RANDOM_WEIGHTS_MIN_TOP1
 
 torch.set_num_threads(1)
@@ -32,14 +32,6 @@ CALIB_SAMPLES = 24
 SSD = "ssdlite320_mobilenet_v3_large"
 OUTPUTS = {SSD: ["bbox_regression", "cls_logits"], "deeplabv3_mobilenet_v3_large": ["logits"],
            "lraspp_mobilenet_v3_large": ["logits"]}
-DETECTOR_SPEC = """boxes = "bbox_regression"
-scores = "cls_logits"
-anchors = "anchors.npy"
-box_scales = [10.0, 10.0, 5.0, 5.0]
-score_function = "softmax"
-background_class = 0
-top_k = 50
-"""
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +48,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory, calib_dir: Path):  # type: i
                 save(model, example, folder / f"{layout}{suffix}")
             if layout == SSD:
                 np.save(folder / "anchors.npy", anchors_from_torchvision(model, SIZE))
-                (folder / "detector.toml").write_text(DETECTOR_SPEC)
+                (folder / "detector.toml").write_text(ssd_detector_spec(top_k=50))
             cache[layout] = folder
         return folder / f"{layout}{SAVERS[kind][1]}"
 
