@@ -99,3 +99,12 @@ def test_int8_thresholded_map_agrees_with_fp32_pytorch(converted: ConvertResult)
         print(f"{artifact.path}: SNR {artifact.parity.metrics.snr_db:.1f} dB, map > {DET_THRESH} agreement "
               f"{agreement:.2%}")
         assert agreement >= MIN_MAP_AGREEMENT, artifact.path
+
+
+def test_int8_tflite_runs_in_one_xnnpack_partition(converted: ConvertResult) -> None:
+    """Paddle's hard-sigmoid, clamp(0.2 x + 0.5, 0, 1), is an int8 ADD with RELU (XNNPACK takes it), not
+    MAXIMUM/MINIMUM (which it leaves to the builtin kernels, splitting the graph into 3 partitions)."""
+    (artifact,) = [a for a in converted.artifacts if a.target is Target.tflite and a.precision is Precision.int8]
+    graph = REGISTRY[Target.tflite].inspect(converted.out / artifact.path)["graph"]
+    assert graph["int8"] and graph["float_ops_inside"] == [], graph
+    assert graph["xnnpack"]["partitions"] == 1 and graph["xnnpack"]["ops_outside"] == [], graph["xnnpack"]
