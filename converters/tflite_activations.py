@@ -210,6 +210,6 @@ def _prelu_int8(t: Translator, node: Node, slope: np.ndarray, x: str, out: str, 
         options.fusedActivationFunction = ACT.RELU
         relu_grid = TensorQuant.from_range(0.0, max(high, 0.0))
         relu = t.temp(node, "relu", shape, relu_grid)
-        t.op(B.ADD, [x, t.scalar(node, "zero", 0.0)], relu, options, O.AddOptions)
+        t.op(B.ADD, [x, t.scalar(node, "zero", 0.0, grid.scale)], relu, options, O.AddOptions)
         _depthwise(t, node, "rest", relu, relu_grid, rest, zero, positive)
     t.op(B.ADD, [linear, positive], out, fb.AddOptionsT(), O.AddOptions)

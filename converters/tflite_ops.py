@@ -162,11 +162,12 @@ class Translator:
             return self.b.tensor(f"{node.name}/{role}", shape, np.int8, _quant(quant))
         return self.b.tensor(f"{node.name}/{role}", shape, np.float32)
 
-    def scalar(self, node: Node, role: str, value: float) -> str:
-        """A constant scalar operand: int8 with an exact grid (value = 127 * scale) or float."""
+    def scalar(self, node: Node, role: str, value: float, zero_scale: float = 1.0) -> str:
+        """A constant scalar operand: int8 with an exact grid (value = 127 * scale) or float. A zero takes
+        ``zero_scale``: XNNPACK refuses an int8 ADD whose input scale is 256 times its output's or more."""
         if self.is_int8(node):
             if value == 0.0:
-                return self.b.constant(f"{node.name}/{role}", np.array(0, np.int8), Quant.per_tensor(1.0, 0))
+                return self.b.constant(f"{node.name}/{role}", np.array(0, np.int8), Quant.per_tensor(zero_scale, 0))
             scale = abs(value) / 127.0
             return self.b.constant(f"{node.name}/{role}", np.array(127 if value > 0 else -127, np.int8),
                                    Quant.per_tensor(scale, 0))
@@ -280,7 +281,8 @@ class Translator:
         if fused is not None and self.is_int8(node):  # XNNPACK takes int8 ADD with a fused clamp, not RELU*
             options = fb.AddOptionsT()
             options.fusedActivationFunction = fused
-            self.op(B.ADD, [x, self.scalar(node, "zero", 0.0)], self.output(node), options, O.AddOptions)
+            zero = self.scalar(node, "zero", 0.0, self.tq(node.inputs[0]).scale)  # the other input's ratio
+            self.op(B.ADD, [x, zero], self.output(node), options, O.AddOptions)
         elif fused is not None:
             code = {ACT.RELU: B.RELU, ACT.RELU6: B.RELU6, ACT.RELU_N1_TO_1: B.RELU_N1_TO_1}[fused]
             self.op(code, [x], self.output(node))
