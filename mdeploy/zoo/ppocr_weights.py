@@ -50,20 +50,26 @@ def ppocr_det_onnx(cache_dir: Path | None = None, wheel: Path | None = None) -> 
     """Path of the cached, verified ``ch_PP-OCRv3_det_infer.onnx`` under ``cache_dir/ppocr`` (default: the demo
     cache, ``$MDEPLOY_CACHE`` or ``.cache/mdeploy-demo``). The first call downloads the RapidOCR wheel with pip,
     or reads ``wheel`` when given (a local copy of the same wheel)."""
+    return ppocr_wheel_member(DET_MEMBER, DET_SHA256, cache_dir, wheel)
+
+
+def ppocr_wheel_member(member: str, sha256: str, cache_dir: Path | None = None, wheel: Path | None = None) -> Path:
+    """Path of the cached, verified wheel ``member`` (pinned to ``sha256``) under ``cache_dir/ppocr``; see
+    ``ppocr_det_onnx``."""
     folder = (Path(cache_dir) if cache_dir is not None else _default_cache_dir()).absolute() / CACHE_SUBDIR
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / Path(DET_MEMBER).name
+    target = folder / Path(member).name
     with exclusive_lock(folder / ".lock"):
-        if target.is_file() and sha256_file(target) == DET_SHA256:
+        if target.is_file() and sha256_file(target) == sha256:
             return target
         with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as downloads:
             if wheel is None:
                 wheel = _pip_download_wheel(Path(downloads))
-            data = _read_wheel_member(Path(wheel), DET_MEMBER)
+            data = _read_wheel_member(Path(wheel), member)
             actual = hashlib.sha256(data).hexdigest()
-            if actual != DET_SHA256:
+            if actual != sha256:
                 raise PPOCRAssetError(
-                    f"{Path(DET_MEMBER).name} from {Path(wheel).name} has sha256 {actual}, expected {DET_SHA256}: "
+                    f"{Path(member).name} from {Path(wheel).name} has sha256 {actual}, expected {sha256}: "
                     f"not the {RAPIDOCR_REQUIREMENT} wheel. Point pip at PyPI or a faithful mirror "
                     f"(PIP_INDEX_URL) and retry."
                 )
