@@ -7,7 +7,8 @@ PaddleOCR's DB post-processing does), and TFLite fp32 vs int8 latency on XNNPACK
     .venv/bin/python bench/ppocr_det.py [--size 320] [--calib-count 64] [--eval-count 48] [--target-snr DB]
         [--keep DIR]
 
-``--target-snr``: mixed precision (``mdeploy convert --target-snr``), the fewest layers kept in float to reach it.
+``--target-snr``: mixed precision (``mdeploy convert --target-snr``), the fewest layers kept in float to reach it,
+with float TFLite I/O (``--tflite-io float``) so that the input itself may stay float.
 """
 
 from __future__ import annotations
@@ -78,7 +79,9 @@ def main() -> None:
             data=DataOptions(calib=work / "calib", eval=work / "eval", calib_size=args.calib_count,
                              eval_size=args.eval_count),
             preprocess=Preprocess(resize=None, crop=args.size, **PREPROCESS), overwrite=True, overwrite_any=True,
-            latency_runs=0, recipe=dataclasses.replace(QuantRecipe.default(), target_snr_db=args.target_snr))
+            latency_runs=0, recipe=dataclasses.replace(QuantRecipe.default(), target_snr_db=args.target_snr),
+            # mixed precision: float I/O lets the first layers compute in float on the image (no int8 input grid)
+            converters=(REGISTRY[Target.tflite].configured({"tflite_io": "float"}, True),) if args.target_snr else ())
         start = time.perf_counter()
         result = convert(options)
         seconds = time.perf_counter() - start

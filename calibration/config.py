@@ -59,6 +59,9 @@ class QuantRecipe:
     # Mixed precision by a target: keep the fewest layers in float so that the int8 model's SNR on the calibration
     # samples reaches this (``mdeploy.quantize.mixed``); None: full int8.
     target_snr_db: float | None = None
+    # Mixed precision: the graph input may stay float when every layer reading it does (set by the pipeline when
+    # every target's int8 artifact takes a float input, e.g. TFLite with --tflite-io float).
+    float_input: bool = False
     max_samples: int = 0  # use at most this many calibration samples (0: all)
     seed: int = 0
 

@@ -138,6 +138,11 @@ class Converter(Protocol):
     def golden_tolerance(self, precision: Precision, output_scale: float | None) -> GoldenTolerance:
         """How close another run of the artifact must come to the bundle's golden outputs."""
 
+    @property
+    def int8_takes_float_input(self) -> bool:
+        """Whether the int8 artifact's input is float, so that a mixed-precision model whose first layers compute
+        in float needs no int8 grid on it."""
+
     def app_readme(self, manifest: Manifest, parts: ReadmeParts) -> AppReadme | None:
         """The README an app team of this target reads, or None."""
 
@@ -157,6 +162,10 @@ class ConverterBase:
 
     @property
     def times_latency(self) -> bool:
+        return True
+
+    @property
+    def int8_takes_float_input(self) -> bool:
         return True
 
     def cli_options(self) -> tuple[CliOption, ...]:

@@ -352,7 +352,7 @@ class _Emitter:
         emit = self.emit
         gain = image.gain if image is not None and not image.uniform else None
         consumers = graph.consumers(graph.input_name)
-        if self.quantize_activations:  # the input quantisation's per-channel scale absorbs the gain
+        if self.quantize_activations and graph.input_name in quantized.activations:  # per-channel scale: the gain
             x = self.qdq(x, graph.input_name, graph.input_name + "_dq", gain)
         elif gain is not None and len(consumers) == 1 and consumers[0].op is Op.CONV and not self.is_int8(consumers[0]):
             self.fold_gain_into = consumers[0].name

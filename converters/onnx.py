@@ -325,7 +325,7 @@ class _Writer:
             raise ValueError(f"the IR's input tensor must be named {INPUT_NAME!r}")
         # The IR's tensor names are reused; the float input is renamed after its quantise-dequantise pair.
         renamed = {INPUT_NAME: INPUT_NAME}
-        if quantized is not None:
+        if quantized is not None and INPUT_NAME in quantized.activations:  # else mixed precision's float input
             renamed[INPUT_NAME] = self.qdq(INPUT_NAME, INPUT_NAME, output=INPUT_NAME + "/dq")
         for node in graph.nodes:
             inputs = [renamed.get(name, name) for name in node.inputs]

@@ -78,6 +78,10 @@ class TfliteConverter(ConverterBase):
     def configured(self, values: Mapping[str, Any], int8: bool) -> Converter:
         return TfliteConverter(io=values["tflite_io"], hardswish=self.options.hardswish)
 
+    @property
+    def int8_takes_float_input(self) -> bool:
+        return self.options.io is IOType.float
+
     def app_readme(self, manifest: Manifest, parts: ReadmeParts) -> AppReadme | None:
         return android_readme(manifest, parts)  # README_android.md: Kotlin with LiteRT
 

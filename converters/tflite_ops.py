@@ -426,7 +426,10 @@ class Translator:
         """The subgraph: its outputs, in the model's order, carry the artifact's names (``Graph.artifact_names``)."""
         graph, b, io = self.graph, self.b, self.options.io
         shape = _nhwc(graph.input_shape)
-        if self.quantized is None:
+        if self.quantized is None or graph.input_name not in self.quantized.activations:  # mixed: a float input
+            if self.quantized is not None and io is not IOType.float:
+                raise UnsupportedOpError(f"the mixed-precision model reads its input in float: it needs float I/O "
+                                         f"(--tflite-io float), not {io}")
             self.value[graph.input_name] = b.tensor(input_name, shape, np.float32)
             b.inputs = [input_name]
         else:

@@ -219,6 +219,7 @@ class MixedPrecisionRecord(Record):
     snr_db: Metric
     reached: bool
     float_macs_share: float
+    ceiling_db: Metric  # estimated with every layer in float: what the grids that must stay allow
     layers: list[FloatLayerRecord]
 
 

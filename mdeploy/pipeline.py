@@ -303,8 +303,10 @@ def convert(options: ConvertOptions, reporter: Reporter | None = None) -> Conver
                 quantized = quantize(graph, calib.to_array(), options.recipe,
                                      progress=lambda done, total, node: advance(1))
             else:  # a quarter of the samples held back to judge which layers to keep in float
-                quantized = quantize_to_target(graph, calib.to_array(), options.recipe,
-                                               lambda done, total, node: advance(1), reporter.step)
+                float_input = all(options.converter(t).int8_takes_float_input for t in options.targets)
+                recipe = replace(options.recipe, float_input=float_input)
+                quantized = quantize_to_target(graph, calib.to_array(), recipe, lambda done, total, node: advance(1),
+                                               reporter.step)
         if quantized.mixed_precision is not None:
             reporter.step(mixed_precision_line(quantized.mixed_precision))
         reporter.step(f"int8 parameters chosen in {clock.seconds['quantize']:.1f} s")

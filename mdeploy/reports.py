@@ -280,11 +280,17 @@ def mixed_precision_record(choice: Any) -> MixedPrecisionRecord | None:
         return None
     layers = [FloatLayerRecord(c.tensor, c.source, list(c.nodes), c.noise_share) for c in choice.choices]
     return MixedPrecisionRecord(choice.target_snr_db, choice.samples, json_number(choice.int8_snr_db),
-                                json_number(choice.snr_db), choice.reached, choice.float_macs_share, layers)
+                                json_number(choice.snr_db), choice.reached, choice.float_macs_share,
+                                json_number(choice.ceiling_db), layers)
 
 
 def mixed_precision_summary(record: MixedPrecisionRecord) -> str:
     """SUMMARY.md's line on the layers kept in float."""
+    if not record.layers and not record.reached:
+        return (f"Mixed precision: the {record.target_snr_db:g} dB target is out of reach: full int8 gives "
+                f"{float(record.int8_snr_db):.1f} dB on {record.samples} held-back calibration samples and even every "
+                f"layer in float about {float(record.ceiling_db):.1f} dB (the int8 grids of the model's I/O stay), so "
+                "full int8 was kept.")
     if not record.layers:
         return (f"Mixed precision: not needed: full int8 reached {float(record.int8_snr_db):.1f} dB on "
                 f"{record.samples} held-back calibration samples (target {record.target_snr_db:g} dB).")

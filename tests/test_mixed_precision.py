@@ -165,3 +165,37 @@ def test_convert_target_snr_records_the_layers(model: torch.nn.Module, calib_dir
     assert snr["mixed"] > snr["full"] + 2, snr  # held-out photos, on ONNX Runtime
     summary = (tmp_path / "mixed" / "SUMMARY.md").read_text()
     assert f"Mixed precision: {len(nodes)} layers compute in float" in summary and "reaching the 25 dB" in summary
+
+
+def test_the_input_loses_its_grid_only_when_every_target_takes_float_input(setup,  # type: ignore[no-untyped-def]
+                                                                          tmp_path: Path) -> None:
+    """With float I/O the first layers can compute in float on the image itself; TFLite with int8 I/O cannot."""
+    from mdeploy.converters.tflite import TfliteConverter
+    from mdeploy.errors import UnsupportedOpError
+
+    graph, qgraph, _, held_out = setup
+    nodes = unit(graph, graph.input_name) | unit(graph, graph.nodes[0].output)
+    assert graph.input_name not in float_tensors(graph, nodes)
+    assert graph.input_name in float_tensors(graph, nodes, float_input=True)
+    mixed = with_float(qgraph, nodes, float_input=True)
+    assert graph.input_name not in mixed.activations
+    x = held_out[:4]
+    for target, converter in ((Target.onnx, REGISTRY[Target.onnx]), (Target.tflite, TfliteConverter(io="float")),
+                              (Target.coreml, REGISTRY[Target.coreml])):
+        assert converter.int8_takes_float_input
+        path = tmp_path / f"model.int8{converter.suffix}"
+        converter.export(mixed.graph, mixed, path, INFO)
+        lsb = mixed.activations[graph.outputs[0]].scale
+        assert np.abs(converter.runner(path)(x) - simulate(mixed, x)).max() <= MIXED_LSB_FROM_SIMULATION * lsb
+    assert not TfliteConverter().int8_takes_float_input  # int8 I/O, the default
+    with pytest.raises(UnsupportedOpError, match="--tflite-io float"):
+        TfliteConverter().export(mixed.graph, mixed, tmp_path / "int8io.tflite", INFO)
+
+
+def test_a_target_out_of_reach_keeps_full_int8_and_says_why(setup) -> None:  # type: ignore[no-untyped-def]
+    graph, qgraph, calibration, _ = setup
+    said: list[str] = []
+    choice = choose_float(qgraph, calibration[:12], 80.0, said.append)
+    assert choice.choices == () and not choice.reached and choice.ceiling_db < 80
+    assert said and "80 dB is out of reach" in said[0] and "the input and outputs" in said[0], said
+    assert choose_float(qgraph, calibration[:12], 80.0, float_input=True).ceiling_db > choice.ceiling_db

@@ -14,8 +14,9 @@ removed per multiply-accumulate moved to float first (float layers are what int8
 estimate reaches the target; then the fake-quantised model is simulated on the same
 samples and, while it is short of the target, more units are taken. Those samples are a quarter of the calibration
 set held back from the quantiser (``split_calibration``): on the samples it fitted, int8 looks better than it is.
-The graph's input and outputs keep their grids (the int8 artifact's I/O contract), so their own rounding is a floor
-no choice removes.
+The graph's outputs keep their grids (the int8 artifact's I/O contract), and so does its input unless every target
+takes a float input (``QuantRecipe.float_input``): their own rounding is a floor no choice removes, and a target
+beyond it is reported as out of reach rather than paid for with every layer in float.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class MixedPrecision:
     choices: tuple[FloatChoice, ...]
     float_macs_share: float  # of the model's multiply-accumulates, the part now in float
     reached: bool
+    ceiling_db: float  # estimated with every candidate in float: what the grids that stay allow
 
     @property
     def float_nodes(self) -> tuple[str, ...]:
@@ -149,10 +151,10 @@ def unit(graph: Graph, tensor: str) -> frozenset[str]:
     return frozenset([producer.name] if producer else []) | {node.name for node in graph.consumers(tensor)}
 
 
-def with_float(qgraph: QuantizedGraph, nodes: frozenset[str]) -> QuantizedGraph:
+def with_float(qgraph: QuantizedGraph, nodes: frozenset[str], float_input: bool = False) -> QuantizedGraph:
     """``qgraph`` with ``nodes`` in float and the grids they make unnecessary dropped (not recalibrated: the search
     simulates with this; the artifacts are quantised again with ``float_nodes``)."""
-    floating = float_tensors(qgraph.graph, nodes)
+    floating = float_tensors(qgraph.graph, nodes, float_input)
     return dataclasses.replace(
         qgraph, activations={k: v for k, v in qgraph.activations.items() if k not in floating},
         weights={k: v for k, v in qgraph.weights.items() if k not in nodes}, float_nodes=frozenset(nodes))
@@ -170,10 +172,12 @@ def _snr(reference: np.ndarray, output: np.ndarray) -> float:
 
 
 def choose_float(qgraph: QuantizedGraph, samples: np.ndarray, target_snr_db: float,
-                 progress: Callable[[str], None] | None = None, margin_db: float = 0.0) -> MixedPrecision:
+                 progress: Callable[[str], None] | None = None, margin_db: float = 0.0,
+                 float_input: bool = False) -> MixedPrecision:
     """The fewest units (see the module's docstring) to keep in float so that the simulated SNR on ``samples``
     (calibration inputs ``qgraph`` was not fitted to: :func:`split_calibration`) reaches ``target_snr_db``; as many
-    as help if it cannot. Below the target, it aims ``margin_db`` above it."""
+    none if even every candidate in float would not (the grids that stay, the outputs' and unless ``float_input``
+    the input's, are then the floor). Below the target, it aims ``margin_db`` above it."""
     graph = qgraph.graph
     samples = np.ascontiguousarray(samples[:MAX_SAMPLES], dtype=np.float32)
     references = tuple(t.numpy() for t in GraphRunner(graph).outputs(samples))
@@ -182,10 +186,11 @@ def choose_float(qgraph: QuantizedGraph, samples: np.ndarray, target_snr_db: flo
     by_node = {graph.producer(name).name: noise for name, noise in weight_noise.items()}  # type: ignore[union-attr]
     total = sum(activation_noise.values(), np.zeros(len(signal))) + sum(by_node.values(), np.zeros(len(signal)))
     worst = int(np.argmin(signal / np.maximum(total, 1e-300)))
-    candidates = [name for name in activation_noise if name != graph.input_name and name not in graph.outputs]
+    candidates = [name for name in activation_noise
+                  if (float_input or name != graph.input_name) and name not in graph.outputs]
 
     def removed(nodes: frozenset[str]) -> np.ndarray:
-        gone = sum((activation_noise[t] for t in float_tensors(graph, nodes)), np.zeros(len(signal)))
+        gone = sum((activation_noise[t] for t in float_tensors(graph, nodes, float_input)), np.zeros(len(signal)))
         return gone + sum((by_node.get(n, 0.0) for n in nodes), np.zeros(len(signal)))
 
     def estimate(nodes: frozenset[str]) -> float:
@@ -201,7 +206,11 @@ def choose_float(qgraph: QuantizedGraph, samples: np.ndarray, target_snr_db: flo
     nodes: frozenset[str] = frozenset()
     chosen: list[tuple[str, frozenset[str]]] = []
     snr, aim = full_snr, target_snr_db + margin_db
-    while full_snr < target_snr_db and snr < aim:
+    ceiling = estimate(frozenset(name for t in candidates for name in unit(graph, t)))
+    if full_snr < target_snr_db and ceiling < target_snr_db and progress is not None:
+        progress(f"{target_snr_db:g} dB is out of reach: with every layer in float, the grids that must stay "
+                 f"({'the outputs' if float_input else 'the input and outputs'}) allow about {ceiling:.1f} dB")
+    while full_snr < target_snr_db <= ceiling and snr < aim:
         base = removed(nodes)[worst]
         gains = {t: removed(nodes | unit(graph, t))[worst] - base for t in candidates if not unit(graph, t) <= nodes}
         if not gains or max(gains.values()) <= 0:
@@ -210,20 +219,21 @@ def choose_float(qgraph: QuantizedGraph, samples: np.ndarray, target_snr_db: flo
         nodes = nodes | unit(graph, best)
         chosen.append((best, nodes))
         if estimate(nodes) >= aim:  # the estimate says enough: check it on the samples
-            snr = simulated_snr(with_float(qgraph, nodes), samples, references)
+            snr = simulated_snr(with_float(qgraph, nodes, float_input), samples, references)
             if progress is not None:
                 progress(f"{len(chosen)} tensor grid(s) in float: {snr:.1f} dB simulated")
     if chosen and snr < aim:
-        snr = simulated_snr(with_float(qgraph, nodes), samples, references)
+        snr = simulated_snr(with_float(qgraph, nodes, float_input), samples, references)
 
     choices, before = [], frozenset[str]()
     for tensor, after in chosen:
         share = (removed(after) - removed(before))[worst] / max(total[worst], 1e-300)
-        choices.append(FloatChoice(tensor, graph.producer(tensor).source or tensor,  # type: ignore[union-attr]
+        maker = graph.producer(tensor)
+        choices.append(FloatChoice(tensor, maker.source or tensor if maker else "the model's input",
                                    tuple(sorted(after - before)), round(float(share), 4)))
         before = after
     return MixedPrecision(target_snr_db, len(samples), round(full_snr, 2), round(snr, 2), tuple(choices),
-                          round(_macs_share(graph, nodes), 4), snr >= target_snr_db)
+                          round(_macs_share(graph, nodes), 4), snr >= target_snr_db, round(ceiling, 2))
 
 
 def _macs_share(graph: Graph, nodes: frozenset[str]) -> float:
@@ -267,7 +277,7 @@ def quantize_to_target(graph: Graph, calibration: np.ndarray, recipe: QuantRecip
     choices: list[FloatChoice] = []
     snr = first = None
     for _ in range(ROUNDS):  # requantised around its float layers, a model can land a little short: search on
-        choice = choose_float(model, search, target, say, MARGIN_DB)
+        choice = choose_float(model, search, target, say, MARGIN_DB, recipe.float_input)
         first = first or choice
         if not choice.choices:
             break
@@ -291,9 +301,13 @@ def quantize_to_target(graph: Graph, calibration: np.ndarray, recipe: QuantRecip
 def mixed_precision_line(choice: MixedPrecision) -> str:
     """One line on what the search did, for the console and SUMMARY.md."""
     measured = f"full int8 {choice.int8_snr_db:.1f} dB"
-    if not choice.choices:
+    if not choice.choices and choice.reached:
         return f"mixed precision: not needed, {measured} >= the {choice.target_snr_db:g} dB target on " \
                f"{choice.samples} held-back calibration samples"
+    if not choice.choices:
+        return (f"mixed precision: the {choice.target_snr_db:g} dB target is out of reach ({measured}, about "
+                f"{choice.ceiling_db:.1f} dB with every layer in float, on {choice.samples} held-back calibration "
+                f"samples): full int8 kept")
     verdict = "reaching" if choice.reached else "short of"
     return (f"mixed precision: {len(choice.float_nodes)} layers in float ({choice.float_macs_share:.0%} of the "
             f"multiply-accumulates), {choice.snr_db:.1f} dB on {choice.samples} held-back calibration samples "

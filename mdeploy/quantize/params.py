@@ -87,16 +87,18 @@ class QuantizedGraph:
     mixed_precision: Any = None
 
 
-def float_tensors(graph: Graph, float_nodes: Collection[str]) -> frozenset[str]:
+def float_tensors(graph: Graph, float_nodes: Collection[str], float_input: bool = False) -> frozenset[str]:
     """The tensors of a mixed-precision model that need no int8 grid: made by a float node and read only by float
-    nodes, so every target passes them on in float. The graph's input and outputs keep their grids: they are the
-    int8 artifact's I/O contract (a TFLite model with int8 I/O, say)."""
+    nodes, so every target passes them on in float. The graph's outputs keep their grids, and so does its input
+    unless ``float_input`` (every target's int8 artifact takes a float input: a TFLite model with int8 I/O does
+    not): they are the int8 artifact's I/O contract."""
     if not float_nodes:
         return frozenset()
     readers: dict[str, list[str]] = {}
     for node in graph.nodes:
         for name in set(node.inputs):
             readers.setdefault(name, []).append(node.name)
-    return frozenset(node.output for node in graph.nodes
-                     if node.name in float_nodes and node.output not in graph.outputs
-                     and all(reader in float_nodes for reader in readers.get(node.output, ())))
+    made = {node.output for node in graph.nodes if node.name in float_nodes and node.output not in graph.outputs}
+    if float_input:
+        made.add(graph.input_name)
+    return frozenset(name for name in made if all(reader in float_nodes for reader in readers.get(name, ())))

@@ -249,14 +249,15 @@ def _calibrate(graph: Graph, calibration: np.ndarray, recipe: QuantRecipe, progr
 
     x = torch.from_numpy(calibration)
     symmetric = _symmetric_grids(graph)
-    tq_in = tensor_quant(x, recipe.range_method, **range_kwargs)
+    floating = float_tensors(graph, recipe.float_nodes, recipe.float_input)  # mixed precision: no grid there
+    tq_in: TensorQuant | None = tensor_quant(x, recipe.range_method, **range_kwargs)
     tq_in = TensorQuant.symmetric(*tq_in.range) if graph.input_name in symmetric else tq_in
-    activations: dict[str, TensorQuant] = {graph.input_name: tq_in}
+    tq_in = None if graph.input_name in floating else tq_in
+    activations: dict[str, TensorQuant] = {graph.input_name: tq_in} if tq_in is not None else {}
     weights: dict[str, WeightQuant] = {}
     bias_limited: list[dict[str, object]] = []  # channels whose weight scale was raised for their int32 bias
     stream: dict[str, _Stored] = {graph.input_name: _Stored(x, tq_in if sequential else None)}
     takers = _grid_takers(graph, recipe.float_nodes)
-    floating = float_tensors(graph, recipe.float_nodes)  # mixed precision: no grid between two float nodes
     saturation = _saturation_limits(graph)
 
     for i, node in enumerate(graph.nodes):
