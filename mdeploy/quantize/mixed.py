@@ -175,9 +175,9 @@ def choose_float(qgraph: QuantizedGraph, samples: np.ndarray, target_snr_db: flo
                  progress: Callable[[str], None] | None = None, margin_db: float = 0.0,
                  float_input: bool = False) -> MixedPrecision:
     """The fewest units (see the module's docstring) to keep in float so that the simulated SNR on ``samples``
-    (calibration inputs ``qgraph`` was not fitted to: :func:`split_calibration`) reaches ``target_snr_db``; as many
-    none if even every candidate in float would not (the grids that stay, the outputs' and unless ``float_input``
-    the input's, are then the floor). Below the target, it aims ``margin_db`` above it."""
+    (calibration inputs ``qgraph`` was not fitted to: :func:`split_calibration`) reaches ``target_snr_db``; none
+    if even every candidate in float would not, by the estimate (the grids that stay, the outputs' and, unless
+    ``float_input``, the input's, are then the floor). Below the target, it aims ``margin_db`` above it."""
     graph = qgraph.graph
     samples = np.ascontiguousarray(samples[:MAX_SAMPLES], dtype=np.float32)
     references = tuple(t.numpy() for t in GraphRunner(graph).outputs(samples))
