@@ -208,8 +208,10 @@ def choose_float(qgraph: QuantizedGraph, samples: np.ndarray, target_snr_db: flo
     snr, aim = full_snr, target_snr_db + margin_db
     ceiling = estimate(frozenset(name for t in candidates for name in unit(graph, t)))
     if full_snr < target_snr_db and ceiling < target_snr_db and progress is not None:
+        stay = "the outputs" if float_input else \
+            "the input and outputs; the input can stay float when every target takes a float input: --tflite-io float"
         progress(f"{target_snr_db:g} dB is out of reach: with every layer in float, the grids that must stay "
-                 f"({'the outputs' if float_input else 'the input and outputs'}) allow about {ceiling:.1f} dB")
+                 f"({stay}) allow about {ceiling:.1f} dB")
     while full_snr < target_snr_db <= ceiling and snr < aim:
         base = removed(nodes)[worst]
         gains = {t: removed(nodes | unit(graph, t))[worst] - base for t in candidates if not unit(graph, t) <= nodes}
