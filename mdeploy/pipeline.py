@@ -29,12 +29,13 @@ from mdeploy.loading import LoadedModel, load_model
 from mdeploy.outputs import OutputRules, check_output_path, staged_output
 from mdeploy.metrics import is_class_scores
 from mdeploy.parity import Float32Noise, judge_outputs, run_batches_outputs, torch_outputs
-from mdeploy.quantize.mixed import mixed_precision_line, quantize_to_target
+from mdeploy.quantize.mixed import quantize_to_target
 from mdeploy.quantize.params import QuantizedGraph
 from mdeploy.quantize.ptq import quantize
 from mdeploy.records import Artifact, ConvertOptions, Evaluation
 from mdeploy.manifest import Bundle, Failure, Manifest, PostprocessRecord
-from mdeploy.reports import is_mdeploy_output, write_manifest, write_summary
+from mdeploy.reports import (is_mdeploy_output, mixed_precision_record, mixed_precision_summary, write_manifest,
+                             write_summary)
 from mdeploy.samples import load_samples
 from mdeploy.types import Precision, Target
 from mdeploy.ui import Reporter, SilentReporter
@@ -308,7 +309,7 @@ def convert(options: ConvertOptions, reporter: Reporter | None = None) -> Conver
                 quantized = quantize_to_target(graph, calib.to_array(), recipe, lambda done, total, node: advance(1),
                                                reporter.step)
         if quantized.mixed_precision is not None:
-            reporter.step(mixed_precision_line(quantized.mixed_precision))
+            reporter.step(mixed_precision_summary(mixed_precision_record(quantized.mixed_precision)))
         reporter.step(f"int8 parameters chosen in {clock.seconds['quantize']:.1f} s")
     info = ArtifactInfo(model.name, options.preprocess.to_dict(), labels, __version__, options.provenance.entries())
     failures: list[Failure] = []

@@ -285,7 +285,7 @@ def mixed_precision_record(choice: Any) -> MixedPrecisionRecord | None:
 
 
 def mixed_precision_summary(record: MixedPrecisionRecord) -> str:
-    """SUMMARY.md's line on the layers kept in float."""
+    """The console's and SUMMARY.md's line on the layers kept in float."""
     if not record.layers and not record.reached:
         return (f"Mixed precision: the {record.target_snr_db:g} dB target is out of reach: full int8 gives "
                 f"{float(record.int8_snr_db):.1f} dB on {record.samples} held-back calibration samples and even every "

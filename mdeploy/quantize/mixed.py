@@ -22,8 +22,7 @@ beyond it is reported as out of reach rather than paid for with every layer in f
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +31,7 @@ import torch
 from mdeploy.calibration.config import QuantRecipe
 from mdeploy.graph.execute import OPS, GraphRunner
 from mdeploy.graph.ir import Graph, Node
+from mdeploy.metrics import snr_db
 from mdeploy.quantize.params import QuantizedGraph, float_tensors
 from mdeploy.quantize.ranges import fake_quant
 from mdeploy.quantize.simulate import Simulator, quantized_params
@@ -70,9 +70,6 @@ class MixedPrecision:
     @property
     def float_nodes(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(name for choice in self.choices for name in choice.nodes))
-
-    def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
 
 
 def noise_by_tensor(qgraph: QuantizedGraph, samples: np.ndarray, probes: int = PROBES,
@@ -163,12 +160,7 @@ def with_float(qgraph: QuantizedGraph, nodes: frozenset[str], float_input: bool 
 def simulated_snr(qgraph: QuantizedGraph, samples: np.ndarray, references: tuple[np.ndarray, ...]) -> float:
     """The worst output's SNR of the fake-quantised model against ``references`` (the float graph's outputs)."""
     outputs = Simulator(qgraph).outputs(samples)
-    return min(_snr(want, got) for want, got in zip(references, outputs, strict=True))
-
-
-def _snr(reference: np.ndarray, output: np.ndarray) -> float:
-    noise = float(np.sum((output.astype(np.float64) - reference) ** 2))
-    return math.inf if noise == 0 else 10 * math.log10(float(np.sum(reference.astype(np.float64) ** 2)) / noise)
+    return min(snr_db(want, got) for want, got in zip(references, outputs, strict=True))
 
 
 def choose_float(qgraph: QuantizedGraph, samples: np.ndarray, target_snr_db: float,
@@ -197,7 +189,7 @@ def choose_float(qgraph: QuantizedGraph, samples: np.ndarray, target_snr_db: flo
         left = np.maximum(total - removed(nodes), 1e-300)
         return float(np.min(10 * np.log10(signal / left)))
 
-    macs = {node.name: _macs(graph, node) for node in graph.nodes}
+    macs = layer_macs(graph)
     unit_cost = UNIT_COST * sum(macs.values())
 
     def cost(added: frozenset[str]) -> float:
@@ -235,22 +227,24 @@ def choose_float(qgraph: QuantizedGraph, samples: np.ndarray, target_snr_db: flo
                                    tuple(sorted(after - before)), round(float(share), 4)))
         before = after
     return MixedPrecision(target_snr_db, len(samples), round(full_snr, 2), round(snr, 2), tuple(choices),
-                          round(_macs_share(graph, nodes), 4), snr >= target_snr_db, round(ceiling, 2))
+                          round(macs_share(macs, nodes), 4), snr >= target_snr_db, round(ceiling, 2))
 
 
-def _macs_share(graph: Graph, nodes: frozenset[str]) -> float:
-    macs = {node.name: _macs(graph, node) for node in graph.nodes}
+def layer_macs(graph: Graph) -> dict[str, int]:
+    """Multiply-accumulates of each layer: a weighted one's weight size per output position, others 0."""
+    def macs(node: Node) -> int:
+        if "weight" not in node.params:
+            return 0
+        shape = graph.shapes.get(node.output, ())
+        return int(node.weight.size) * (int(np.prod(shape[2:])) if len(shape) > 2 else 1)
+
+    return {node.name: macs(node) for node in graph.nodes}
+
+
+def macs_share(macs: dict[str, int], nodes: Collection[str]) -> float:
+    """Of the model's multiply-accumulates (``layer_macs``), the share of ``nodes``."""
     total = sum(macs.values())
     return sum(macs[name] for name in nodes) / total if total else 0.0
-
-
-def _macs(graph: Graph, node: Node) -> int:
-    """Multiply-accumulates of a weighted layer (its weight's size per output position), else 0."""
-    if "weight" not in node.params:
-        return 0
-    shape = graph.shapes.get(node.output, ())
-    positions = int(np.prod(shape[2:])) if len(shape) > 2 else 1
-    return int(node.weight.size) * positions
 
 
 def split_calibration(calibration: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -295,22 +289,6 @@ def quantize_to_target(graph: Graph, calibration: np.ndarray, recipe: QuantRecip
     model.mixed_precision = dataclasses.replace(
         first, target_snr_db=target, choices=tuple(choices), snr_db=first.snr_db if snr is None else snr,
         reached=(first.snr_db if snr is None else snr) >= target,
-        float_macs_share=round(_macs_share(graph, frozenset(model.float_nodes)), 4))
+        float_macs_share=round(macs_share(layer_macs(graph), model.float_nodes), 4))
     model.recipe["seconds"] = round(seconds, 2)  # every quantisation's
     return model
-
-
-def mixed_precision_line(choice: MixedPrecision) -> str:
-    """One line on what the search did, for the console and SUMMARY.md."""
-    measured = f"full int8 {choice.int8_snr_db:.1f} dB"
-    if not choice.choices and choice.reached:
-        return f"mixed precision: not needed, {measured} >= the {choice.target_snr_db:g} dB target on " \
-               f"{choice.samples} held-back calibration samples"
-    if not choice.choices:
-        return (f"mixed precision: the {choice.target_snr_db:g} dB target is out of reach ({measured}, about "
-                f"{choice.ceiling_db:.1f} dB with every layer in float, on {choice.samples} held-back calibration "
-                f"samples): full int8 kept")
-    verdict = "reaching" if choice.reached else "short of"
-    return (f"mixed precision: {len(choice.float_nodes)} layers in float ({choice.float_macs_share:.0%} of the "
-            f"multiply-accumulates), {choice.snr_db:.1f} dB on {choice.samples} held-back calibration samples "
-            f"({measured}), {verdict} the {choice.target_snr_db:g} dB target")
