@@ -2,7 +2,8 @@
 
 Writing the graph ourselves (instead of ``torch.onnx.export`` + ``quantize_static``) lets the int8 artifact carry
 exactly the weights and ranges the quantiser chose; ONNX Runtime fuses each DequantizeLinear -> op ->
-QuantizeLinear group into an integer kernel.
+QuantizeLinear group into an integer kernel. Codes are stored as uint8 (code + 128, zero point + 128: the same grid),
+which no x86 CPU's ONNX Runtime kernels saturate on (``onnx_dense.stored_codes``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 
 from mdeploy.converters.base import (ONE_OUTPUT_STAGE, ArtifactInfo, BundleRunner, ConverterBase, Precision, Runner,
                                   Target, require_content)
-from mdeploy.converters.onnx_dense import DENSE_EMITTERS
+from mdeploy.converters.onnx_dense import DENSE_EMITTERS, stored_codes
 from mdeploy.errors import BadInputError, UnsupportedOpError
 from mdeploy.graph.ir import Activation, ClipAttrs, ConvAttrs, Graph, Node, Op, OpRegistry, PadAttrs, only_output
 from mdeploy.graph.ir import GeluAttrs, LeakyReluAttrs, PoolAttrs, ReshapeAttrs, ShuffleAttrs, SliceAttrs
@@ -64,7 +65,7 @@ class _Writer:
         assert self.quantized is not None
         quant = self.quantized.activations[tensor]
         scale = self.constant(tensor + "/scale", np.array(float(quant.scale), np.float32))
-        zero_point = self.constant(tensor + "/zero_point", np.array(int(quant.zero_point), np.int8))
+        zero_point = self.constant(tensor + "/zero_point", stored_codes(quant.zero_point))
         self.add("QuantizeLinear", [float_name, scale, zero_point], tensor + "/q")
         return self.add("DequantizeLinear", [tensor + "/q", scale, zero_point], output or tensor)
 
@@ -78,9 +79,9 @@ class _Writer:
         wq = self.quantized.weights[node.name]
         input_scale = self.quantized.activations[node.inputs[0]].scale
         channels = wq.scale.shape[0]
-        w_q = self.constant(node.name + "/weight_q", wq.values.astype(np.int8))
+        w_q = self.constant(node.name + "/weight_q", stored_codes(wq.values))
         w_scale = self.constant(node.name + "/weight_scale", wq.scale.astype(np.float32))
-        w_zp = self.constant(node.name + "/weight_zero_point", np.zeros(channels, np.int8))
+        w_zp = self.constant(node.name + "/weight_zero_point", stored_codes(np.zeros(channels, np.int8)))
         w = self.add("DequantizeLinear", [w_q, w_scale, w_zp], node.name + "/weight", axis=0)
         b_q = self.constant(node.name + "/bias_q", quantize_bias(node.bias, input_scale, wq.scale))
         b_scale = self.constant(node.name + "/bias_scale", (input_scale * wq.scale).astype(np.float32))
@@ -240,7 +241,7 @@ class _Writer:
                 if self.quantized.activations[name] != grid:
                     tag = f"{out}/input{i}"
                     scale = self.constant(tag + "/scale", np.array(float(grid.scale), np.float32))
-                    zero_point = self.constant(tag + "/zero_point", np.array(int(grid.zero_point), np.int8))
+                    zero_point = self.constant(tag + "/zero_point", stored_codes(grid.zero_point))
                     self.add("QuantizeLinear", [inputs[i], scale, zero_point], tag + "/q")
                     inputs[i] = self.add("DequantizeLinear", [tag + "/q", scale, zero_point], tag)
         return self.add("Concat", inputs, out, axis=concat_axis(node))
@@ -312,7 +313,8 @@ class _Writer:
             for tensor, entry in tensors.items():
                 tq = self.quantized.activations.get(tensor)
                 if tq is not None:
-                    entry["int8_grid"] = {"scale": float(tq.scale), "zero_point": int(tq.zero_point)}
+                    entry["int8_grid"] = {"scale": float(tq.scale), "zero_point": int(tq.zero_point),
+                                          "stored_as": "uint8, code + 128 (zero point + 128)"}
         return {"input": tensors[self.graph.input_name], **outputs_entry([tensors[t] for t in names])}
 
     def write(self, info: ArtifactInfo) -> Any:
@@ -446,7 +448,7 @@ class OnnxConverter(ConverterBase):
                 zero_point = numpy_helper.to_array(initializers[node.input[2]])
                 quant_params.append({"tensor": node.input[0].removesuffix("/float"),
                                      "scale": float(scale.reshape(-1)[0]), "zero_point": int(zero_point.reshape(-1)[0])})
-        int8_weights = sum(1 for init in model.graph.initializer if init.data_type == onnx.TensorProto.INT8
+        int8_weights = sum(1 for init in model.graph.initializer if init.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
                            and len(init.dims) > 1)
         return {
             "format": "ONNX",

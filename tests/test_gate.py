@@ -56,8 +56,9 @@ def corrupt_onnx_layer(path: Path, node: str) -> None:
     model = onnx.load(str(path))
     for init in model.graph.initializer:
         if init.name == f"{node}/weight_q":
-            codes = numpy_helper.to_array(init).astype(np.int16)
-            init.CopyFrom(numpy_helper.from_array(np.clip(-codes, -127, 127).astype(np.int8), init.name))
+            stored = numpy_helper.to_array(init)  # uint8: int8 code + 128 (converters/onnx_dense.stored_codes)
+            codes = stored.astype(np.int16) - 128
+            init.CopyFrom(numpy_helper.from_array((np.clip(-codes, -127, 127) + 128).astype(stored.dtype), init.name))
             break
     else:
         raise AssertionError(f"no int8 weight of {node}")

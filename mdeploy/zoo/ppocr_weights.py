@@ -10,12 +10,7 @@ attributes (kernel, stride, padding, groups, dilation, eps, presence of a bias),
 
 from __future__ import annotations
 
-import hashlib
 import os
-import subprocess
-import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,15 +19,13 @@ import torch
 from torch import nn
 
 from ..errors import MdeployError
-from ..outputs import exclusive_lock
-from ..paths import sha256_file
 from .ppocr_det import PPOCRv3Det
+from .wheel_assets import WheelAssetError, WheelMember, wheel_member
 
 RAPIDOCR_REQUIREMENT = "rapidocr-onnxruntime==1.2.13"
 DET_MEMBER = "rapidocr_onnxruntime/models/ch_PP-OCRv3_det_infer.onnx"
 DET_SHA256 = "3439588c030faea393a54515f51e983d8e155b19a2e8aba7891934c1cf0de526"
 CACHE_SUBDIR = "ppocr"
-PROCESS_TIMEOUT_S = 900
 
 _WEIGHTED = {"Conv": nn.Conv2d, "ConvTranspose": nn.ConvTranspose2d, "BatchNormalization": nn.BatchNorm2d}
 _PROBE_SIZE = 64  # input side of the forward pass that records the modules' call order (a multiple of 32)
@@ -42,7 +35,7 @@ class OnnxWeightsError(MdeployError):
     """The ONNX graph's weights do not fit the torch module."""
 
 
-class PPOCRAssetError(MdeployError):
+class PPOCRAssetError(WheelAssetError):
     """The RapidOCR wheel or its detector model could not be fetched or verified."""
 
 
@@ -56,66 +49,14 @@ def ppocr_det_onnx(cache_dir: Path | None = None, wheel: Path | None = None) -> 
 def ppocr_wheel_member(member: str, sha256: str, cache_dir: Path | None = None, wheel: Path | None = None) -> Path:
     """Path of the cached, verified wheel ``member`` (pinned to ``sha256``) under ``cache_dir/ppocr``; see
     ``ppocr_det_onnx``."""
-    folder = (Path(cache_dir) if cache_dir is not None else _default_cache_dir()).absolute() / CACHE_SUBDIR
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / Path(member).name
-    with exclusive_lock(folder / ".lock"):
-        if target.is_file() and sha256_file(target) == sha256:
-            return target
-        with tempfile.TemporaryDirectory(prefix=".download-", dir=folder) as downloads:
-            if wheel is None:
-                wheel = _pip_download_wheel(Path(downloads))
-            data = _read_wheel_member(Path(wheel), member)
-            actual = hashlib.sha256(data).hexdigest()
-            if actual != sha256:
-                raise PPOCRAssetError(
-                    f"{Path(member).name} from {Path(wheel).name} has sha256 {actual}, expected {sha256}: "
-                    f"not the {RAPIDOCR_REQUIREMENT} wheel. Point pip at PyPI or a faithful mirror "
-                    f"(PIP_INDEX_URL) and retry."
-                )
-            partial = Path(downloads) / (target.name + ".partial")
-            partial.write_bytes(data)
-            os.replace(partial, target)  # same file system: the cache never holds a partial model
-    return target
+    folder = (Path(cache_dir) if cache_dir is not None else _default_cache_dir()) / CACHE_SUBDIR
+    return wheel_member(WheelMember(RAPIDOCR_REQUIREMENT, member, sha256), folder, wheel, PPOCRAssetError)
 
 
 def _default_cache_dir() -> Path:
     """mdeploy.demo_assets' default (a higher layer, so not imported): ``$MDEPLOY_CACHE`` or .cache/mdeploy-demo."""
     configured = os.environ.get("MDEPLOY_CACHE")
     return Path(configured) if configured else Path.cwd() / ".cache" / "mdeploy-demo"
-
-
-def _pip_download_wheel(destination: Path) -> Path:
-    """The RapidOCR wheel, downloaded by pip as mdeploy.demo_assets downloads its packages."""
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
-               "--disable-pip-version-check", "--quiet", "-d", str(destination), RAPIDOCR_REQUIREMENT]
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S, check=False)
-    except subprocess.TimeoutExpired:
-        raise PPOCRAssetError(
-            f"pip download of {RAPIDOCR_REQUIREMENT} took over {PROCESS_TIMEOUT_S} s: check the network or the "
-            f"package index (PIP_INDEX_URL) and retry."
-        ) from None
-    wheels = sorted(destination.glob("rapidocr_onnxruntime-*.whl"))
-    if result.returncode != 0 or not wheels:
-        lines = [line.strip() for line in result.stderr.splitlines() if line.strip()]
-        detail = lines[-1] if lines else f"exit code {result.returncode}"
-        raise PPOCRAssetError(
-            f"pip could not download {RAPIDOCR_REQUIREMENT} ({detail}). Check network access to the package index "
-            f"(PIP_INDEX_URL), or pass the wheel's path (ppocr_det_onnx(wheel=...))."
-        )
-    return wheels[0]
-
-
-def _read_wheel_member(wheel: Path, member: str) -> bytes:
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            return archive.read(member)
-    except (KeyError, zipfile.BadZipFile, OSError) as err:
-        raise PPOCRAssetError(
-            f"cannot read {member} from {wheel.name} ({err}): the download is damaged or is not the "
-            f"{RAPIDOCR_REQUIREMENT} wheel."
-        ) from None
 
 
 @dataclass(frozen=True)
