@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/tflite_latency.py [--archs mobilenet_v2,mobilenet_v3_small,mobilenet_v3_large]
         [--size 224] [--width 1.0] [--threads 1,2] [--runs 50] [--warmup 10] [--no-builtin-hardswish] [--probe]
+        [--stock]
 
 For each model: fp32, int8 as shipped (hardswish decomposed so XNNPACK takes the whole graph) and, for V3, int8
 with TFLite's HARD_SWISH op (what every other converter emits) to show the partition problem. Times
@@ -9,7 +10,8 @@ with TFLite's HARD_SWISH op (what every other converter emits) to show the parti
 variants are timed in interleaved rounds so that load from other processes hits them alike.
 
 ``--probe`` times minimal int8 models (one op, or one hardswish, between two int8 ADDs that XNNPACK takes) and shows
-which int8 ops XNNPACK refuses: the evidence for the decomposition.
+which int8 ops XNNPACK refuses: the evidence for the decomposition. ``--stock`` adds TensorFlow's TFLiteConverter
+graphs of Keras's same architectures to the same interleaved run (``bench/stock_tflite.py``).
 Weights are random (BatchNorm with real statistics); latency does not depend on the values.
 """
 
@@ -111,6 +113,10 @@ def bench_models(args: argparse.Namespace) -> list[dict[str, object]]:
             if has_hardswish and args.builtin_hardswish:
                 paths["int8_hard_swish_op"] = Path(tmp) / f"{arch.value}.int8hs.tflite"
                 TfliteConverter(hardswish="builtin").export(graph, quantized, paths["int8_hard_swish_op"], INFO)
+            if args.stock:
+                from stock_tflite import stock_paths
+
+                paths |= stock_paths(arch, args.size, args.width, Path(tmp))
             partitions = {key: xnnpack_partitions(path.read_bytes())["partitions"] for key, path in paths.items()}
             for threads in args.threads:
                 medians = time_interleaved(paths, threads, args.runs, args.warmup)
@@ -118,6 +124,8 @@ def bench_models(args: argparse.Namespace) -> list[dict[str, object]]:
                                           "export_s": export_s, **{f"{k}_ms": v for k, v in medians.items()},
                                           **{f"{k}_partitions": v for k, v in partitions.items()}}
                 row["speedup"] = medians["fp32"] / medians["int8"]
+                if "stock_int8" in medians:
+                    row["stock_speedup"] = medians["fp32"] / medians["stock_int8"]
                 if "int8_hard_swish_op" in medians:
                     row["hard_swish_op_speedup"] = medians["fp32"] / medians["int8_hard_swish_op"]
                 rows.append(row)
@@ -125,8 +133,12 @@ def bench_models(args: argparse.Namespace) -> list[dict[str, object]]:
     return rows
 
 
-HEADER = ("| model | threads | fp32 ms | int8 ms | int8 speedup | int8 partitions | int8 with HARD_SWISH op ms "
-          "(partitions, speedup) |\n|---|---|---|---|---|---|---|")
+def header(stock: bool) -> str:
+    columns = ["model", "threads", "fp32 ms", "int8 ms", "int8 speedup", "int8 partitions",
+               "int8 with HARD_SWISH op ms (partitions, speedup)"]
+    if stock:
+        columns += ["TFLiteConverter fp32 ms", "TFLiteConverter int8 ms (partitions, speedup vs our fp32)"]
+    return f"| {' | '.join(columns)} |\n|{'---|' * len(columns)}"
 
 
 def format_row(row: dict[str, object]) -> str:
@@ -134,8 +146,12 @@ def format_row(row: dict[str, object]) -> str:
     if "int8_hard_swish_op_ms" in row:
         hs = (f"{row['int8_hard_swish_op_ms']:.2f} ({row['int8_hard_swish_op_partitions']}, "
               f"{row['hard_swish_op_speedup']:.2f}x)")
+    stock = ""
+    if "stock_int8_ms" in row:
+        stock = (f" {row['stock_fp32_ms']:.2f} | {row['stock_int8_ms']:.2f} ({row['stock_int8_partitions']}, "
+                 f"{row['stock_speedup']:.2f}x) |")
     return (f"| {row['model']} | {row['threads']} | {row['fp32_ms']:.2f} | {row['int8_ms']:.2f} | "
-            f"{row['speedup']:.2f}x | {row['int8_partitions']} | {hs} |")
+            f"{row['speedup']:.2f}x | {row['int8_partitions']} | {hs} |{stock}")
 
 
 # -- one-op evidence -----------------------------------------------------------------------------------------------
@@ -205,13 +221,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--no-builtin-hardswish", dest="builtin_hardswish", action="store_false")
     parser.add_argument("--probe", action="store_true", help="one-op evidence of what XNNPACK refuses in int8")
+    parser.add_argument("--stock", action="store_true",
+                        help="also time TFLiteConverter's fp32 and int8 graphs of Keras's same architectures")
     args = parser.parse_args()
     if args.runs < 30:
         parser.error("--runs must be >= 30")
     if args.probe:
         probe(args)
         return
-    print(HEADER, flush=True)
+    from families import cpu_line
+
+    print(f"CPU: {cpu_line()}\n\n{header(args.stock)}", flush=True)
     bench_models(args)
 
 

@@ -20,8 +20,9 @@ op needs another one:
 
 A TFLite tensor is named after the IR tensor it holds when it holds it in the canonical layout (what the per-layer
 taps read); in another order it is named ``<tensor>/<order>``. int8: RESHAPE and TRANSPOSE move codes on their
-input's grid; BATCH_MATMUL of two int8 activations writes its own grid; SOFTMAX writes the fixed grid its kernel
-demands (``policy.PROBABILITY_GRID``), requantised after when the quantiser chose another.
+input's grid; BATCH_MATMUL of two int8 activations writes its own grid; SOFTMAX is computed in float between a
+DEQUANTIZE and a QUANTIZE to the quantiser's grid (tensors named ``<node>/float_softmax...``: the one float island an
+int8 graph has by design: ``tflite_report.float_softmaxes`` lists them).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from mdeploy.graph.ir import Node, Op, OpRegistry, ReshapeAttrs, TransposeAttrs,
 from mdeploy.quantize.params import TensorQuant
 
 B = fb.BuiltinOperator
+FLOAT_SOFTMAX = "float_softmax"  # the role in the names of an int8 graph's float softmax tensors
 O = fb.BuiltinOptions
 
 Order = tuple[int, ...]
@@ -305,7 +307,17 @@ def last_axis_operand(t: Translator, node: Node, axis: int | None = None) -> tup
 
 @emits(Op.SOFTMAX)
 def softmax(t: Translator, node: Node) -> None:
+    """int8: DEQUANTIZE -> SOFTMAX in float -> QUANTIZE to the quantiser's grid, which XNNPACK runs inside the
+    graph's one partition; its int8 SOFTMAX is not delegated (a partition boundary on each side) and writes a fixed
+    1/256 grid that then needed a second rounding. The float softmax rounds once, as the quantiser simulates."""
     options = fb.SoftmaxOptionsT()
     options.beta = 1.0
     x, out = last_axis_operand(t, node, softmax_axis(node, len(t.graph.shapes[node.output])))
-    t.fixed_grid_op(node, B.SOFTMAX, options, O.SoftmaxOptions, x, out)
+    if not t.is_int8(node):
+        t.op(B.SOFTMAX, [x], out(), options, O.SoftmaxOptions)
+        return
+    shape = t.b.shape(x)
+    logits = t.op(B.DEQUANTIZE, [x], t.b.tensor(f"{node.name}/{FLOAT_SOFTMAX}/logits", shape, np.float32))
+    probabilities = t.op(B.SOFTMAX, [logits], t.b.tensor(f"{node.name}/{FLOAT_SOFTMAX}", shape, np.float32), options,
+                         O.SoftmaxOptions)
+    t.op(B.QUANTIZE, [probabilities], out())

@@ -19,6 +19,9 @@ MUL (with broadcasting and fused activations), MEAN, PAD, RESHAPE, LOGISTIC, QUA
   at 6x the output's scale with the output's zero point, so the last MUL maps codes to themselves; the only new
   rounding is relu6(x + 3) on an int8 grid over [0, min(6, max(x) + 3)];
 - hardsigmoid(x) = relu6(x + 3) / 6 is ADD(x, 3; fused RELU6) at 6x the output's scale, then MUL(., 1/6): exact;
+- that MUL(., 1/6) costs a pass over the tensor for nothing, so it is written only where needed: a tensor read
+  only by convs and linears (directly, or through squeeze-and-excitation's pool and product) stays stored at 6x,
+  and its readers divide their weight scales by 6 (``Translator.scaled``), the same integer arithmetic;
 - a standalone ReLU/ReLU6/clip(-1, 1) is ADD(x, 0) with that fused activation (requantising to its own range).
 """
 
@@ -107,6 +110,9 @@ class Translator:
         # transposes written to read tensors in another order (tflite_attention)
         self.order: dict[str, tuple[int, ...]] = {}
         self.arranged: dict[tuple[str, tuple[int, ...]], str] = {}
+        # IR tensor -> k when its int8 TFLite tensor holds k times its value: the same codes on a grid k times
+        # coarser, a constant factor the CONV/LINEAR layers reading it absorb in their weight scales (``scaled_grid``)
+        self.scaled: dict[str, float] = {}
 
     # -- domains: each IR tensor lives in int8 (quantised graphs) or float ---------------------------------------
     def is_int8(self, node: Node) -> bool:
@@ -226,12 +232,13 @@ class Translator:
         wq = self.quantized.weights[node.name]
         values = wq.values if node.op is Op.CONV else self._linear_columns(node, wq.values)
         values = np.transpose(values, layout) if values.ndim == 4 else values
-        scale = wq.scale.astype(np.float32)
+        factor = self.scaled.get(node.inputs[0], 1.0)  # the input holds factor x its value: weights 1 / factor
+        scale = (wq.scale.astype(np.float64) / factor).astype(np.float32)
         if not np.all(np.isfinite(scale) & (scale > 0)):
             raise UnsupportedOpError(f"weight scales of {node.source or node.name} must be positive and finite")
         zeros = (0,) * len(scale)
         w = self.b.constant(f"{node.name}/weight", values.astype(np.int8), Quant(tuple(scale), zeros, axis))
-        s_in = self.tq(node.inputs[0]).scale
+        s_in = self.tq(node.inputs[0]).scale  # the bias grid, s_in x weight scale, is the same either way
         bias_q = quantize_bias(node.bias, s_in, wq.scale)
         if np.abs(bias_q.astype(np.int64)).max(initial=0) >= INT32_MAX:
             raise UnsupportedOpError(f"the int32 bias of {node.source or node.name} overflows: weight scales too small")
@@ -263,7 +270,8 @@ class Translator:
 
     @emits(Op.MUL)
     def mul(self, node: Node) -> None:
-        self.op(B.MUL, [self.input(node, 0), self.input(node, 1)], self.output(node), fb.MulOptionsT(), O.MulOptions)
+        self.op(B.MUL, [self.input(node, 0), self.input(node, 1)], self.factored_output(node), fb.MulOptionsT(),
+                O.MulOptions)
 
     @emits(Op.RELU)
     def relu(self, node: Node) -> None:
@@ -313,6 +321,9 @@ class Translator:
         shape = self.b.shape(x)
         low, high = self.tq(node.inputs[0]).range
         gate = self.add_relu6(node, x, "relu6", TensorQuant.from_range(0.0, min(6.0, max(high + 3.0, 0.0))))
+        if self.absorbs_factor(node.output):  # x * relu6(x + 3) is 6 x the output: the readers take the 1/6
+            self.op(B.MUL, [x, gate], self.scaled_output(node, 6.0, "x_relu6"), fb.MulOptionsT(), O.MulOptions)
+            return
         out = self.tq(node.output)
         product = self.temp(node, "x_relu6", shape, TensorQuant(6.0 * out.scale, out.zero_point))
         self.op(B.MUL, [x, gate], product, fb.MulOptionsT(), O.MulOptions)
@@ -326,44 +337,48 @@ class Translator:
         if self.is_int8(node):
             out = self.tq(node.output)
             quant = TensorQuant(6.0 * out.scale, out.zero_point)  # relu6(x + 3) on the output's codes
+            if self.absorbs_factor(node.output) and self.add_relu6_grid(node, quant) == quant:  # 6 x the output
+                self.scaled[node.output] = 6.0
+                self.add_relu6(node, x, "relu6", quant, self.output(node, quant, name=f"{node.name}/relu6"))
+                return
         gate = self.add_relu6(node, x, "relu6", quant)
         self.op(B.MUL, [gate, self.scalar(node, "sixth", 1.0 / 6.0)], self.output(node), fb.MulOptionsT(),
                 O.MulOptions)
 
-    def add_relu6(self, node: Node, x: str, role: str, quant: TensorQuant | None) -> str:
-        """relu6(x + 3). XNNPACK runs an int8 ADD only while input scale / output scale < 256 (else the op leaves
-        the delegate and splits the graph): an input that coarse (scale > 6/255 * 256, a range of hundreds) cannot
-        resolve [-3, 3] anyway, so the gate's grid is coarsened to scale_in / 255 at no cost in precision."""
+    def add_relu6_grid(self, node: Node, quant: TensorQuant) -> TensorQuant:
+        """The grid of relu6(x + 3) asked on ``quant``. XNNPACK runs an int8 ADD only while input scale / output
+        scale < 256 (else the op leaves the delegate and splits the graph): an input that coarse (scale > 6/255 *
+        256, a range of hundreds) cannot resolve [-3, 3] anyway, so the grid is coarsened to scale_in / 255 at no
+        cost in precision."""
+        coarsest = self.tq(node.inputs[0]).scale / 255.0
+        return TensorQuant(coarsest, -128) if quant.scale < coarsest else quant  # [0, 255 * scale] holds [0, 6]
+
+    def add_relu6(self, node: Node, x: str, role: str, quant: TensorQuant | None, out: str | None = None) -> str:
+        """relu6(x + 3) on ``quant`` (``add_relu6_grid``), into ``out`` when given."""
         if quant is not None:
-            coarsest = self.tq(node.inputs[0]).scale / 255.0
-            if quant.scale < coarsest:
-                quant = TensorQuant(coarsest, -128)  # [0, 255 * scale] holds [0, 6]
+            quant = self.add_relu6_grid(node, quant)
         options = fb.AddOptionsT()
         options.fusedActivationFunction = ACT.RELU6
-        out = self.temp(node, role, self.b.shape(x), quant)
+        out = out or self.temp(node, role, self.b.shape(x), quant)
         return self.op(B.ADD, [x, self.scalar(node, "three", 3.0)], out, options, O.AddOptions)
 
     @emits(Op.SIGMOID)
     def sigmoid(self, node: Node) -> None:
         self.fixed_grid_op(node, B.LOGISTIC)
 
-    def fixed_grid_op(self, node: Node, code: int, options: object = None, options_type: int = 0,
-                      x: str | None = None, out: Callable[[], str] | None = None) -> None:
-        """An op whose int8 kernel needs a fixed output grid (LOGISTIC and SOFTMAX: scale 1/256, zero point -128,
-        from the op's int8 policy); requantised to the quantiser's grid after the op if that differs. ``x`` and
-        ``out`` (a maker of the output tensor): the input and output when not the node's own (SOFTMAX of any
-        rank, ``tflite_attention``)."""
-        x = x if x is not None else self.input(node)
-        out = out or (lambda: self.output(node))
+    def fixed_grid_op(self, node: Node, code: int) -> None:
+        """An op whose int8 kernel needs a fixed output grid (LOGISTIC: scale 1/256, zero point -128, from the op's
+        int8 policy); requantised to the quantiser's grid after the op if that differs."""
+        x = self.input(node)
         if self.is_int8(node):
             fixed = policy_of(node.op).fixed_grid("tflite")
             if fixed is None:
                 raise UnsupportedOpError(f"IR op {node.op.value}: its int8 policy names no fixed TFLite output grid")
             if self.tq(node.output) != fixed:
-                y = self.op(code, [x], self.temp(node, "fixed", self.b.shape(x), fixed), options, options_type)
-                self.op(B.QUANTIZE, [y], out())
+                y = self.op(code, [x], self.temp(node, "fixed", self.b.shape(x), fixed))
+                self.op(B.QUANTIZE, [y], self.output(node))
                 return
-        self.op(code, [x], out(), options, options_type)
+        self.op(code, [x], self.output(node))
 
     @emits(Op.GLOBAL_AVG_POOL)
     def global_avg_pool(self, node: Node) -> None:
@@ -380,7 +395,7 @@ class Translator:
             axes = self.b.constant(f"{node.name}/axis_h", np.array([1], np.int32))
         else:
             axes = self.b.constant(f"{node.name}/axes", np.array([1, 2], np.int32))
-        self.op(B.MEAN, [x, axes], self.output(node), options, O.ReducerOptions)
+        self.op(B.MEAN, [x, axes], self.factored_output(node), options, O.ReducerOptions)
 
     @emits(Op.FLATTEN)
     def flatten(self, node: Node) -> None:
@@ -410,7 +425,36 @@ class Translator:
         self.value[node.output] = self.pad_op(node, x, attrs.pads, self.output(node, self._input_quant(node)))
 
     def _input_quant(self, node: Node) -> TensorQuant | None:
-        return self.tq(node.inputs[0]) if self.is_int8(node) else None
+        """The grid of ``node``'s first input as stored (``scaled``) in an int8 graph, else None."""
+        if not self.is_int8(node):
+            return None
+        quant, factor = self.tq(node.inputs[0]), self.scaled.get(node.inputs[0], 1.0)
+        return quant if factor == 1.0 else TensorQuant(quant.scale * factor, quant.zero_point)
+
+    def absorbs_factor(self, tensor: str) -> bool:
+        """Whether int8 ``tensor`` may be stored times a constant factor (``scaled``): it is no graph output and
+        only int8 CONV and LINEAR layers read it as their input (linear in it: a factor on the input is a factor on
+        each weight scale, the same integer arithmetic), or int8 MULs and GLOBAL_AVG_POOLs (a squeeze-and-excitation
+        block's) whose outputs may be stored so in turn (``factored_output``)."""
+        readers = self.graph.consumers(tensor)
+        return bool(readers) and tensor not in self.graph.outputs and all(
+            self.is_int8(n) and (n.op in (Op.CONV, Op.LINEAR) and n.inputs == [tensor]
+                                 or n.op is Op.MUL and self.absorbs_factor(n.output)
+                                 or n.op is Op.GLOBAL_AVG_POOL and self.absorbs_factor(n.output))
+            for n in readers)
+
+    def factored_output(self, node: Node) -> str:
+        """``node``'s output (a MUL or GLOBAL_AVG_POOL, linear in each input), stored times the product of its
+        inputs' factors (``scaled``)."""
+        factor = float(np.prod([self.scaled.get(x, 1.0) for x in node.inputs]))
+        return self.output(node) if factor == 1.0 else self.scaled_output(node, factor, f"x{factor:g}")
+
+    def scaled_output(self, node: Node, factor: float, role: str) -> str:
+        """``node``'s int8 output stored times ``factor`` (``absorbs_factor`` must hold): a tensor named
+        ``<node>/<role>`` (the per-layer taps read only tensors named after IR tensors, which hold their values)."""
+        out = self.tq(node.output)
+        self.scaled[node.output] = factor
+        return self.output(node, TensorQuant(out.scale * factor, out.zero_point), name=f"{node.name}/{role}")
 
     def pad_op(self, node: Node, x: str, pads: tuple[int, int, int, int], out: str | None = None) -> str:
         top, bottom, left, right = pads

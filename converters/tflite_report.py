@@ -57,10 +57,12 @@ def op_list(model: fb.ModelT) -> list[tuple[str, list[int], list[int]]]:
 
 
 def float_ops(model: fb.ModelT) -> list[str]:
-    """Ops of an int8 graph that compute in float, other than the QUANTIZE/DEQUANTIZE at the graph's boundary."""
+    """Ops of an int8 graph that compute in float, other than the QUANTIZE/DEQUANTIZE at the graph's boundary and
+    the float softmaxes (``float_softmaxes``)."""
     graph = model.subgraphs[0]
     tensors = graph.tensors
     inputs, outputs = set(int(i) for i in graph.inputs), set(int(i) for i in graph.outputs)
+    island = {i for members in _float_softmax_islands(model).values() for i in members}
 
     def is_float(index: int) -> bool:
         tensor = tensors[index]
@@ -68,7 +70,9 @@ def float_ops(model: fb.ModelT) -> list[str]:
         return TYPE_NAMES.get(tensor.type) == "float32" and not constant
 
     found = []
-    for op, ins, outs in op_list(model):
+    for position, (op, ins, outs) in enumerate(op_list(model)):
+        if position in island:
+            continue
         if op == "QUANTIZE" and all(i in inputs for i in ins if i >= 0):
             continue
         if op == "DEQUANTIZE" and all(o in outputs for o in outs):
@@ -76,6 +80,40 @@ def float_ops(model: fb.ModelT) -> list[str]:
         if any(is_float(i) for i in ins + outs if i >= 0):
             found.append(f"{op} -> {_name(tensors[outs[0]])}")
     return found
+
+
+def float_softmaxes(model: fb.ModelT) -> list[str]:
+    """The SOFTMAXes an int8 graph computes in float, each between a DEQUANTIZE of an int8 tensor and a QUANTIZE
+    back to int8 that nothing else reads (how ``tflite_attention.softmax`` writes them: XNNPACK delegates no int8
+    SOFTMAX), by their int8 output tensors."""
+    tensors = model.subgraphs[0].tensors
+    ops = op_list(model)
+    return [_name(tensors[ops[quantize][2][0]]) for _, _, quantize in _float_softmax_islands(model).values()]
+
+
+def _float_softmax_islands(model: fb.ModelT) -> dict[int, tuple[int, int, int]]:
+    """{SOFTMAX op: (DEQUANTIZE, SOFTMAX, QUANTIZE) op positions} of every float softmax island."""
+    tensors = model.subgraphs[0].tensors
+    ops = op_list(model)
+    producer = {out: i for i, (_, _, outs) in enumerate(ops) for out in outs}
+    readers: dict[int, list[int]] = {}
+    for i, (_, ins, _) in enumerate(ops):
+        for tensor in ins:
+            readers.setdefault(tensor, []).append(i)
+
+    def dtype(index: int) -> str:
+        return TYPE_NAMES.get(tensors[index].type, "")
+
+    islands = {}
+    for i, (op, ins, outs) in enumerate(ops):
+        if op != "SOFTMAX" or dtype(outs[0]) != "float32":
+            continue
+        before, after = producer.get(ins[0]), readers.get(outs[0], [])
+        if (before is not None and ops[before][0] == "DEQUANTIZE" and dtype(ops[before][1][0]) == "int8"
+                and readers.get(ins[0]) == [i] and len(after) == 1 and ops[after[0]][0] == "QUANTIZE"
+                and dtype(ops[after[0]][2][0]) == "int8"):
+            islands[i] = (before, i, after[0])
+    return islands
 
 
 def is_quantized(model: fb.ModelT) -> bool:
@@ -140,6 +178,7 @@ def graph_report(content: bytes) -> dict[str, Any]:
         "transposes": histogram.get("TRANSPOSE", 0),
         "int8": quantized,
         "float_ops_inside": float_ops(model) if quantized else [],
+        "float_softmaxes": float_softmaxes(model) if quantized else [],
     }
     try:
         report["xnnpack"] = xnnpack_partitions(content)

@@ -86,6 +86,7 @@ def test_policy_rows_are_consistent() -> None:
             assert runtime in ("onnx", "tflite", "coreml") and grid.scale > 0, (op, runtime)
     assert policy.policy_of(Op.SIGMOID).fixed_grid("tflite") == policy.PROBABILITY_GRID
     assert policy.policy_of(Op.SOFTMAX).fixed_grid("onnx") is None
+    assert policy.policy_of(Op.SOFTMAX).fixed_grid("tflite") is None  # TFLite: a float softmax between int8 tensors
 
 
 class AllOps(nn.Module):

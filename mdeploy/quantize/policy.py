@@ -9,8 +9,10 @@ op's output.
   RELU, CLIP and SOFTMAX the observed range already lies inside, and clipping to the float64 bounds could only move a
   grid by the float32 rounding of a bound (clip(0, 0.1)) or, for a range that excludes 0 (clip(1, 6)), change what the
   estimators see: turning it on would change existing int8 artifacts, so it stays off;
-- ``fixed_output``: per runtime, the output grid its int8 kernel demands (TFLite's int8 LOGISTIC and SOFTMAX need
-  scale 1/256, zero point -128); a writer requantises to the quantiser's grid after the op when the two differ;
+- ``fixed_output``: per runtime, the output grid its int8 kernel demands (TFLite's int8 LOGISTIC needs scale 1/256,
+  zero point -128); a writer requantises to the quantiser's grid after the op when the two differ. (TFLite's int8
+  SOFTMAX demands it too, but the TFLite writer computes a softmax in float between int8 tensors instead: XNNPACK
+  delegates no int8 SOFTMAX);
 - ``keeps_channels``: output channel c depends on input channel c only, linearly, so a per-channel rescaling of the
   inputs passes through to the output (activation equalisation; FLATTEN only of a 1x1 map, see ``equalize``).
   LEAKY_RELU and PRELU keep channels because scales are positive and they are positively homogeneous; AFFINE
@@ -54,7 +56,7 @@ SILU_MIN = -0.2785  # min of x * sigmoid(x), at x = -1.2785 (-0.27846...), round
 # min of GELU, rounded down: -0.16997 at x = -0.7518 (erf form), -0.17004 at x = -0.7525 (tanh approximation)
 GELU_MIN = -0.1701
 
-# int8 grid of a probability, [0, 255/256]: what TFLite's int8 LOGISTIC and SOFTMAX kernels write.
+# int8 grid of a probability, [0, 255/256]: what TFLite's int8 LOGISTIC kernel writes.
 PROBABILITY_GRID = TensorQuant(1.0 / 256.0, -128)
 # sigmoid(x) is within half a probability step (1/512) of 0 or 1 for |x| > ln(511)
 SIGMOID_SATURATION = float(np.log(511.0))
@@ -121,7 +123,7 @@ POLICY: Mapping[Op, QuantPolicy] = MappingProxyType({
     Op.GLOBAL_AVG_POOL: QuantPolicy(keeps_channels=True),
     Op.FLATTEN: QuantPolicy(shares_input_grid=True, keeps_channels=True),
     Op.PAD: QuantPolicy(shares_input_grid=True, keeps_channels=True),
-    Op.SOFTMAX: QuantPolicy(output_range=_constant(0.0, 1.0), fixed_output=_fixed(tflite=PROBABILITY_GRID)),
+    Op.SOFTMAX: QuantPolicy(output_range=_constant(0.0, 1.0)),
     Op.CONCAT: QuantPolicy(inputs_take_output_grid=True),
     Op.MAX_POOL: QuantPolicy(shares_input_grid=True, keeps_channels=True),  # picks values: exact on the input grid
     Op.AVG_POOL: QuantPolicy(shares_input_grid=True, keeps_channels=True),  # a mean stays in the input's range

@@ -22,17 +22,21 @@ the right to 192. ``CLS_MEAN``/``CLS_STD`` are in units of the 0..1 image, like 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import BadInputError
 from .layers import make_divisible
 from .ppocr_det import HS, RE, ConvBNLayer, ResidualUnit
 from .ppocr_weights import OnnxWeightsError, _tensor, load_onnx_weights, ppocr_wheel_member
+from .text_images import TextImage
 
 __all__ = ["PPOCRMobileV2Cls", "load_ppocr_cls", "load_cls_weights", "ppocr_cls_onnx", "load_onnx_linear",
            "CLS_MEAN", "CLS_STD", "CLS_INPUT_SHAPE", "CLS_LABELS", "cls_input", "CLS_MEMBER", "CLS_SHA256"]
@@ -184,3 +188,28 @@ def cls_input(bgr: np.ndarray) -> np.ndarray:
         raise BadInputError(f"expected a (48, 192, 3) crop, got {bgr.shape}")
     x = (np.asarray(bgr, dtype=np.float32) / np.float32(255) - np.float32(CLS_MEAN[0])) / np.float32(CLS_STD[0])
     return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def line_input(image: Image.Image) -> np.ndarray:
+    """RapidOCR's ``resize_norm_img``: height 48, width ceil(48 * aspect) capped at 192, BGR, (x / 255 - 0.5) / 0.5,
+    zero-padded on the right (after normalisation) to 192."""
+    _, height, width = CLS_INPUT_SHAPE
+    resized_w = min(width, math.ceil(height * image.width / image.height))
+    bgr = np.asarray(image.convert("RGB").resize((resized_w, height), Image.Resampling.BILINEAR))[:, :, ::-1]
+    x = np.zeros(CLS_INPUT_SHAPE, dtype=np.float32)
+    x[:, :, :resized_w] = ((bgr.astype(np.float32) / 255 - 0.5) / 0.5).transpose(2, 0, 1)
+    return x
+
+
+def word_line_inputs(items: Sequence[TextImage], margin: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """(upright, turned 180 degrees) classifier inputs of every word of ``items``: its ink box plus ``margin``
+    pixels, through ``line_input``; one row per word."""
+    upright, turned = [], []
+    for item in items:
+        width, height = item.image.size
+        for left, top, right, bottom in item.boxes:
+            crop = item.image.crop((max(left - margin, 0), max(top - margin, 0), min(right + margin, width),
+                                    min(bottom + margin, height)))
+            upright.append(line_input(crop))
+            turned.append(line_input(crop.rotate(180)))
+    return np.stack(upright), np.stack(turned)
