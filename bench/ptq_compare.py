@@ -18,8 +18,8 @@ Rows: ONNX Runtime's ``quantize_static`` (QDQ, per-channel int8 weights, int8 ac
 Percentile 99.999 and Entropy (2048 bins, through ORT's calibrator: ``quantize_static`` alone uses 128); NNCF's
 ``nncf.quantize`` with its defaults and with ``fast_bias_correction=False``; mdeploy's default recipe. Every
 model's int8 codes are stored as uint8 (code + 128, the same grid) before it runs, as mdeploy stores its own
-(``converters/onnx_dense.stored_codes``): ONNX Runtime's x86 kernels without VNNI saturate int8 x int8 products,
-which would judge the tools by this CPU instead of by their choices. Top-1 agreement and logit SNR (for the
+(``families.with_uint8_codes``): ONNX Runtime's x86 kernels without VNNI saturate int8 x int8 products, which
+would judge the tools by this CPU instead of by their choices. Top-1 agreement and logit SNR (for the
 classifier, of its two softmax probabilities) against fp32 PyTorch on the held-out samples.
 """
 
@@ -41,13 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 os.environ.setdefault("XDG_CACHE_HOME", str(ROOT / ".cache" / "library-home" / "cache"))
 
-from families import cpu_line, run_onnx  # noqa: E402
+from families import cpu_line, run_onnx, with_uint8_codes  # noqa: E402
 from mdeploy.calibration.config import QuantRecipe  # noqa: E402
 from mdeploy.calibration.dataset import SampleSet  # noqa: E402
 from mdeploy.calibration.preprocess import Preprocess  # noqa: E402
 from mdeploy.converters.base import ArtifactInfo  # noqa: E402
 from mdeploy.converters.onnx import OnnxConverter  # noqa: E402
-from mdeploy.converters.onnx_dense import stored_codes  # noqa: E402
 from mdeploy.demo_assets import DemoAssets, prepare_demo_assets  # noqa: E402
 from mdeploy.graph.from_torch import graph_from_torch  # noqa: E402
 from mdeploy.loading import load_model  # noqa: E402
@@ -175,19 +174,6 @@ def mdeploy_default(case: Case) -> Callable[[Path, Path], None]:
         quantized = quantize(graph, case.calib, QuantRecipe.default())
         OnnxConverter().export(quantized.graph, quantized, out, ArtifactInfo("bench", {}, ()))
     return run
-
-
-def with_uint8_codes(path: Path) -> None:
-    """Every int8 initializer (weight codes and zero points) as uint8, code + 128: the same grid (module docstring)."""
-    import onnx
-    from onnx import numpy_helper
-
-    model = onnx.load(str(path))
-    for init in model.graph.initializer:
-        if init.data_type == onnx.TensorProto.INT8:
-            init.CopyFrom(numpy_helper.from_array(stored_codes(numpy_helper.to_array(init)), init.name))
-    del model.graph.value_info[:]  # recorded int8 types of the codes (NNCF writes them): ONNX Runtime infers them
-    onnx.save(model, str(path))
 
 
 # -- the table ---------------------------------------------------------------------------------------------------------
