@@ -111,7 +111,7 @@ class Translator:
         self.order: dict[str, tuple[int, ...]] = {}
         self.arranged: dict[tuple[str, tuple[int, ...]], str] = {}
         # IR tensor -> k when its int8 TFLite tensor holds k times its value: the same codes on a grid k times
-        # coarser, a constant factor the CONV/LINEAR layers reading it absorb in their weight scales (``scaled_grid``)
+        # coarser, a constant factor the CONV/LINEAR layers reading it absorb in their weight scales (``absorbs_factor``)
         self.scaled: dict[str, float] = {}
 
     # -- domains: each IR tensor lives in int8 (quantised graphs) or float ---------------------------------------
