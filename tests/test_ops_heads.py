@@ -137,12 +137,6 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], set[Op]]] = {
                                  {Op.CONCAT, Op.SOFTMAX}),
 }
 
-# XNNPACK (LiteRT 2.3) runs every fp32 model here in one partition; int8 SOFTMAX it refuses (a partition boundary
-# after it, or the whole head).
-INT8_OUTSIDE_XNNPACK = {"softmax_map_channels": ["SOFTMAX"], "softmax_map_height": ["SOFTMAX"],
-                        "ssd_softmax_classes": ["SOFTMAX"], "ssd_softmax_classes_dim1": ["SOFTMAX"]}
-
-
 @pytest.fixture(scope="module")
 def images(calib_dir: Path, demo_assets) -> tuple[np.ndarray, np.ndarray]:  # type: ignore[no-untyped-def]
     """(calibration photos, other photos to check on), preprocessed at SIZE."""
@@ -169,11 +163,10 @@ def test_fp32_everywhere(name: str, images: tuple[np.ndarray, np.ndarray], tmp_p
 
 # int8 SNR against PyTorch on photos the calibration did not see: the heads' conv outputs are requantised to the
 # concat's grid (a reshape shares its input's grid, so it cannot take the concat's), one rounding more than a
-# channel concat; softmax writes TFLite's fixed 1/256 grid. 25 dB fails a wrong axis or a wrong grid (a softmax over
-# the wrong axis, or joined along the wrong axis, is far below); each runtime must reproduce the simulation to 30 dB.
-# (A softmax over SSD's ~1000 anchors is not among them: its probabilities of ~1e-3 lie below TFLite's fixed int8
-# grid of 1/256, so LiteRT's int8 SOFTMAX writes nearly all zeros, 0.1 dB; over the classes, as SSD's postprocessing
-# does, it is fine.)
+# channel concat. 25 dB fails a wrong axis or a wrong grid (a softmax over the wrong axis, or joined along the wrong
+# axis, is far below); each runtime must reproduce the simulation to 30 dB. XNNPACK (LiteRT 2.3) runs every model
+# here in one partition, fp32 and int8: it has no int8 SOFTMAX, so the int8 graph computes each softmax in float
+# between a DEQUANTIZE and a QUANTIZE to the quantiser's grid.
 INT8_SNR_DB = 25.0
 
 
@@ -185,9 +178,10 @@ def test_int8_everywhere(name: str, images: tuple[np.ndarray, np.ndarray], tmp_p
     assert_int8_everywhere(model, quantized.graph, quantized, x, tmp_path, min_snr_db=INT8_SNR_DB,
                            min_snr_vs_simulation_db=30.0)
     path = tmp_path / "m.int8.tflite"
-    outside = INT8_OUTSIDE_XNNPACK.get(name, [])
-    assert _outside_xnnpack(path)[0] == outside
-    assert REGISTRY[Target.tflite].inspect(path)["graph"]["float_ops_inside"] == []
+    assert _outside_xnnpack(path) == ([], 1)
+    report = REGISTRY[Target.tflite].inspect(path)["graph"]
+    assert report["float_ops_inside"] == [], report
+    assert len(report["float_softmaxes"]) == sum(n.op is Op.SOFTMAX for n in graph.nodes), report
 
 
 def test_axes_in_the_ir_and_the_tflite_layout(images: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
