@@ -56,13 +56,17 @@ def op_list(model: fb.ModelT) -> list[tuple[str, list[int], list[int]]]:
              [int(i) for i in (op.outputs if op.outputs is not None else [])]) for op in model.subgraphs[0].operators]
 
 
-def float_ops(model: fb.ModelT) -> list[str]:
+Islands = dict[int, tuple[int, int, int]]  # {SOFTMAX op: (DEQUANTIZE, SOFTMAX, QUANTIZE) op positions}
+
+
+def float_ops(model: fb.ModelT, islands: Islands | None = None) -> list[str]:
     """Ops of an int8 graph that compute in float, other than the QUANTIZE/DEQUANTIZE at the graph's boundary and
-    the float softmaxes (``float_softmaxes``)."""
+    the float softmaxes (``float_softmaxes``; ``islands``: their ``float_softmax_islands`` when known)."""
     graph = model.subgraphs[0]
     tensors = graph.tensors
     inputs, outputs = set(int(i) for i in graph.inputs), set(int(i) for i in graph.outputs)
-    island = {i for members in _float_softmax_islands(model).values() for i in members}
+    islands = float_softmax_islands(model) if islands is None else islands
+    island = {i for members in islands.values() for i in members}
 
     def is_float(index: int) -> bool:
         tensor = tensors[index]
@@ -82,17 +86,18 @@ def float_ops(model: fb.ModelT) -> list[str]:
     return found
 
 
-def float_softmaxes(model: fb.ModelT) -> list[str]:
+def float_softmaxes(model: fb.ModelT, islands: Islands | None = None) -> list[str]:
     """The SOFTMAXes an int8 graph computes in float, each between a DEQUANTIZE of an int8 tensor and a QUANTIZE
     back to int8 that nothing else reads (how ``tflite_attention.softmax`` writes them: XNNPACK delegates no int8
     SOFTMAX), by their int8 output tensors."""
     tensors = model.subgraphs[0].tensors
     ops = op_list(model)
-    return [_name(tensors[ops[quantize][2][0]]) for _, _, quantize in _float_softmax_islands(model).values()]
+    islands = float_softmax_islands(model) if islands is None else islands
+    return [_name(tensors[ops[quantize][2][0]]) for _, _, quantize in islands.values()]
 
 
-def _float_softmax_islands(model: fb.ModelT) -> dict[int, tuple[int, int, int]]:
-    """{SOFTMAX op: (DEQUANTIZE, SOFTMAX, QUANTIZE) op positions} of every float softmax island."""
+def float_softmax_islands(model: fb.ModelT) -> Islands:
+    """Every float softmax island of an int8 graph (``float_softmaxes``), by its SOFTMAX op's position."""
     tensors = model.subgraphs[0].tensors
     ops = op_list(model)
     producer = {out: i for i, (_, _, outs) in enumerate(ops) for out in outs}
@@ -172,13 +177,14 @@ def graph_report(content: bytes) -> dict[str, Any]:
     ops = op_list(model)
     histogram = Counter(op for op, _, _ in ops)
     quantized = is_quantized(model)
+    islands = float_softmax_islands(model) if quantized else {}
     report: dict[str, Any] = {
         "ops": dict(sorted(histogram.items())),
         "op_count": len(ops),
         "transposes": histogram.get("TRANSPOSE", 0),
         "int8": quantized,
-        "float_ops_inside": float_ops(model) if quantized else [],
-        "float_softmaxes": float_softmaxes(model) if quantized else [],
+        "float_ops_inside": float_ops(model, islands) if quantized else [],
+        "float_softmaxes": float_softmaxes(model, islands) if quantized else [],
     }
     try:
         report["xnnpack"] = xnnpack_partitions(content)

@@ -307,7 +307,7 @@ def convert(options: ConvertOptions, reporter: Reporter | None = None) -> Conver
                 float_input = all(options.converter(t).int8_takes_float_input for t in options.targets)
                 recipe = replace(options.recipe, float_input=float_input)
                 quantized = quantize_to_target(graph, calib.to_array(), recipe, lambda done, total, node: advance(1),
-                                               reporter.step)
+                                               reporter.step, [str(path) for path in calib.paths])
         if quantized.mixed_precision is not None:
             reporter.step(mixed_precision_summary(mixed_precision_record(quantized.mixed_precision)))
         reporter.step(f"int8 parameters chosen in {clock.seconds['quantize']:.1f} s")

@@ -85,6 +85,24 @@ def test_noise_estimate_matches_the_noise_each_grid_adds(setup) -> None:  # type
         assert 0.5 < ratio < 2, (name, activation_noise[name][0], measured)
 
 
+def test_held_back_samples_are_whole_stretches_of_the_files_in_name_order() -> None:
+    """Crops of one photo sit together in name order: the held-back quarter takes whole photos, none of them fitted,
+    and spreads the search's samples over them; one file of many tensors falls back to a quarter picked one by one."""
+    names = [f"photo{photo:02d}_{crop:04d}.jpg" for photo in range(16) for crop in range(12)]
+    order = np.random.default_rng(1).permutation(len(names))  # the CLI reads files in a seeded shuffled order
+    names = [names[i] for i in order]
+    samples = np.arange(len(names), dtype=np.float32)[:, None]  # each sample is its own index
+    fit, held = split_calibration(samples, seed=3, names=names)
+    photo = [name[:7] for name in names]
+    fitted, held_photos = {photo[int(i)] for i in fit[:, 0]}, [photo[int(i)] for i in held[:, 0]]
+    assert len(fit) == 144 and len(held) == 32 and not fitted & set(held_photos)
+    assert len(set(held_photos)) == 4 and all(held_photos.count(p) == 8 for p in set(held_photos))
+    assert split_calibration(samples, seed=4, names=names)[1].tolist() != held.tolist()  # the seed picks the stretches
+
+    fit, held = split_calibration(samples, seed=3, names=["tensors.npy"] * len(names))
+    assert len(fit) == 160 and len(held) == 32 and not set(fit[:, 0]) & set(held[:, 0])
+
+
 def test_search_reaches_its_target_with_a_few_layers(setup) -> None:  # type: ignore[no-untyped-def]
     """Judged on calibration samples the quantiser did not fit, the choice carries over to held-out photos."""
     graph, _, calibration, held_out = setup
