@@ -1,0 +1,77 @@
+"""ExecuTorch programs from IR graphs (``converters/pte_program.py``, the coming `.pte` target): XNNPACK takes the
+whole graph, fp32 equals PyTorch, and int8 carries the quantiser's decisions (no fp32 weights, outputs within a few
+output steps of the simulation, the same SNR against PyTorch), on the trained MobileNetV2 and real photos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mdeploy.calibration.config import QuantRecipe
+from mdeploy.converters.pte_program import Int8Program, program_runner, write_program
+from mdeploy.graph.execute import GraphRunner
+from mdeploy.graph.from_torch import graph_from_torch
+from mdeploy.metrics import snr_db
+from mdeploy.quantize.ptq import quantize
+from mdeploy.quantize.simulate import simulate
+from mdeploy.zoo import Arch, ModelConfig, build_model
+from tests.model_library import photos
+from tests.test_graph import randomize_batch_norm
+
+SIZE = 128
+# XNNPACK requantises in fixed point, as for TFLite (tests/test_converters.py: 8 output steps); measured 4 on the
+# trained V2 at 224 px.
+LSB_FROM_SIMULATION = 8.0
+
+
+def run_all(path: Path, inputs: np.ndarray) -> np.ndarray:
+    run = program_runner(path)
+    return np.concatenate([run(inputs[i:i + 1])[0] for i in range(len(inputs))])
+
+
+def test_fp32_program_is_one_delegate_and_equals_pytorch(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = randomize_batch_norm(build_model(ModelConfig(Arch.mobilenet_v2, 0.5, 10))).eval()
+    graph = graph_from_torch(model, (1, 3, SIZE, SIZE))
+    lowered = write_program(graph, None, tmp_path / "v2.fp32.pte")
+    assert lowered.delegates == 1 and lowered.outside == {}, lowered
+    x = np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    want = model(torch.from_numpy(x)).detach().numpy()
+    got = run_all(tmp_path / "v2.fp32.pte", x)
+    assert np.abs(got - want).max() <= 1e-4 * max(1.0, float(np.abs(want).max()))
+
+
+def test_int8_program_carries_the_quantisers_decisions(real_v2_weights: Path, calib_dir: Path, eval_dir: Path,
+                                                       tmp_path: Path) -> None:
+    model = build_model(ModelConfig(Arch.mobilenet_v2))
+    model.load_state_dict(torch.load(real_v2_weights, weights_only=True))
+    graph = graph_from_torch(model.eval(), (1, 3, SIZE, SIZE))
+    qgraph = quantize(graph, photos(calib_dir, SIZE, 48, spread=True).numpy())
+    held_out = photos(eval_dir, SIZE, 16, spread=True).numpy()
+
+    lowered = write_program(graph, qgraph, tmp_path / "v2.int8.pte")
+    assert lowered.delegates == 1 and lowered.outside == {}, lowered
+    module = Int8Program(qgraph)
+    assert all(not b.is_floating_point() or b.dim() < 2 for b in module.buffers())  # no fp32 weight tensor left
+    fp32_size = sum(w.nbytes for w in (n.params.get("weight") for n in graph.nodes) if w is not None)
+    assert (tmp_path / "v2.int8.pte").stat().st_size < 0.32 * fp32_size  # a quarter: int8 codes, plus scales and biases
+
+    got = run_all(tmp_path / "v2.int8.pte", held_out)
+    simulated = simulate(qgraph, held_out)
+    step = qgraph.activations[graph.outputs[0]].scale
+    assert np.abs(got - simulated).max() <= LSB_FROM_SIMULATION * step
+    reference = GraphRunner(graph).outputs(held_out)[0].numpy()
+    assert abs(snr_db(reference, got) - snr_db(reference, simulated)) < 0.3
+    assert snr_db(reference, got) > 15.0  # trained V2 at 128 px on 48 photos: ~20 dB
+
+
+def test_mixed_precision_is_refused_until_written() -> None:
+    model = build_model(ModelConfig(Arch.mobilenet_v2, 0.35, 10)).eval()
+    graph = graph_from_torch(model, (1, 3, 64, 64))
+    x = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
+    mixed = quantize(graph, x, QuantRecipe(float_nodes=(graph.nodes[0].name,)))
+    with pytest.raises(NotImplementedError, match="mixed precision"):
+        Int8Program(mixed)
