@@ -4,9 +4,9 @@ held-out crops.
 
     .venv/bin/python bench/pte_probe.py [--arch mobilenet_v2] [--calib 200] [--eval 64] [--runs 60]
 
-Prints the delegates and ops left outside, file size, the int8 program's distance from mdeploy's int8 simulation in
-output steps, SNR and top-1 agreement against PyTorch next to the simulation's, and fp32 vs int8 latency on
-ExecuTorch's runtime, interleaved, 1 thread. Architectures other than V2 use random weights (the structure is what
+Prints the delegates, the float/int8 conversions inside them and the ops left outside, file size, the int8
+program's distance from mdeploy's int8 simulation in output steps, SNR and top-1 agreement against PyTorch next to
+the simulation's, and fp32 vs int8 latency on ExecuTorch's runtime, interleaved, 1 thread. Architectures other than V2 use random weights (the structure is what
 matters for delegation; their accuracy figures then mean nothing).
 """
 
@@ -71,9 +71,10 @@ def main() -> None:
             got = np.concatenate([method.execute([torch.from_numpy(evaluation[i:i + 1])])[0].numpy()
                                   for i in range(len(evaluation))])
             m = compare(reference, got)
+            conversions = lowered.inside.get("XNNConvert", 0)
             line = (f"{precision}: {path.stat().st_size / 1e6:.1f} MB, lowered in {seconds:.0f} s, {lowered.delegates} "
-                    f"XNNPACK delegate(s), ops outside {lowered.outside}; SNR {m.snr_db:.1f} dB, "
-                    f"top-1 {m.top1_agreement:.1%}")
+                    f"XNNPACK delegate(s) ({conversions} float/int8 conversions inside), ops outside "
+                    f"{lowered.outside}; SNR {m.snr_db:.1f} dB, top-1 {m.top1_agreement:.1%}")
             if precision == "int8":
                 step = qgraph.activations[graph.outputs[0]].scale
                 sim = compare(reference, simulated)

@@ -46,7 +46,8 @@ def main() -> None:
         work = args.keep or Path(tmp)
         tflite: dict[str, Path] = {}
         summary = ""
-        print("\n| run | artifact | runtime | SNR dB | top-1 agreement | size MB | quantise s |\n|---|---|---|---|---|---|---|")
+        print("\n| run | artifact | runtime | SNR dB | top-1 agreement | size MB | quantise s |\n"
+              "|---|---|---|---|---|---|---|")
         for run, target_snr in (("full int8", None), (f"--target-snr {args.target_snr:g}", args.target_snr)):
             options = ConvertOptions(
                 model=ModelSource(assets.weights, Arch.mobilenet_v2), out=work / ("mixed" if target_snr else "full"),

@@ -25,6 +25,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,10 +128,33 @@ class Int8Program(FloatProgram):
 
 @dataclasses.dataclass(frozen=True)
 class Lowered:
-    """What lowering left: the XNNPACK delegates and every other op the program runs, by name."""
+    """What lowering made: the XNNPACK delegates, the XNNPACK nodes inside them by kind (``XNNConvert``: a float <->
+    int8 conversion), and every other op the program runs, by name."""
 
     delegates: int
+    inside: dict[str, int]
     outside: dict[str, int]
+
+
+@contextlib.contextmanager
+def xnnpack_node_kinds() -> Iterator[Counter[str]]:
+    """Counts the nodes of every XNNPACK graph serialised meanwhile, by kind. ExecuTorch keeps no readable copy of
+    a delegate's graph, so the serialiser its XNNPACK backend calls is wrapped for the duration."""
+    with quiet_imports():
+        from executorch.backends.xnnpack import xnnpack_preprocess
+
+    kinds: Counter[str] = Counter()
+    serialize = xnnpack_preprocess.serialize_xnnpack_binary
+
+    def counting(graph: Any, *args: Any, **kwargs: Any) -> Any:
+        kinds.update(type(node.xnode_union).__name__ for node in graph.xnodes)
+        return serialize(graph, *args, **kwargs)
+
+    xnnpack_preprocess.serialize_xnnpack_binary = counting
+    try:
+        yield kinds
+    finally:
+        xnnpack_preprocess.serialize_xnnpack_binary = serialize
 
 
 @contextlib.contextmanager
@@ -154,8 +178,8 @@ def write_program(graph: Graph, quantized: QuantizedGraph | None, path: Path) ->
 
     module = (FloatProgram(graph) if quantized is None else Int8Program(quantized)).eval()
     example = torch.zeros(tuple(graph.input_shape), dtype=torch.float32)
-    with warnings.catch_warnings():  # torch.export's own deprecation notices (pytree LeafSpec)
-        warnings.simplefilter("ignore", FutureWarning)
+    with warnings.catch_warnings(), xnnpack_node_kinds() as inside:
+        warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecation notices (pytree LeafSpec)
         exported = torch.export.export(module, (example,))
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
     calls = [n for n in edge.exported_program().graph_module.graph.nodes if n.op == "call_function"]
@@ -163,7 +187,7 @@ def write_program(graph: Graph, quantized: QuantizedGraph | None, path: Path) ->
     delegates = names.pop("executorch_call_delegate", 0)
     names.pop("getitem", None)
     path.write_bytes(edge.to_executorch().buffer)
-    return Lowered(delegates, dict(names))
+    return Lowered(delegates, dict(inside), dict(names))
 
 
 def _op_name(target: Callable[..., object] | str) -> str:

@@ -39,6 +39,7 @@ def test_fp32_program_is_one_delegate_and_equals_pytorch(arch: Arch, tmp_path: P
     graph = graph_from_torch(model, (1, 3, SIZE, SIZE))
     lowered = write_program(graph, None, tmp_path / "fp32.pte")
     assert lowered.delegates == 1 and lowered.outside == {}, lowered  # V3: no scalar copies outside either
+    assert "XNNConvert" not in lowered.inside and lowered.inside.get("XNNConv2d", 0) > 10, lowered
     x = np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
     want = model(torch.from_numpy(x)).detach().numpy()
     got = run_all(tmp_path / "fp32.pte", x)
@@ -55,6 +56,8 @@ def test_int8_program_carries_the_quantisers_decisions(real_v2_weights: Path, ca
 
     lowered = write_program(graph, qgraph, tmp_path / "v2.int8.pte")
     assert lowered.delegates == 1 and lowered.outside == {}, lowered
+    # float only at the boundary: the input's quantize and the output's dequantize are the delegate's 2 conversions
+    assert lowered.inside["XNNConvert"] == 2 and lowered.inside["XNNConv2d"] == 35, lowered
     module = Int8Program(qgraph)
     assert all(not b.is_floating_point() or b.dim() < 2 for b in module.buffers())  # no fp32 weight tensor left
     fp32_size = sum(w.nbytes for w in (n.params.get("weight") for n in graph.nodes) if w is not None)
