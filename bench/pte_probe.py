@@ -6,8 +6,8 @@ held-out crops.
 
 Prints the delegates, the float/int8 conversions inside them and the ops left outside, file size, the int8
 program's distance from mdeploy's int8 simulation in output steps, SNR and top-1 agreement against PyTorch next to
-the simulation's, and fp32 vs int8 latency on ExecuTorch's runtime, interleaved, 1 thread. Architectures other than V2 use random weights (the structure is what
-matters for delegation; their accuracy figures then mean nothing).
+the simulation's, and fp32 vs int8 latency on ExecuTorch's runtime, interleaved, 1 thread. Architectures other than
+V2 use random weights (the structure is what matters for delegation; their accuracy figures then mean nothing).
 """
 
 from __future__ import annotations
