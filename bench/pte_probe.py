@@ -27,7 +27,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from families import cpu_line  # noqa: E402
 from mdeploy.calibration.dataset import SampleSet  # noqa: E402
 from mdeploy.calibration.preprocess import Preprocess  # noqa: E402
-from mdeploy.converters.pte_program import write_program  # noqa: E402
+from mdeploy.converters.pte_program import program_runner, write_program  # noqa: E402
 from mdeploy.demo_assets import prepare_demo_assets  # noqa: E402
 from mdeploy.graph.from_torch import graph_from_torch  # noqa: E402
 from mdeploy.metrics import compare  # noqa: E402
@@ -43,8 +43,6 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=64)
     parser.add_argument("--runs", type=int, default=60)
     args = parser.parse_args()
-    from executorch.runtime import Runtime
-
     torch.set_num_threads(1)
     assets = prepare_demo_assets(ROOT / ".cache" / "mdeploy-demo")
     model = build_model(ModelConfig(args.arch)).eval()
@@ -58,18 +56,15 @@ def main() -> None:
     reference = model(torch.from_numpy(evaluation)).detach().numpy()
     simulated = Simulator(qgraph)(evaluation)
     print(f"CPU: {cpu_line()}\n{args.arch.value}, {len(calib)} calibration / {len(evaluation)} held-out crops\n")
-    runtime = Runtime.get()
     with tempfile.TemporaryDirectory() as tmp:
-        methods = {}
+        runs = {}
         for precision, quantized in (("fp32", None), ("int8", qgraph)):
             path = Path(tmp) / f"{args.arch.value}.{precision}.pte"
             started = time.perf_counter()
             lowered = write_program(graph, quantized, path)
             seconds = time.perf_counter() - started
-            method = runtime.load_program(str(path)).load_method("forward")
-            methods[precision] = method
-            got = np.concatenate([method.execute([torch.from_numpy(evaluation[i:i + 1])])[0].numpy()
-                                  for i in range(len(evaluation))])
+            run = runs[precision] = program_runner(path)
+            got = np.concatenate([run(evaluation[i:i + 1])[0] for i in range(len(evaluation))])
             m = compare(reference, got)
             conversions = lowered.inside.get("XNNConvert", 0)
             line = (f"{precision}: {path.stat().st_size / 1e6:.1f} MB, lowered in {seconds:.0f} s, {lowered.delegates} "
@@ -81,16 +76,16 @@ def main() -> None:
                 line += (f" (mdeploy's simulation {sim.snr_db:.1f} dB, {sim.top1_agreement:.1%}; max distance from "
                          f"it {np.abs(got - simulated).max() / step:.1f} output steps)")
             print(line, flush=True)
-        x = torch.from_numpy(evaluation[:1])
-        times: dict[str, list[float]] = {key: [] for key in methods}
-        for key, method in methods.items():
+        x = evaluation[:1]
+        times: dict[str, list[float]] = {key: [] for key in runs}
+        for run in runs.values():
             for _ in range(5):
-                method.execute([x])
+                run(x)
         for _ in range(5):  # interleaved rounds
-            for key, method in methods.items():
+            for key, run in runs.items():
                 for _ in range(-(-args.runs // 5)):
                     start = time.perf_counter()
-                    method.execute([x])
+                    run(x)
                     times[key].append((time.perf_counter() - start) * 1000)
         fp32, int8 = (float(np.median(times[k])) for k in ("fp32", "int8"))
         print(f"\nExecuTorch runtime, XNNPACK, 1 thread, median of {args.runs} runs interleaved: fp32 {fp32:.2f} ms, "

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 from mdeploy.graph.execute import OPS, node_params
 from mdeploy.graph.ir import Activation, Graph, Node, Op
-from mdeploy.quantize.params import QMAX, QMIN, QuantizedGraph, quantize_bias
+from mdeploy.quantize.params import QMAX, QMIN, QuantizedGraph
+from mdeploy.quantize.simulate import quantized_params
 
 FUSED_RELU6_OPS = (Op.CONV, Op.LINEAR)
 
@@ -85,19 +86,18 @@ class Int8Program(FloatProgram):
             raise NotImplementedError("mixed precision (layers kept in float) is not written to ExecuTorch yet")
         super().__init__(qgraph.graph)
         self.qgraph = qgraph
+        applied = quantized_params(qgraph)  # each bias as the integer model applies it
         for i, node in enumerate(qgraph.graph.nodes):
             wq = qgraph.weights.get(node.name)
             if wq is None:
                 continue
-            input_scale = np.float64(qgraph.activations[node.inputs[0]].scale)
-            bias = quantize_bias(node.bias, float(input_scale), wq.scale) * (input_scale * wq.scale.astype(np.float64))
             for buffer in self.buffer_names[node.name].values():
                 delattr(self, buffer)
             self.buffer_names[node.name] = {}
             self._add(node, f"n{i}_codes", "codes", torch.from_numpy(wq.values.astype(np.int8)))
             self._add(node, f"n{i}_scales", "scales", torch.from_numpy(wq.scale.astype(np.float32)))
             self._add(node, f"n{i}_zero_points", "zero_points", torch.zeros(len(wq.scale), dtype=torch.int64))
-            self._add(node, f"n{i}_bias", "bias", torch.from_numpy(bias.astype(np.float32)))
+            self._add(node, f"n{i}_bias", "bias", applied[node.name]["bias"])
 
     def _quantize(self, x: torch.Tensor, tensor: str) -> torch.Tensor:
         grid = self.qgraph.activations[tensor]
