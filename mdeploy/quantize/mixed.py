@@ -184,7 +184,9 @@ def choose_float(qgraph: QuantizedGraph, samples: np.ndarray, target_snr_db: flo
                   if (float_input or name != graph.input_name) and name not in graph.outputs]
 
     def removed(nodes: frozenset[str]) -> np.ndarray:
-        gone = sum((activation_noise[t] for t in float_tensors(graph, nodes, float_input)), np.zeros(len(signal)))
+        # a tensor already float in ``qgraph`` (an earlier round's choice) has no grid and so no noise to remove
+        gone = sum((activation_noise[t] for t in float_tensors(graph, nodes, float_input) if t in activation_noise),
+                   np.zeros(len(signal)))
         return gone + sum((by_node.get(n, 0.0) for n in nodes), np.zeros(len(signal)))
 
     def estimate(nodes: frozenset[str]) -> float:
