@@ -217,3 +217,22 @@ def test_a_target_out_of_reach_keeps_full_int8_and_says_why(setup) -> None:  # t
     assert choice.choices == () and not choice.reached and choice.ceiling_db < 80
     assert said and "80 dB is out of reach" in said[0] and "the input and outputs" in said[0], said
     assert choose_float(qgraph, calibration[:12], 80.0, float_input=True).ceiling_db > choice.ceiling_db
+
+
+def test_a_second_round_searches_around_the_layers_already_float(setup) -> None:  # type: ignore[no-untyped-def]
+    """quantize_to_target's later rounds search a model requantised with float layers: the tensors between them have
+    no grid (no noise to remove, not a candidate), and the new choice adds to the old one."""
+    graph, _, calibration, _ = setup
+    fit, search = split_calibration(calibration)
+    depthwise = [n for n in graph.nodes if n.op.value == "conv"][4]  # block 2's: its input and output have grids
+    nodes = unit(graph, depthwise.output)  # it and the projection after it
+    already = float_tensors(graph, nodes)
+    assert already == {depthwise.output}, already
+    requantised = quantize(graph, fit, dataclasses.replace(QuantRecipe.default(), float_nodes=tuple(sorted(nodes))))
+    assert not already & set(requantised.activations)
+    references = tuple(t.numpy() for t in GraphRunner(graph).outputs(search))
+    before = simulated_snr(requantised, search, references)
+    choice = choose_float(requantised, search, before + 6.0)  # far: many units, some next to the float ones
+    assert choice.choices and not {c.tensor for c in choice.choices} & already
+    assert float_tensors(graph, nodes | set(choice.float_nodes)) - already
+    assert choice.snr_db > before + 1.0, (before, choice.snr_db)
