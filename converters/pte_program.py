@@ -13,13 +13,18 @@ XNNPACK's convolution and linear patterns take ``hardtanh(0, 6)`` as their fused
 ReLU6 is written that way (the same function), else every int8 convolution falls out of the delegate. Hard-swish and
 hard-sigmoid are written as ``x * hardtanh(x + 3, 0, 6) * (1/6)``: ExecuTorch's own decomposition of
 ``F.hardswish`` leaves a dtype copy of each of its scalar constants outside the delegate (18 on MobileNetV3-Small).
-In int8 the inner tensors of that form have no grid yet (issue 17: int8 forms XNNPACK keeps).
+XNNPACK runs neither in int8, so in an int8 program (on 4-d and 2-d tensors) hard-sigmoid is a 1x1 depthwise convolution,
+weight 1/6 and bias 1/2 per channel, clamped to [0, 1] (a fused ``hardtanh``), and hard-swish multiplies its input by
+that gate held on ``GATE_GRID``: int8 throughout. Hard-sigmoid is then as exact as any int8 convolution; hard-swish
+rounds its gate once more than the quantiser's simulation does (at most half of 1/255 of the input, measured below
+half an output step).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import warnings
 from collections import Counter
@@ -33,10 +38,14 @@ import torch.nn.functional as F
 
 from mdeploy.graph.execute import OPS, node_params
 from mdeploy.graph.ir import Activation, Graph, Node, Op
-from mdeploy.quantize.params import QMAX, QMIN, QuantizedGraph
+from mdeploy.quantize.params import QMAX, QMIN, WEIGHT_QMAX, QuantizedGraph, TensorQuant
+from mdeploy.quantize.rounding import bias_scale_floor
 from mdeploy.quantize.simulate import quantized_params
 
 FUSED_RELU6_OPS = (Op.CONV, Op.LINEAR)
+METADATA_METHOD = "metadata"
+GATED_OPS = (Op.HARDSIGMOID, Op.HARDSWISH)  # int8: a depthwise convolution makes the gate relu6(x + 3) / 6
+GATE_GRID = TensorQuant(1.0 / (QMAX - QMIN), QMIN)  # [0, 1], both ends exact: hard-swish's gate in int8
 
 
 def run_node(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -79,11 +88,11 @@ class FloatProgram(torch.nn.Module):
 
 
 class Int8Program(FloatProgram):
-    """Every grid of a full-int8 ``qgraph`` as a quantize/dequantize pair, its weights as int8 codes."""
+    """Every grid of ``qgraph`` as a quantize/dequantize pair, its int8 layers' weights as int8 codes. Layers kept
+    in float (mixed precision) compute in float from the tensors they read: dequantized where those have a grid,
+    as they are where they have none."""
 
     def __init__(self, qgraph: QuantizedGraph) -> None:
-        if qgraph.float_nodes:
-            raise NotImplementedError("mixed precision (layers kept in float) is not written to ExecuTorch yet")
         super().__init__(qgraph.graph)
         self.qgraph = qgraph
         applied = quantized_params(qgraph)  # each bias as the integer model applies it
@@ -98,14 +107,34 @@ class Int8Program(FloatProgram):
             self._add(node, f"n{i}_scales", "scales", torch.from_numpy(wq.scale.astype(np.float32)))
             self._add(node, f"n{i}_zero_points", "zero_points", torch.zeros(len(wq.scale), dtype=torch.int64))
             self._add(node, f"n{i}_bias", "bias", applied[node.name]["bias"])
+        gated = gated_nodes(qgraph)
+        for i, node in enumerate(qgraph.graph.nodes):
+            if node.name in gated:
+                for key, value in self._gate_params(node).items():
+                    self._add(node, f"n{i}_gate_{key}", f"gate_{key}", value)
 
-    def _quantize(self, x: torch.Tensor, tensor: str) -> torch.Tensor:
-        grid = self.qgraph.activations[tensor]
+    def _gate_params(self, node: Node) -> dict[str, torch.Tensor]:
+        """The depthwise convolution ``x / 6 + 1/2`` over ``node``'s input: weight code 127 per channel (1/6 exact up
+        to float32), the bias as its int32 code applies it. On an input grid so fine that the code of 1/2 would
+        overflow int32 (below ~2e-7: x is then far inside (-3, 3)), the weight scale grows until it fits, as the
+        quantiser does for dead channels (``ptq``), and 1/6 is rounded on it."""
+        channels = self.graph.shapes[node.inputs[0]][1]
+        input_scale = float(self.qgraph.activations[node.inputs[0]].scale)
+        floor = float(bias_scale_floor(torch.tensor([0.5]), input_scale)[0]) * (1 + 1e-6)
+        weight_scale = float(np.float32(max(1.0 / (6.0 * WEIGHT_QMAX), floor)))
+        bias_step = input_scale * weight_scale
+        return {"codes": torch.full((channels, 1, 1, 1), round(1.0 / (6.0 * weight_scale)), dtype=torch.int8),
+                "scales": torch.full((channels,), weight_scale, dtype=torch.float32),
+                "zero_points": torch.zeros(channels, dtype=torch.int64),
+                "bias": torch.full((channels,), round(0.5 / bias_step) * bias_step, dtype=torch.float32)}
+
+    def _quantize(self, x: torch.Tensor, tensor: str | TensorQuant) -> torch.Tensor:
+        grid = self.qgraph.activations[tensor] if isinstance(tensor, str) else tensor
         return torch.ops.quantized_decomposed.quantize_per_tensor(
             x, float(grid.scale), int(grid.zero_point), QMIN, QMAX, torch.int8)
 
-    def _dequantize(self, codes: torch.Tensor, tensor: str) -> torch.Tensor:
-        grid = self.qgraph.activations[tensor]
+    def _dequantize(self, codes: torch.Tensor, tensor: str | TensorQuant) -> torch.Tensor:
+        grid = self.qgraph.activations[tensor] if isinstance(tensor, str) else tensor
         return torch.ops.quantized_decomposed.dequantize_per_tensor(
             codes, float(grid.scale), int(grid.zero_point), QMIN, QMAX, torch.int8)
 
@@ -113,17 +142,61 @@ class Int8Program(FloatProgram):
         params = super().params(node)
         if "codes" not in params:
             return params
-        weight = torch.ops.quantized_decomposed.dequantize_per_channel(
-            params["codes"], params["scales"], params["zero_points"], 0, QMIN, QMAX, torch.int8)
-        return {"weight": weight, "bias": params["bias"]}
+        return {"weight": _weight(params), "bias": params["bias"]}
+
+    def _read(self, values: dict[str, torch.Tensor], tensor: str) -> torch.Tensor:
+        """``tensor`` as a reader takes it: its codes dequantized (one dequantize per reader), or its float value."""
+        if tensor in self.qgraph.activations:
+            return self._dequantize(values[tensor], tensor)
+        return values[tensor]
+
+    def _write(self, value: torch.Tensor, tensor: str) -> torch.Tensor:
+        return self._quantize(value, tensor) if tensor in self.qgraph.activations else value
+
+    def _run(self, node: Node, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``node``'s output before its quantize, from the int8 codes (or float values) of its inputs."""
+        inputs = [self._read(values, name) for name in node.inputs]
+        params = self.params(node)
+        if "gate_codes" not in params:
+            return run_node(node, inputs, params)
+        x = inputs[0]
+        flat = x.dim() == 2  # a classifier's (N, C): the convolution runs on (N, C, 1, 1), reshaped on its grid
+        if flat:
+            x = self._requantized(x.reshape(*x.shape, 1, 1), node.inputs[0])
+        gate = F.hardtanh(F.conv2d(x, _weight(params, "gate_"), params["gate_bias"], groups=x.shape[1]), 0.0, 1.0)
+        grid = node.output if node.op is Op.HARDSIGMOID else GATE_GRID
+        if flat:
+            gate = self._requantized(gate, grid).reshape(gate.shape[:2])
+        if node.op is Op.HARDSIGMOID:
+            return gate
+        x = self._read(values, node.inputs[0])  # the multiply's own reader
+        return x * self._requantized(gate, GATE_GRID)
+
+    def _requantized(self, x: torch.Tensor, grid: str | TensorQuant) -> torch.Tensor:
+        """``x`` through a quantize/dequantize pair: how XNNPACK's partitioner sees a tensor held in int8."""
+        return self._dequantize(self._quantize(x, grid), grid)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         graph = self.graph
-        codes = {graph.input_name: self._quantize(x, graph.input_name)}
+        values = {graph.input_name: self._write(x, graph.input_name)}
         for node in graph.nodes:
-            inputs = [self._dequantize(codes[name], name) for name in node.inputs]  # one dequantize per reader
-            codes[node.output] = self._quantize(run_node(node, inputs, self.params(node)), node.output)
-        return tuple(self._dequantize(codes[name], name) for name in graph.outputs)
+            values[node.output] = self._write(self._run(node, values), node.output)
+        return tuple(self._read(values, name) for name in graph.outputs)
+
+
+def gated_nodes(qgraph: QuantizedGraph) -> frozenset[str]:
+    """The hard-swish and hard-sigmoid nodes written in int8 with a gate convolution: not kept in float, input and
+    output on int8 grids, the input (N, C, H, W) or (N, C)."""
+    grids, graph = qgraph.activations, qgraph.graph
+    return frozenset(node.name for node in graph.nodes
+                     if node.op in GATED_OPS and node.name not in qgraph.float_nodes and node.output in grids
+                     and node.inputs[0] in grids and len(graph.shapes[node.inputs[0]]) in (2, 4))
+
+
+def _weight(params: Mapping[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    """The per-channel int8 weight ``{prefix}codes`` dequantized in the program (XNNPACK takes the codes)."""
+    return torch.ops.quantized_decomposed.dequantize_per_channel(
+        params[f"{prefix}codes"], params[f"{prefix}scales"], params[f"{prefix}zero_points"], 0, QMIN, QMAX, torch.int8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,8 +242,10 @@ def quiet_imports() -> Iterator[None]:
         logging.disable(before)
 
 
-def write_program(graph: Graph, quantized: QuantizedGraph | None, path: Path) -> Lowered:
-    """``graph`` (fp32) or ``quantized`` (int8) as an XNNPACK-lowered ExecuTorch program at ``path``."""
+def write_program(graph: Graph, quantized: QuantizedGraph | None, path: Path,
+                  metadata: Mapping[str, str] | None = None) -> Lowered:
+    """``graph`` (fp32) or ``quantized`` (int8) as an XNNPACK-lowered ExecuTorch program at ``path``; with
+    ``metadata``, a second method ``metadata`` returns it as one JSON string (a program has no other place for it)."""
     with quiet_imports():
         import torchao.quantization.pt2e  # noqa: F401  (registers torch.ops.quantized_decomposed)
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -181,7 +256,8 @@ def write_program(graph: Graph, quantized: QuantizedGraph | None, path: Path) ->
     with warnings.catch_warnings(), xnnpack_node_kinds() as inside:
         warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecation notices (pytree LeafSpec)
         exported = torch.export.export(module, (example,))
-        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
+        methods = {METADATA_METHOD: json.dumps(dict(metadata), sort_keys=True)} if metadata is not None else None
+        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()], constant_methods=methods)
     calls = [n for n in edge.exported_program().graph_module.graph.nodes if n.op == "call_function"]
     names = Counter(_op_name(n.target) for n in calls)
     delegates = names.pop("executorch_call_delegate", 0)

@@ -72,10 +72,58 @@ def test_int8_program_carries_the_quantisers_decisions(real_v2_weights: Path, ca
     assert snr_db(reference, got) > 15.0  # trained V2 at 128 px on 48 photos: ~20 dB
 
 
-def test_mixed_precision_is_refused_until_written() -> None:
-    model = build_model(ModelConfig(Arch.mobilenet_v2, 0.35, 10)).eval()
+@pytest.mark.parametrize("arch", [Arch.mobilenet_v3_small, Arch.mobilenet_v3_large])
+def test_int8_v3_has_no_float_inside_the_delegate(arch: Arch, tmp_path: Path) -> None:
+    """Hard-swish, hard-sigmoid and squeeze-excitation in int8 forms XNNPACK keeps (the classifier's hard-swish on
+    (N, C) too): float only at the program's input and output. Random weights: the structure is under test."""
+    torch.manual_seed(0)
+    model = randomize_batch_norm(build_model(ModelConfig(arch, 0.5, 10)))
     graph = graph_from_torch(model, (1, 3, 64, 64))
-    x = np.random.default_rng(0).standard_normal((8, 3, 64, 64)).astype(np.float32)
-    mixed = quantize(graph, x, QuantRecipe(float_nodes=(graph.nodes[0].name,)))
-    with pytest.raises(NotImplementedError, match="mixed precision"):
-        Int8Program(mixed)
+    x = np.random.default_rng(0).standard_normal((16, 3, 64, 64)).astype(np.float32)
+    qgraph = quantize(graph, x)
+    lowered = write_program(graph, qgraph, tmp_path / "v3.int8.pte")
+    assert lowered.delegates == 1 and lowered.outside == {}, lowered
+    assert lowered.inside["XNNConvert"] == 2 and lowered.inside["XNNMultiply"] > 10, lowered
+    got = run_all(tmp_path / "v3.int8.pte", x[:4])
+    step = qgraph.activations[graph.outputs[0]].scale
+    # measured 6 (V3-Small) and 3 steps: XNNPACK's fixed-point requantisation, and hard-swish's gate rounded once more
+    # than the simulation does (pte_program.GATE_GRID)
+    assert np.abs(got - simulate(qgraph, x[:4])).max() <= LSB_FROM_SIMULATION * step
+
+
+def test_gate_of_a_tiny_input_grid_keeps_its_bias_in_int32(tmp_path: Path) -> None:
+    """A squeeze-excitation whose logits are ~1e-5 (random weights): the code of the gate's 1/2 on the input grid
+    would overflow int32 (XNNPACK then wraps it: gates of 0 instead of 1/2)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1, bias=False), torch.nn.Hardsigmoid()).eval()
+    graph = graph_from_torch(model, (1, 3, 4, 4))
+    x = np.random.default_rng(0).standard_normal((8, 3, 4, 4)).astype(np.float32) * 1e-6
+    qgraph = quantize(graph, x)
+    assert qgraph.activations[graph.nodes[0].output].scale < 2e-7  # the code of 1/2 would exceed 2^31
+    write_program(graph, qgraph, tmp_path / "gate.pte")
+    got = run_all(tmp_path / "gate.pte", x[:2])
+    step = qgraph.activations[graph.outputs[0]].scale
+    assert np.abs(got - simulate(qgraph, x[:2])).max() <= step and np.abs(got - 0.5).max() < 0.01
+
+
+@pytest.mark.parametrize("float_input", [False, True])
+def test_mixed_precision_computes_the_float_layers_in_float(float_input: bool, tmp_path: Path) -> None:
+    """Layers the quantiser kept in float (``--target-snr``) read dequantized tensors, or float ones where no grid is
+    left between them; with a float input the first layers compute on the image itself."""
+    torch.manual_seed(0)
+    model = randomize_batch_norm(build_model(ModelConfig(Arch.mobilenet_v3_small, 0.5, 10)))
+    graph = graph_from_torch(model, (1, 3, 64, 64))
+    x = np.random.default_rng(0).standard_normal((16, 3, 64, 64)).astype(np.float32)
+    early = [node.name for node in graph.nodes[:4]]  # the stem conv, its hard-swish, the first depthwise conv...
+    mixed = quantize(graph, x, QuantRecipe(float_nodes=tuple(early), float_input=float_input))
+    assert (graph.input_name in mixed.activations) is not float_input and graph.nodes[0].output not in mixed.activations
+    lowered = write_program(graph, mixed, tmp_path / "mixed.pte")
+    assert lowered.delegates == 1 and lowered.outside == {}, lowered
+    # int8 -> float into the float layers (after the input's float -> int8, unless the input is float), float -> int8
+    # after them, int8 -> float at the output
+    assert lowered.inside["XNNConvert"] == (2 if float_input else 4), lowered
+    module = Int8Program(mixed)
+    assert sum(b.is_floating_point() and b.dim() == 4 for b in module.buffers()) == 2  # two float convolutions
+    got = run_all(tmp_path / "mixed.pte", x[:4])
+    step = mixed.activations[graph.outputs[0]].scale
+    assert np.abs(got - simulate(mixed, x[:4])).max() <= LSB_FROM_SIMULATION * step
