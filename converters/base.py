@@ -9,13 +9,16 @@ other file changes (``tests/test_dummy_target.py`` proves it).
 from __future__ import annotations
 
 import importlib.util
+import os
 import string
+import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -24,6 +27,8 @@ from mdeploy.graph.ir import Graph
 from mdeploy.manifest import GoldenTolerance, Manifest
 from mdeploy.quantize.params import QuantizedGraph
 from mdeploy.types import OUTPUT_NAME, OutputsRunner, Precision, Runner, Target
+
+T = TypeVar("T")
 
 # What a one-output runner serves (``Converter.runner``); a multi-output artifact there is a one-line bad input.
 ONE_OUTPUT_STAGE = "parity, check and bench (top-1/top-5 against PyTorch)"
@@ -234,6 +239,22 @@ def artifact_size(path: Path) -> int:
 def ir_tensors(graph: Graph) -> list[str]:
     """The graph's input and every node's output: what per-layer taps look for in an artifact."""
     return [graph.input_name] + [node.output for node in graph.nodes]
+
+
+def capture_stderr(fn: Callable[[], T]) -> tuple[T, str]:
+    """Runs ``fn`` with file descriptor 2 redirected to a temporary file (native libraries log there)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            result = fn()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        sink.seek(0)
+        text = sink.read().decode("utf-8", "replace")
+    return result, text
 
 
 def missing_modules(converter: Converter) -> list[str]:

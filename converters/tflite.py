@@ -210,7 +210,7 @@ def _io_description(builder: Any, name: str) -> dict[str, Any]:
 def load_interpreter(path: Path | str, threads: int = 1, kernels: Kernels = Kernels.xnnpack) -> Any:
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from mdeploy.converters.tflite_report import capture_stderr
+    from mdeploy.converters.base import capture_stderr
 
     resolver = {
         Kernels.xnnpack: OpResolverType.AUTO,

@@ -11,38 +11,18 @@ enable; the log is still captured at the file-descriptor level and returned when
 
 from __future__ import annotations
 
-import os
 import re
-import sys
-import tempfile
 from collections import Counter
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
+from mdeploy.converters.base import capture_stderr
 from mdeploy.converters.tflite_flatbuffer import OP_NAMES, TYPE_NAMES, fb, read_model
 from mdeploy.errors import first_line
 
-T = TypeVar("T")
 BOUNDARY_OPS = ("QUANTIZE", "DEQUANTIZE")
 _PARTITION_LOG = re.compile(r"Replacing (\d+) out of (\d+) node\(s\).*yielding (\d+) partitions")
-
-
-def capture_stderr(fn: Callable[[], T]) -> tuple[T, str]:
-    """Runs ``fn`` with file descriptor 2 redirected to a temporary file (native libraries log there)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            result = fn()
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-        sink.seek(0)
-        text = sink.read().decode("utf-8", "replace")
-    return result, text
 
 
 def _name(tensor: fb.TensorT) -> str:

@@ -90,7 +90,18 @@ def _golden(manifest: Manifest) -> str:
         key, golden_file = "file", "<artifact>.f32"
     return render_template("golden.md.tmpl", PACKAGE, samples=golden.samples, shape=golden.inputs.shape,
                            layout=golden.inputs.layout, outputs_text=text, key=key,
-                           golden_file=golden_file) + "\n"
+                           golden_file=golden_file, verifier=_verifier(manifest)) + "\n"
+
+
+def _verifier(manifest: Manifest) -> str:
+    """What ``verify_bundle.py`` can check of these artifacts: the runtimes of the targets present that it runs."""
+    present = {a.target for a in manifest.artifacts}
+    runtimes = [runner.runtime for target, converter in REGISTRY.items() if target in present
+                and (runner := converter.bundle_runner()) is not None and runner.run is not None]
+    if not runtimes:
+        return "`python3 verify_bundle.py` checks `SHA256SUMS` only: it runs none of these artifacts."
+    named = ", ".join(runtimes[:-1]) + " and " + runtimes[-1] if len(runtimes) > 1 else runtimes[0]
+    return f"`python3 verify_bundle.py` does the first check with {named} and needs nothing else."
 
 
 def _files(manifest: Manifest) -> str:

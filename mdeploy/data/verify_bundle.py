@@ -2,9 +2,9 @@
 """Checks an mdeploy bundle with nothing but NumPy and the runtimes (no mdeploy needed):
 
 1. every file matches SHA256SUMS, and every file of the bundle is listed there;
-2. each artifact this script can run (ONNX with onnxruntime, TFLite with ai-edge-litert or tflite-runtime)
-   reproduces its golden outputs from the golden inputs within the tolerance manifest.json gives; the others (Core
-   ML needs an Apple platform) are reported as skipped, with the reason.
+2. each artifact this script can run (ONNX with onnxruntime, TFLite with ai-edge-litert or tflite-runtime,
+   ExecuTorch programs with executorch) reproduces its golden outputs from the golden inputs within the tolerance
+   manifest.json gives; the others (Core ML needs an Apple platform) are reported as skipped, with the reason.
 
     python3 verify_bundle.py [BUNDLE_DIR]      exit 0: all good; 1: an output is off; 2: a file is corrupt
 
