@@ -5,12 +5,14 @@ from __future__ import annotations
 from mdeploy.converters.base import Converter, Precision, Target
 from mdeploy.converters.coreml import CoremlConverter
 from mdeploy.converters.onnx import OnnxConverter
+from mdeploy.converters.pte import PteConverter
 from mdeploy.converters.tflite import TfliteConverter
 
 REGISTRY: dict[Target, Converter] = {
     Target.onnx: OnnxConverter(),
     Target.tflite: TfliteConverter(),
     Target.coreml: CoremlConverter(),
+    PteConverter.target: PteConverter(),
 }
 
 CORE_PACKAGES = ("torch", "numpy")

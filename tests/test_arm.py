@@ -407,7 +407,7 @@ def test_check_on_emulated_arm_through_the_cli(sandbox: SandboxState, tmp_path: 
     ready = runner.invoke(app, ["arm", "status", "--json"])
     assert ready.exit_code == 0 and json.loads(ready.stdout)["ready"]
     doctor = json.loads(runner.invoke(app, ["doctor", "--json"]).stdout)
-    assert doctor["arm_sandbox"]["ready"] and {t["target"] for t in doctor["targets"]} == {"onnx", "tflite", "coreml"}
+    assert doctor["arm_sandbox"]["ready"] and {t["target"] for t in doctor["targets"]} == set(REGISTRY)
     refused = runner.invoke(app, ["check", str(tmp_path / "out"), "--model", str(tmp_path / "model.pt"), "--eval",
                                   str(tmp_path / "eval"), *common[:2], "--cpu", "cortex-a53"])
     assert refused.exit_code == 2 and "--platform linux-arm64" in refused.stderr

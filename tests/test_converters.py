@@ -58,7 +58,9 @@ def nearest_int8(graph, calibration: np.ndarray) -> QuantizedGraph:  # type: ign
 # up to 1 LSB, and those differences grow through the layers, so 1-2 LSB at the output is out of reach for them.
 # A classifier whose weight scale is 5% off already gives 8 (ONNX), 11 (TFLite) and 9.9 (CoreML) LSB (the old
 # bound, 64 LSB from PyTorch, let it through: 10.7 LSB). A new target must measure and state its own bound here.
-INT8_LSB_FROM_SIMULATION = {Target.onnx: 1.0, Target.tflite: 8.0, Target.coreml: 8.0}
+# ExecuTorch's XNNPACK delegate requantises in fixed point as TFLite's does, and its int8 hard-swish rounds a gate the
+# simulation keeps exact (converters/pte_program.py): 4 LSB on the trained V2, 6 on V3-Small with random weights.
+INT8_LSB_FROM_SIMULATION = {Target.onnx: 1.0, Target.tflite: 8.0, Target.coreml: 8.0, Target("pte"): 8.0}
 # From the PyTorch model: the recipe's own quantisation error (the simulator is 5.2 LSB from PyTorch here, every
 # runtime 3.4 to 5.2 LSB), with margin; a check that does not go through mdeploy's simulator.
 INT8_LSB_FROM_PYTORCH = 8.0

@@ -12,6 +12,7 @@ the diff.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import string
@@ -55,6 +56,21 @@ def _only(target: str) -> Callable[[Data], None]:
     return edit
 
 
+def _pte_only(m: Data) -> None:
+    """The ONNX artifacts' records as the ExecuTorch programs of the same model (float32 NCHW I/O, batch 1)."""
+    programs = []
+    for a in m["artifacts"]:
+        if a["target"] == "onnx":
+            b = copy.deepcopy(a)
+            b.update(target="pte", file=a["file"].replace(".onnx", ".pte"),
+                     runtime="ExecuTorch runtime (XNNPACK delegate, CPU)",
+                     settings={"delegate": "XNNPACK", "batch": 1, "layout": "NCHW", "executorch": "1.5.1"})
+            for tensor in (*b["io"]["inputs"], *b["io"]["outputs"]):
+                tensor["shape"][0] = 1
+            programs.append(b)
+    m["artifacts"] = programs
+
+
 # case name -> (base manifest, edit)
 CASES: dict[str, tuple[str, Callable[[Data], None] | None]] = {
     "fp32_nolabels": ("fp32_nolabels", None),
@@ -66,8 +82,11 @@ CASES: dict[str, tuple[str, Callable[[Data], None] | None]] = {
     "no_golden_no_classifier": ("fp32_nolabels", _no_golden_no_classifier),
     "tflite_only": ("int8_io_int8_tensor_labels", _only("tflite")),
     "coreml_only": ("int8_io_uint8_image_labels", _only("coreml")),
+    "pte_only": ("int8_io_int8_tensor_labels", _pte_only),
+    "pte_fp32_bgr_no_resize": ("int8_io_int8_tensor_labels", lambda m: (
+        _bgr_no_resize_other_scale(m), _pte_only(m), m.update(artifacts=m["artifacts"][:1]))),
 }
-READMES = ("README_android.md", "README_ios.md")
+READMES = ("README_android.md", "README_ios.md", "README_executorch.md")
 
 
 def data(case: str) -> Data:
