@@ -13,11 +13,11 @@ XNNPACK's convolution and linear patterns take ``hardtanh(0, 6)`` as their fused
 ReLU6 is written that way (the same function), else every int8 convolution falls out of the delegate. Hard-swish and
 hard-sigmoid are written as ``x * hardtanh(x + 3, 0, 6) * (1/6)``: ExecuTorch's own decomposition of
 ``F.hardswish`` leaves a dtype copy of each of its scalar constants outside the delegate (18 on MobileNetV3-Small).
-XNNPACK runs neither in int8, so in an int8 program (on 4-d and 2-d tensors) hard-sigmoid is a 1x1 depthwise convolution,
-weight 1/6 and bias 1/2 per channel, clamped to [0, 1] (a fused ``hardtanh``), and hard-swish multiplies its input by
-that gate held on ``GATE_GRID``: int8 throughout. Hard-sigmoid is then as exact as any int8 convolution; hard-swish
-rounds its gate once more than the quantiser's simulation does (at most half of 1/255 of the input, measured below
-half an output step).
+XNNPACK runs neither in int8, so in an int8 program (on 4-d and 2-d tensors) hard-sigmoid is a 1x1 depthwise
+convolution, weight 1/6 and bias 1/2 per channel, clamped to [0, 1] (a fused ``hardtanh``), and hard-swish multiplies
+its input by that gate held on ``GATE_GRID``: int8 throughout. Hard-sigmoid is then as exact as any int8
+convolution; hard-swish rounds its gate once more than the quantiser's simulation does (at most half of 1/255 of the
+input per value; 3-6 output steps from the simulation at the model's output, tests/test_pte_program.py).
 """
 
 from __future__ import annotations

@@ -9,15 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from mdeploy.converters.base import AppReadme, ReadmeParts, render_template
-from mdeploy.converters.readme_values import divisor, floats, parity_line, shipped
+from mdeploy.converters.readme_values import (divisor, floats, kotlin_channels, kotlin_object_name, parity_line,
+                                              shipped)
 from mdeploy.manifest import Manifest
 from mdeploy.metrics import is_class_scores
 
 README = "README_executorch.md"
-
-
-def _kotlin_name(model_name: str) -> str:
-    return "".join(part.capitalize() for part in model_name.replace("-", "_").split("_")) + "Program"
 
 
 def executorch_readme(manifest: Manifest, parts: ReadmeParts, target: str = "pte") -> AppReadme | None:
@@ -31,16 +28,15 @@ def executorch_readme(manifest: Manifest, parts: ReadmeParts, target: str = "pte
     else:
         returns = "Every output, in the model's order, row-major: " + ", ".join(
             f"{o['name']} {o['shape']}" for o in outs) + " (rank-4 maps are NCHW)."
-    channels = ("(p) and 0xFF, (p shr 8) and 0xFF, (p shr 16) and 0xFF" if p.channel_order == "BGR" else
-                "(p shr 16) and 0xFF, (p shr 8) and 0xFF, p and 0xFF")
     int8 = (" int8 inside: the program quantises its input and dequantises its outputs itself, on the grids in its "
             "`metadata` (`mdeploy.io`)." if artifact.precision == "int8" else "")
     return AppReadme(README, render_template(
         "README_executorch.md.tmpl", name=manifest.model.name, file=artifact.file, stem=Path(artifact.file).stem,
         precision=artifact.precision, executorch=artifact.settings["executorch"],
         runtime=artifact.runtime, shape=inp["shape"], outputs=", ".join(f"`{o['shape']}` {o['dtype']}" for o in outs),
-        int8=int8, parity=parity_line(artifact), contract=parts.contract, kotlin_name=_kotlin_name(manifest.model.name),
+        int8=int8, parity=parity_line(artifact), contract=parts.contract,
+        kotlin_name=kotlin_object_name(manifest.model.name, "Program"),
         resize=p.resize or 0, crop=p.crop, mean=floats(p.mean, "f"), std=floats(p.std, "f"),
         swift_mean=floats(p.mean), swift_std=floats(p.std),
-        channel_order=p.channel_order, divisor=divisor(p), channels=channels, returns=returns,
+        channel_order=p.channel_order, divisor=divisor(p), channels=kotlin_channels(p), returns=returns,
         golden=parts.golden, files=parts.files))

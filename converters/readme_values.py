@@ -43,3 +43,15 @@ def _percent(value: float | str | None) -> str:
 def shipped(manifest: Manifest, target: str) -> ArtifactRecord | None:
     """The artifact of ``target`` an app ships: int8 when there is one, else fp32, else None."""
     return manifest.artifact(target, "int8") or manifest.artifact(target, "fp32")
+
+
+def kotlin_object_name(model_name: str, suffix: str) -> str:
+    """The Kotlin object a README's snippet defines for ``model_name`` (``mobilenet_v2`` -> ``MobilenetV2Model``)."""
+    return "".join(part.capitalize() for part in model_name.replace("-", "_").split("_")) + suffix
+
+
+def kotlin_channels(preprocess: PreprocessRecord) -> str:
+    """The three 8-bit channels of an ARGB ``Int`` pixel ``p`` in the model's channel order, as Kotlin."""
+    if preprocess.channel_order == "BGR":
+        return "(p) and 0xFF, (p shr 8) and 0xFF, (p shr 16) and 0xFF"
+    return "(p shr 16) and 0xFF, (p shr 8) and 0xFF, p and 0xFF"

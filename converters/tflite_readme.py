@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from mdeploy.converters.base import AppReadme, ReadmeParts, render_template
-from mdeploy.converters.readme_values import QUANTISED, divisor, floats, parity_line, shipped
+from mdeploy.converters.readme_values import (QUANTISED, divisor, floats, kotlin_channels, kotlin_object_name,
+                                              parity_line, shipped)
 from mdeploy.manifest import Manifest
 from mdeploy.metrics import is_class_scores
 from mdeploy.types import Target
@@ -34,10 +35,6 @@ class _Tensor:
     @property
     def quantised(self) -> bool:
         return self.dtype in QUANTISED
-
-
-def _kotlin_name(model_name: str) -> str:
-    return "".join(part.capitalize() for part in model_name.replace("-", "_").split("_")) + "Model"
 
 
 def _kotlin_grid(prefix: str, tensor: _Tensor) -> str:
@@ -116,14 +113,12 @@ def android_readme(manifest: Manifest, parts: ReadmeParts) -> AppReadme | None:
         return None
     p = manifest.preprocess
     (inp,), outs = map(_Tensor.of, artifact.io.inputs), [_Tensor.of(o) for o in artifact.io.outputs]
-    kotlin_name = _kotlin_name(manifest.model.name)
-    channels = ("(p) and 0xFF, (p shr 8) and 0xFF, (p shr 16) and 0xFF" if p.channel_order == "BGR" else
-                "(p shr 16) and 0xFF, (p shr 8) and 0xFF, p and 0xFF")
+    kotlin_name = kotlin_object_name(manifest.model.name, "Model")
     return AppReadme(README, render_template(
         "README_android.md.tmpl", name=manifest.model.name, file=artifact.file, precision=artifact.precision,
         runtime=artifact.runtime, shape=inp.shape, in_type=inp.dtype,
         outputs=", ".join(f"`{o.shape}` {o.dtype}" for o in outs), parity=parity_line(artifact),
         contract=parts.contract, kotlin_name=kotlin_name, resize=p.resize or 0, crop=p.crop,
         mean=floats(p.mean, "f"), std=floats(p.std, "f"), channel_order=p.channel_order, divisor=divisor(p),
-        channels=channels, **_kotlin_io(inp, outs, kotlin_name),
+        channels=kotlin_channels(p), **_kotlin_io(inp, outs, kotlin_name),
         golden=parts.golden, files=parts.files))
