@@ -167,36 +167,35 @@ def staged_output(out: Path, overwrite: bool, rules: OutputRules = OutputRules()
     check_output_path(out, overwrite, rules)
     out = out.resolve()
     remove_stale_staging(out)
+    staging: Path | None = None
+    lock: IO[str] | None = None
     try:
-        staging, lock = _new_staging(out)
-    except OSError as err:
-        raise BadInputError(
-            f"cannot create a folder in {out.parent} ({err.strerror or type(err).__name__}): choose an output "
-            "folder you can write to"
-        ) from None
-    try:
-        try:
-            yield staging
-        except BaseException:
-            with held_signals():
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
+        # Signals wait until the folder exists and this block owns it: one arriving between the lock file's
+        # creation and the ``finally`` below would leave both behind.
+        with held_signals():
+            try:
+                staging, lock = _new_staging(out)
+            except OSError as err:
+                raise BadInputError(
+                    f"cannot create a folder in {out.parent} ({err.strerror or type(err).__name__}): choose an "
+                    "output folder you can write to"
+                ) from None
+        yield staging
         published = False
         try:
             with held_signals():
-                try:
-                    _publish(staging, out)
-                    published = True
-                except BaseException:
-                    shutil.rmtree(staging, ignore_errors=True)
-                    raise
+                _publish(staging, out)
+                published = True
         except KeyboardInterrupt as err:
             # A signal that arrived during the swap is delivered once it is over: the new output is already whole.
             if published:
                 err.output_published = out  # type: ignore[attr-defined]
             raise
     finally:
-        _release_lock(staging, lock)
+        if staging is not None:
+            with held_signals():
+                shutil.rmtree(staging, ignore_errors=True)  # already gone once published
+            _release_lock(staging, lock)
 
 
 def current_umask() -> int:

@@ -16,6 +16,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from pathlib import Path
@@ -398,6 +399,25 @@ def test_a_signal_during_the_final_swap_waits_until_the_swap_is_over(tmp_path: P
     assert caught.value.output_published == out  # the swap finished: the new folder is whole
     assert snapshot(out) == {"new.txt": hashlib.sha256(b"new").hexdigest()}
     assert not leftovers(out)
+
+
+@pytest.mark.parametrize("step", ["mkstemp", "mkdir"])
+def test_a_signal_while_the_staging_folder_is_made_leaves_nothing_behind(step: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """CI once caught SIGINT between the lock file's creation and the block that removes it: the lock stayed."""
+    out, before = make_previous(tmp_path)
+    owner = tempfile if step == "mkstemp" else Path
+    real = getattr(owner, step)
+
+    def make_then_signal(*args, **kwargs):
+        made = real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return made
+
+    monkeypatch.setattr(owner, step, make_then_signal)
+    with pytest.raises(KeyboardInterrupt), staged_output(out, overwrite=True) as stage:
+        (stage / "new.txt").write_text("new")
+    assert snapshot(out) == before and not leftovers(out)
 
 
 def test_a_failed_swap_puts_the_previous_output_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
