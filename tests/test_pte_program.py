@@ -72,12 +72,12 @@ def test_int8_program_carries_the_quantisers_decisions(real_v2_weights: Path, ca
     assert snr_db(reference, got) > 15.0  # trained V2 at 128 px on 48 photos: ~20 dB
 
 
-@pytest.mark.parametrize("arch", [Arch.mobilenet_v3_small, Arch.mobilenet_v3_large])
-def test_int8_v3_has_no_float_inside_the_delegate(arch: Arch, tmp_path: Path) -> None:
+def test_int8_v3_has_no_float_inside_the_delegate(tmp_path: Path) -> None:
     """Hard-swish, hard-sigmoid and squeeze-excitation in int8 forms XNNPACK keeps (the classifier's hard-swish on
-    (N, C) too): float only at the program's input and output. Random weights: the structure is under test."""
+    (N, C) too): float only at the program's input and output. Random weights: the structure is under test.
+    V3-Large has the same blocks (bench/pte_latency.py counts its conversions: 2) and takes ~50 s more to lower."""
     torch.manual_seed(0)
-    model = randomize_batch_norm(build_model(ModelConfig(arch, 0.5, 10)))
+    model = randomize_batch_norm(build_model(ModelConfig(Arch.mobilenet_v3_small, 0.5, 10)))
     graph = graph_from_torch(model, (1, 3, 64, 64))
     x = np.random.default_rng(0).standard_normal((16, 3, 64, 64)).astype(np.float32)
     qgraph = quantize(graph, x)
@@ -86,7 +86,7 @@ def test_int8_v3_has_no_float_inside_the_delegate(arch: Arch, tmp_path: Path) ->
     assert lowered.inside["XNNConvert"] == 2 and lowered.inside["XNNMultiply"] > 10, lowered
     got = run_all(tmp_path / "v3.int8.pte", x[:4])
     step = qgraph.activations[graph.outputs[0]].scale
-    # measured 6 (V3-Small) and 3 steps: XNNPACK's fixed-point requantisation, and hard-swish's gate rounded once more
+    # measured 6 steps (3 on V3-Large): XNNPACK's fixed-point requantisation, and hard-swish's gate rounded once more
     # than the simulation does (pte_program.GATE_GRID)
     assert np.abs(got - simulate(qgraph, x[:4])).max() <= LSB_FROM_SIMULATION * step
 
