@@ -107,7 +107,9 @@ class Converter(Protocol):
     requires: tuple[str, ...]  # importable modules it needs
     packages: tuple[str, ...]  # the pip distributions whose versions the manifest and doctor record
     taps_runtime: str | None  # what runs the artifact for a per-layer diagnosis; None: no taps for this target
+    taps_unavailable: str  # why not, when taps_runtime is None (the diagnosis says it instead of a table)
     arm_format: str | None  # the ARM guest runner's name for this format; None: not run under emulation
+    arm_unavailable: str  # why not, when arm_format is None (reports name it beside the skipped file)
 
     @property
     def times_latency(self) -> bool:
@@ -163,7 +165,9 @@ class ConverterBase:
     requires: tuple[str, ...] = ()
     packages: tuple[str, ...] = ()
     taps_runtime: str | None = None
+    taps_unavailable: str = "no per-layer taps are implemented for this target"
     arm_format: str | None = None
+    arm_unavailable: str = "the ARM sandbox has no runtime for this target"
 
     @property
     def times_latency(self) -> bool:

@@ -134,6 +134,9 @@ class CoremlConverter(ConverterBase):
     suffix = ".mlpackage"
     requires = ("coremltools",)
     packages = ("coremltools",)
+    arm_unavailable = "Core ML runs only on Apple platforms; Linux runs it on mdeploy's MIL reference executor"
+    taps_unavailable = ("not implemented for Core ML's runtimes; diagnose the ONNX or TFLite artifact of the same model, "
+                        "which carries the same int8 parameters")
 
     def __init__(self, compute_precision: ComputePrecision | str | None = None,
                  minimum_target: DeploymentTarget | str = DeploymentTarget.iOS17, image_input: bool = False,

@@ -36,6 +36,11 @@ class PteConverter(ConverterBase):
     runtime_name = "ExecuTorch runtime (XNNPACK delegate, CPU)"
     requires = ("executorch",)
     packages = ("executorch", "torchao")
+    # Measured 2026-12-07: torch-2.13.0-cp311-manylinux_2_28_aarch64 from PyPI fails at import without libcublasLt.
+    taps_unavailable = ("ExecuTorch's ETDump exposes intermediate tensors only outside delegates, and the whole "
+                        "program is one XNNPACK delegate; diagnose the ONNX or TFLite artifact of the same int8 model")
+    arm_unavailable = ("ExecuTorch's Python runtime imports torch, and PyPI's torch for aarch64 is a CUDA build that "
+                       "needs NVIDIA's libraries (the CPU build is not on PyPI)")
 
     def export(self, graph: Graph, quantized: QuantizedGraph | None, path: Path, info: ArtifactInfo) -> None:
         from mdeploy.converters.pte_program import write_program

@@ -124,8 +124,9 @@ def diagnose(graph: Graph, artifact: Path, target: Target, inputs: np.ndarray, r
     converter = REGISTRY.get(target)
     if converter is None or converter.taps_runtime is None:
         tapped_targets = [t.value for t, c in REGISTRY.items() if c.taps_runtime is not None]
-        raise BadInputError(f"per-layer diagnosis is available for {' and '.join(tapped_targets)} "
-                            f"artifacts, not {target.value}")
+        reason = f" ({converter.taps_unavailable})" if converter is not None else ""
+        raise BadInputError(f"per-layer diagnosis is not available for {target.value} artifacts{reason}: it is for "
+                            f"{' and '.join(tapped_targets)} artifacts")
     if not artifact.exists():
         raise BadInputError(f"no artifact at {artifact}")
     inputs = np.asarray(inputs, dtype=np.float32)

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from mdeploy.converters import REGISTRY, Target, tflite, tflite_io
+from mdeploy.converters.base import ConverterBase
 from mdeploy.arm import (
     CPU_MODELS, SandboxState, codes_on_host, compare_codes, default_sandbox_dir, guest_runner, guest_sees,
     parse_cpu_list, run_on_arm, sandbox_status, setup_sandbox,
@@ -283,6 +284,17 @@ def test_guest_files_are_the_runner_and_the_converters_own_io_coding(tmp_path: P
     assert not hasattr(guest_runner, "encoder") and not hasattr(guest_runner, "decoder")
     assert arm_formats() == {c.suffix: c.arm_format for c in REGISTRY.values() if c.arm_format is not None}
     assert arm_formats() == {".onnx": "onnx", ".tflite": "tflite"}
+
+
+@pytest.mark.parametrize("target", [t for t, c in REGISTRY.items() if c.arm_format is None], ids=str)
+def test_a_target_the_sandbox_cannot_run_says_why(target: Target) -> None:
+    """`check --platform linux-arm64` lists such artifacts as skipped with their target's own reason."""
+    from mdeploy.arm.parity import skipped
+
+    converter = REGISTRY[target]
+    assert converter.arm_unavailable != ConverterBase.arm_unavailable, f"state why {target} does not run on ARM"
+    assert skipped(Path(f"/out/model.int8{converter.suffix}")) == {"artifact": f"model.int8{converter.suffix}",
+                                                                   "reason": converter.arm_unavailable}
 
 
 def test_guest_runner_on_the_host_codes_int8_io_like_the_converter(artifacts: tuple[list[Path], np.ndarray],

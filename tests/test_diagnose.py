@@ -16,6 +16,7 @@ from torch import nn
 
 from mdeploy.calibration.config import QuantRecipe
 from mdeploy.converters import REGISTRY, Precision, Target
+from mdeploy.converters.base import ConverterBase
 from mdeploy.diagnose import JUMP_DB, Diagnosis, diagnose
 from mdeploy.errors import BadInputError
 from mdeploy.graph.from_torch import graph_from_torch
@@ -149,3 +150,14 @@ def test_targets_without_taps_and_bad_inputs_are_refused(setup: Setup, tmp_path:
         diagnose(setup.graph, path, Target.onnx, setup.inputs[:, :, :32])
     with pytest.raises(BadInputError, match="no artifact"):
         diagnose(setup.graph, tmp_path / "missing.onnx", Target.onnx, setup.inputs)
+
+
+@pytest.mark.parametrize("target", [t for t, c in REGISTRY.items() if c.taps_runtime is None], ids=str)
+def test_a_target_without_taps_says_why(target: Target, setup: Setup, tmp_path: Path) -> None:
+    converter = REGISTRY[target]
+    assert converter.taps_unavailable != ConverterBase.taps_unavailable, f"state why {target} has no per-layer taps"
+    path = tmp_path / f"model.int8{converter.suffix}"
+    path.write_bytes(b"")  # refused before the file is read
+    with pytest.raises(BadInputError) as refused:
+        diagnose(setup.graph, path, target, setup.inputs)
+    assert converter.taps_unavailable in str(refused.value) and "onnx and tflite" in str(refused.value)

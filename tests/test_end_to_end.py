@@ -62,16 +62,19 @@ def test_core_ml_int8_matches_onnx(converted: tuple[Path, dict]) -> None:
     assert other["snr_db"] >= onnx["snr_db"] - 1.0
 
 
-def test_tflite_int8_matches_onnx_on_1280_crops(converted: tuple[Path, dict], demo_assets, tmp_path: Path
-                                                ) -> None:  # type: ignore[no-untyped-def]
-    """Issue 3: int8 TFLite on LiteRT/XNNPACK is no worse than int8 ONNX minus 1 point / 1 dB.
+def test_xnnpack_int8_matches_onnx_on_1280_crops(converted: tuple[Path, dict], demo_assets, tmp_path: Path
+                                                 ) -> None:  # type: ignore[no-untyped-def]
+    """Issues 3 and 17: int8 TFLite on LiteRT and int8 .pte on ExecuTorch, both on XNNPACK, are no worse than int8
+    ONNX minus 1 point of top-1 agreement (and 1 dB, or 0.5 dB for .pte, of SNR).
 
-    The two runtimes round differently (their outputs agree at ~30 dB), which moves top-1 on 320 crops by about a
+    The runtimes round differently (their outputs agree at ~30 dB), which moves top-1 on 320 crops by about a
     point either way (measured: ONNX 89.7%, XNNPACK 88.4%, LiteRT's builtin kernels 90.3%, all at 22.2 dB), so the
-    comparison runs on the 320 held-out crops plus 960 more crops of the same held-out photos."""
+    comparison runs on the 320 held-out crops plus 960 more crops of the same held-out photos (measured: 91.1% and
+    22.2 dB for all three)."""
     from mdeploy.calibration.dataset import SampleSet
     from mdeploy.calibration.preprocess import Preprocess
     from mdeploy.demo_assets import write_extra_eval_crops
+    from mdeploy.loading import load_model
     from mdeploy.metrics import compare
     from mdeploy.parity import run_batches, torch_runner
     from mdeploy.zoo import Arch
@@ -80,15 +83,16 @@ def test_tflite_int8_matches_onnx_on_1280_crops(converted: tuple[Path, dict], de
     extra = write_extra_eval_crops(demo_assets, 960, tmp_path / "extra")
     inputs = np.concatenate([SampleSet.from_folder(folder, Preprocess.imagenet()).to_array()
                              for folder in (demo_assets.eval_dir, extra)])
-    from mdeploy.loading import load_model
-
     reference = run_batches(torch_runner(load_model(demo_assets.weights, arch=Arch.mobilenet_v2).module), inputs)
+    snr_margin = {Target.tflite: 1.0, Target("pte"): 0.5}
     metrics = {target: compare(reference, run_batches(REGISTRY[target].runner(
-        out / artifact(manifest, target.value, "int8")["file"]), inputs)) for target in (Target.onnx, Target.tflite)}
+        out / artifact(manifest, target.value, "int8")["file"]), inputs)) for target in (Target.onnx, *snr_margin)}
     assert len(inputs) == 1280
-    assert metrics[Target.tflite].top1_agreement >= metrics[Target.onnx].top1_agreement - 0.01
-    assert metrics[Target.tflite].snr_db >= metrics[Target.onnx].snr_db - 1.0
-    assert metrics[Target.onnx].top1_agreement >= 0.85 and metrics[Target.onnx].snr_db >= 15.0
+    onnx = metrics[Target.onnx]
+    assert onnx.top1_agreement >= 0.85 and onnx.snr_db >= 15.0
+    for target, margin in snr_margin.items():
+        assert metrics[target].top1_agreement >= onnx.top1_agreement - 0.01, (target, metrics)
+        assert metrics[target].snr_db >= onnx.snr_db - margin, (target, metrics)
 
 
 def test_manifest_records_the_recipe_and_data(converted: tuple[Path, dict]) -> None:

@@ -1,5 +1,6 @@
 """``mdeploy check --platform linux-arm64``: the ONNX and TFLite artifacts on emulated ARM CPU models, judged
-against PyTorch like any run and compared code by code with the x86 run of the same artifact.
+against PyTorch like any run and compared code by code with the x86 run of the same artifact; the others are listed
+as skipped, each with its target's reason (``Converter.arm_unavailable``).
 
 Everything here is labelled emulated; no latency is ever taken from it (emulation is ~100x slower than a device
 and says nothing about one).
@@ -16,6 +17,8 @@ import numpy as np
 from mdeploy.arm.compare import codes_on_host, compare_codes
 from mdeploy.arm.run import arm_formats, run_on_arm
 from mdeploy.arm.sandbox import sandbox_status
+from mdeploy.artifacts import target_of
+from mdeploy.converters import REGISTRY
 from mdeploy.errors import BadInputError
 from mdeploy.parity import ParityResult
 
@@ -31,7 +34,8 @@ def arm_parity(files: list[Path], inputs: np.ndarray, cpus: tuple[str, ...],
         raise BadInputError(f"the ARM sandbox is not ready ({state.reason}): run `mdeploy arm setup` first")
     runnable = [path for path in files if path.suffix in arm_formats()]
     if not runnable:
-        raise BadInputError("--platform linux-arm64 runs ONNX and TFLite artifacts, and there is none to run")
+        kinds = " and ".join(arm_formats())
+        raise BadInputError(f"--platform linux-arm64 runs {kinds} artifacts, and there is none to run")
     samples = np.ascontiguousarray(inputs[:ARM_SAMPLES], dtype=np.float32)
     description = f"{len(samples)} of the evaluation samples, emulated"
     host = {path: codes_on_host(path, samples) for path in runnable}
@@ -49,6 +53,11 @@ def arm_parity(files: list[Path], inputs: np.ndarray, cpus: tuple[str, ...],
                 "vs_x86": difference.to_dict(), "summary": difference.summary(),
             })
     return {"platform": "linux-arm64", "emulated": True, "emulator": f"qemu-user {state.qemu_version}",
-            "cpus": list(cpus), "samples": len(samples), "skipped": [p.name for p in files if p not in runnable],
+            "cpus": list(cpus), "samples": len(samples), "skipped": [skipped(p) for p in files if p not in runnable],
             "note": "emulated ARM kernels for parity only: no latency is measured under emulation",
             "results": results}
+
+
+def skipped(path: Path) -> dict[str, str]:
+    """An artifact that does not run under emulation, and why."""
+    return {"artifact": path.name, "reason": REGISTRY[target_of(path)].arm_unavailable}

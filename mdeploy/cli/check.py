@@ -93,6 +93,9 @@ def print_report(report: dict[str, Any]) -> None:
                      f"worst layers: {worst}", highlight=False, soft_wrap=True)
     if report["arm"]:
         stdout.print(arm_table(report["arm"]))
+        for item in report["arm"]["skipped"]:
+            stdout.print(f"not run on emulated ARM: {item['artifact']} ({item['reason']})", highlight=False,
+                         soft_wrap=True)
     if report["bench"]:
         from mdeploy.cli.bench import bench_table
 
