@@ -13,6 +13,20 @@ XNNPACK's convolution and linear patterns take ``hardtanh(0, 6)`` as their fused
 ReLU6 is written that way (the same function), else every int8 convolution falls out of the delegate. Hard-swish and
 hard-sigmoid are written as ``x * hardtanh(x + 3, 0, 6) * (1/6)``: ExecuTorch's own decomposition of
 ``F.hardswish`` leaves a dtype copy of each of its scalar constants outside the delegate (18 on MobileNetV3-Small).
+The tanh form of GELU is spelled out too: ExecuTorch hands XNNPACK ``gelu`` without its ``approximate``, and
+XNNPACK computes the erf form (7e-5 from PyTorch's tanh form on tests/test_ops_activations.py's model).
+
+Other forms XNNPACK needs (each found by tests/op_harness.py, which requires one delegate and nothing outside):
+a softmax of a (N, C, H, W) map runs on a 2-d view with its axis last (inside the delegate a map is channels-last,
+and ExecuTorch 1.5.1 hands it to XNNPACK's last-axis softmax as it is: 0.08 off); PReLU of a map is ``F.prelu``;
+multi-query attention's product with a key or value shared by every head folds the heads into the rows (a
+broadcasting ``matmul`` leaves an ``expand`` outside: 17 delegates on MobileNetV4-Hybrid). In int8, a concatenation
+input on another grid than the output's is requantised by a 1x1 depthwise convolution of weight 1 (XNNPACK's int8
+concatenate wants one grid; a quantize after a dequantize would be two float conversions), and a transposed
+convolution takes its weight as XNNPACK wants it: (I, O, kh, kw) with scales along O, one group (a grouped one as
+its dense equivalent). Still computed in float inside the delegate (bench/pte_families.py counts the
+conversions): channel shuffles, sigmoid and SiLU (ExecuTorch's partitioner takes them in fp32 only), softmax, and
+much of MobileNetV4-Hybrid's attention.
 XNNPACK runs neither in int8, so in an int8 program (on 4-d and 2-d tensors) hard-sigmoid is a 1x1 depthwise
 convolution, weight 1/6 and bias 1/2 per channel, clamped to [0, 1] (a fused ``hardtanh``), and hard-swish multiplies
 its input by that gate held on ``GATE_GRID``: int8 throughout. Hard-sigmoid is then as exact as any int8
@@ -37,20 +51,23 @@ import torch
 import torch.nn.functional as F
 
 from mdeploy.graph.execute import OPS, node_params
-from mdeploy.graph.ir import Activation, Graph, Node, Op
+from mdeploy.graph.conv_transpose import dense, to_torch_layout
+from mdeploy.graph.ir import Activation, ConvTransposeAttrs, GeluAttrs, Graph, Node, Op, softmax_axis
 from mdeploy.quantize.params import QMAX, QMIN, WEIGHT_QMAX, QuantizedGraph, TensorQuant
+from mdeploy.quantize.policy import policy_of
 from mdeploy.quantize.rounding import bias_scale_floor
 from mdeploy.quantize.simulate import quantized_params
 
 FUSED_RELU6_OPS = (Op.CONV, Op.LINEAR)
 METADATA_METHOD = "metadata"
 GATED_OPS = (Op.HARDSIGMOID, Op.HARDSWISH)  # int8: a depthwise convolution makes the gate relu6(x + 3) / 6
+GELU_TANH_SCALE = float(np.sqrt(2.0 / np.pi))
 GATE_GRID = TensorQuant(1.0 / (QMAX - QMIN), QMIN)  # [0, 1], both ends exact: hard-swish's gate in int8
 
 
 def run_node(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``node`` as ``graph/execute.py`` computes it, with a fused ReLU6 as ``hardtanh`` and hard-swish and
-    hard-sigmoid spelled out (see the module's doc)."""
+    """``node`` as ``graph/execute.py`` computes it, with a fused ReLU6 as ``hardtanh`` and hard-swish,
+    hard-sigmoid and the tanh form of GELU spelled out (see the module's doc)."""
     if node.op in FUSED_RELU6_OPS and node.activation is Activation.RELU6:
         linear = OPS[node.op](dataclasses.replace(node, activation=Activation.NONE), inputs, params)
         return F.hardtanh(linear, 0.0, 6.0)
@@ -58,7 +75,42 @@ def run_node(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.
         return F.hardtanh(inputs[0] + 3.0, 0.0, 6.0) * (1.0 / 6.0)
     if node.op is Op.HARDSWISH:
         return inputs[0] * (F.hardtanh(inputs[0] + 3.0, 0.0, 6.0) * (1.0 / 6.0))
+    if node.op is Op.MATMUL and _broadcasts_heads(*inputs):
+        return _folded_matmul(inputs[0], inputs[1])
+    if node.op is Op.PRELU and inputs[0].dim() == 4:  # XNNPACK's PReLU (the IR's ``where`` form is not delegated)
+        return F.prelu(inputs[0], params["slope"])
+    if node.op is Op.SOFTMAX and inputs[0].dim() == 4:
+        return _softmax_of_map(inputs[0], softmax_axis(node, 4) % 4)
+    if node.op is Op.GELU and isinstance(node.attrs, GeluAttrs) and node.attrs.approximate == "tanh":
+        x = inputs[0]  # XNNPACK's GELU is the erf form whatever ``approximate`` says: the tanh form spelled out
+        return 0.5 * x * (1.0 + torch.tanh(GELU_TANH_SCALE * (x + 0.044715 * x * x * x)))
     return OPS[node.op](node, inputs, params)
+
+
+def _broadcasts_heads(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``a @ b`` with ``a`` (N, heads, rows, k) and ``b`` (N, 1, k, cols): multi-query attention's key and value,
+    shared by every head. ``torch.matmul`` broadcasts ``b`` with an ``expand`` that XNNPACK does not take (each one a
+    delegate boundary: 17 delegates on MobileNetV4-Hybrid-Medium)."""
+    return a.dim() == b.dim() == 4 and b.shape[1] == 1 and a.shape[1] > 1 and a.shape[0] == b.shape[0]
+
+
+def _folded_matmul(a: torch.Tensor, b: torch.Tensor,
+                   hold: Callable[[torch.Tensor, str], torch.Tensor] = lambda x, _: x) -> torch.Tensor:
+    """The same product with the heads folded into the rows: (N, heads * rows, k) @ (N, k, cols), no broadcast.
+    ``hold(value, role)`` is applied to each reshaped operand and to the product before its reshape (an int8
+    program requantises them on their own grids there, as XNNPACK's partitioner wants)."""
+    n, heads, rows, k = a.shape
+    product = torch.bmm(hold(a.reshape(n, heads * rows, k), "a"), hold(b.reshape(n, k, b.shape[-1]), "b"))
+    return hold(product, "out").reshape(n, heads, rows, b.shape[-1])
+
+
+def _softmax_of_map(x: torch.Tensor, axis: int) -> torch.Tensor:
+    """Softmax of a (N, C, H, W) tensor over ``axis`` as XNNPACK computes it right: on a 2-d view with that axis
+    last. XNNPACK's softmax runs over the last axis only, and inside the delegate a map is held channels-last, where
+    ExecuTorch 1.5.1 hands it over as it is (a softmax over W or H of a convolution's output was 0.08 off)."""
+    moved = x.transpose(axis, -1) if axis != 3 else x
+    flat = torch.softmax(moved.reshape(-1, moved.shape[-1]), dim=-1).reshape(moved.shape)
+    return flat.transpose(axis, -1) if axis != 3 else flat
 
 
 class FloatProgram(torch.nn.Module):
@@ -103,7 +155,11 @@ class Int8Program(FloatProgram):
             for buffer in self.buffer_names[node.name].values():
                 delattr(self, buffer)
             self.buffer_names[node.name] = {}
-            self._add(node, f"n{i}_codes", "codes", torch.from_numpy(wq.values.astype(np.int8)))
+            codes = wq.values.astype(np.int8)
+            if node.op is Op.CONV_TRANSPOSE:  # XNNPACK: (I, O, kh, kw), scales along O (axis 1), one group
+                assert isinstance(node.attrs, ConvTransposeAttrs)
+                codes = to_torch_layout(dense(codes, node.attrs.groups), 1)
+            self._add(node, f"n{i}_codes", "codes", torch.from_numpy(np.ascontiguousarray(codes)))
             self._add(node, f"n{i}_scales", "scales", torch.from_numpy(wq.scale.astype(np.float32)))
             self._add(node, f"n{i}_zero_points", "zero_points", torch.zeros(len(wq.scale), dtype=torch.int64))
             self._add(node, f"n{i}_bias", "bias", applied[node.name]["bias"])
@@ -112,6 +168,11 @@ class Int8Program(FloatProgram):
             if node.name in gated:
                 for key, value in self._gate_params(node).items():
                     self._add(node, f"n{i}_gate_{key}", f"gate_{key}", value)
+            for position in self._moved_inputs(node):
+                shape = qgraph.graph.shapes[node.inputs[position]]
+                if len(shape) == 4:
+                    for key, value in self._identity_params(shape[1]).items():
+                        self._add(node, f"n{i}_move{position}_{key}", f"move{position}_{key}", value)
 
     def _gate_params(self, node: Node) -> dict[str, torch.Tensor]:
         """The depthwise convolution ``x / 6 + 1/2`` over ``node``'s input: weight code 127 per channel (1/6 exact up
@@ -156,6 +217,14 @@ class Int8Program(FloatProgram):
     def _run(self, node: Node, values: dict[str, torch.Tensor]) -> torch.Tensor:
         """``node``'s output before its quantize, from the int8 codes (or float values) of its inputs."""
         inputs = [self._read(values, name) for name in node.inputs]
+        for position in self._moved_inputs(node):
+            inputs[position] = self._moved_to_grid(inputs[position], node, position)
+        if node.op is Op.MATMUL and _broadcasts_heads(*inputs) and node.output in self.qgraph.activations:
+            grids = {"a": node.inputs[0], "b": node.inputs[1], "out": node.output}
+            if all(name in self.qgraph.activations for name in grids.values()):
+                return _folded_matmul(*inputs, hold=lambda x, role: self._requantized(x, grids[role]))
+        if node.op is Op.CONV_TRANSPOSE and node.name in self.qgraph.weights:
+            return self._conv_transpose(inputs[0], node)
         params = self.params(node)
         if "gate_codes" not in params:
             return run_node(node, inputs, params)
@@ -171,6 +240,45 @@ class Int8Program(FloatProgram):
             return gate
         x = self._read(values, node.inputs[0])  # the multiply's own reader
         return x * self._requantized(gate, GATE_GRID)
+
+    def _moved_inputs(self, node: Node) -> list[int]:
+        """The inputs of ``node`` (by position) that must be requantised to its output's grid first: XNNPACK's int8
+        concatenate takes every input on the output's grid, and the quantiser could not give it to these."""
+        grids = self.qgraph.activations
+        if not policy_of(node.op).inputs_take_output_grid or node.output not in grids:
+            return []
+        return [i for i, name in enumerate(node.inputs) if name in grids and grids[name] != grids[node.output]]
+
+    def _conv_transpose(self, x: torch.Tensor, node: Node) -> torch.Tensor:
+        """An int8 transposed convolution as XNNPACK takes one: weight codes per output channel along axis 1 and
+        one group (a grouped one as its dense equivalent: zeros add exactly nothing)."""
+        attrs = node.attrs
+        assert isinstance(attrs, ConvTransposeAttrs)
+        params = super().params(node)
+        weight = torch.ops.quantized_decomposed.dequantize_per_channel(
+            params["codes"], params["scales"], params["zero_points"], 1, QMIN, QMAX, torch.int8)
+        y = F.conv_transpose2d(x, weight, params["bias"], attrs.stride, attrs.padding, attrs.output_padding, 1,
+                               attrs.dilation)
+        if node.activation is Activation.RELU6:
+            return F.hardtanh(y, 0.0, 6.0)
+        return torch.relu(y) if node.activation is Activation.RELU else y
+
+    def _identity_params(self, channels: int) -> dict[str, torch.Tensor]:
+        """A 1x1 depthwise convolution of weight 1 (code 127, scale 1/127) and no bias: requantises a (N, C, H, W)
+        tensor in int8, where a quantize right after a dequantize would be two float conversions in the delegate."""
+        return {"codes": torch.full((channels, 1, 1, 1), WEIGHT_QMAX, dtype=torch.int8),
+                "scales": torch.full((channels,), 1.0 / WEIGHT_QMAX, dtype=torch.float32),
+                "zero_points": torch.zeros(channels, dtype=torch.int64),
+                "bias": torch.zeros(channels, dtype=torch.float32)}
+
+    def _moved_to_grid(self, x: torch.Tensor, node: Node, position: int) -> torch.Tensor:
+        """Input ``position`` of ``node`` (dequantized int8) requantised to the output's grid (see
+        ``_identity_params``; tensors of other ranks take the quantize/dequantize pair)."""
+        params = super().params(node)
+        prefix = f"move{position}_"
+        if f"{prefix}codes" in params:
+            x = F.conv2d(x, _weight(params, prefix), params[f"{prefix}bias"], groups=x.shape[1])
+        return self._requantized(x, node.output)
 
     def _requantized(self, x: torch.Tensor, grid: str | TensorQuant) -> torch.Tensor:
         """``x`` through a quantize/dequantize pair: how XNNPACK's partitioner sees a tensor held in int8."""
@@ -258,11 +366,17 @@ def write_program(graph: Graph, quantized: QuantizedGraph | None, path: Path,
         exported = torch.export.export(module, (example,))
         methods = {METADATA_METHOD: json.dumps(dict(metadata), sort_keys=True)} if metadata is not None else None
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()], constant_methods=methods)
+    path.write_bytes(edge.to_executorch().buffer)
+    return lowered(edge, inside)
+
+
+def lowered(edge: Any, inside: Counter[str]) -> Lowered:
+    """What ``edge`` (an ``EdgeProgramManager`` after lowering) delegated, given the XNNPACK node kinds counted
+    while it was lowered (``xnnpack_node_kinds``)."""
     calls = [n for n in edge.exported_program().graph_module.graph.nodes if n.op == "call_function"]
     names = Counter(_op_name(n.target) for n in calls)
     delegates = names.pop("executorch_call_delegate", 0)
     names.pop("getitem", None)
-    path.write_bytes(edge.to_executorch().buffer)
     return Lowered(delegates, dict(inside), dict(names))
 
 

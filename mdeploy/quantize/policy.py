@@ -29,7 +29,8 @@ op's output.
 - ``inputs_take_output_grid``: the op's int8 kernels want every input on the output's grid (TFLite's CONCATENATION
   and XNNPACK's concatenate). The quantiser gives an input the op's grid where nothing read it earlier (its
   producer neither shares a grid nor is read before the op); any other input is requantised before the op by the
-  writers (``requantised_inputs``), the same rounding the quantiser simulates.
+  writers (TFLite: an int8 -> int8 QUANTIZE; ExecuTorch: a quantize/dequantize pair), the rounding the quantiser
+  simulates.
 
 Adding an IR op means adding its row here; tests/test_ops.py fails until every backend (this table included)
 handles every member of :class:`~mdeploy.graph.ir.Op`.
