@@ -1,4 +1,4 @@
-"""IR graphs as ExecuTorch programs lowered to XNNPACK: the writer of the coming `.pte` target (issue 17).
+"""IR graphs as ExecuTorch programs lowered to XNNPACK: what the `.pte` target (`pte.py`) writes.
 
 The graph runs as a torch module through ``graph/execute.py``'s ops, the reference every converter is checked
 against, and is exported with ``torch.export`` and lowered with ExecuTorch's ``XnnpackPartitioner``:
@@ -9,24 +9,13 @@ against, and is exported with ``torch.export`` and lowered with ExecuTorch's ``X
   codes with their per-channel scales, and each bias as the integer model applies it (its int32 code times the
   input and weight scales). No fp32 weight is left in the program.
 
-XNNPACK's convolution and linear patterns take ``hardtanh(0, 6)`` as their fused activation, not ``clamp``: a fused
-ReLU6 is written that way (the same function), else every int8 convolution falls out of the delegate. Hard-swish and
-hard-sigmoid are written as ``x * hardtanh(x + 3, 0, 6) * (1/6)``: ExecuTorch's own decomposition of
-``F.hardswish`` leaves a dtype copy of each of its scalar constants outside the delegate (18 on MobileNetV3-Small).
-The tanh form of GELU is spelled out too: ExecuTorch hands XNNPACK ``gelu`` without its ``approximate``, and
-XNNPACK computes the erf form (7e-5 from PyTorch's tanh form on tests/test_ops_activations.py's model).
-
-Other forms XNNPACK needs (each found by tests/op_harness.py, which requires one delegate and nothing outside):
-a softmax of a (N, C, H, W) map runs on a 2-d view with its axis last (inside the delegate a map is channels-last,
-and ExecuTorch 1.5.1 hands it to XNNPACK's last-axis softmax as it is: 0.08 off); PReLU of a map is ``F.prelu``;
-multi-query attention's product with a key or value shared by every head folds the heads into the rows (a
-broadcasting ``matmul`` leaves an ``expand`` outside: 17 delegates on MobileNetV4-Hybrid). In int8, a concatenation
-input on another grid than the output's is requantised by a 1x1 depthwise convolution of weight 1 (XNNPACK's int8
-concatenate wants one grid; a quantize after a dequantize would be two float conversions), and a transposed
-convolution takes its weight as XNNPACK wants it: (I, O, kh, kw) with scales along O, one group (a grouped one as
-its dense equivalent). Still computed in float inside the delegate (bench/pte_families.py counts the
-conversions): channel shuffles, sigmoid and SiLU (ExecuTorch's partitioner takes them in fp32 only), softmax, and
-much of MobileNetV4-Hybrid's attention.
+How each op is written so that XNNPACK takes it whole is ``pte_forms``' business (one function per op). In int8, a
+concatenation input on another grid than the output's is requantised by a 1x1 depthwise convolution of weight 1
+(XNNPACK's int8 concatenate wants one grid; a quantize after a dequantize would be two float conversions), and a
+transposed convolution takes its weight as XNNPACK wants it: (I, O, kh, kw) with scales along O, one group (a
+grouped one as its dense equivalent). Still computed in float inside the delegate (bench/pte_families.py counts the
+conversions): channel shuffles, sigmoid and SiLU (ExecuTorch's partitioner takes them in fp32 only), softmax,
+average pooling, and much of MobileNetV4-Hybrid's attention. Hard-swish and hard-sigmoid are int8:
 XNNPACK runs neither in int8, so in an int8 program (on 4-d and 2-d tensors) hard-sigmoid is a 1x1 depthwise
 convolution, weight 1/6 and bias 1/2 per channel, clamped to [0, 1] (a fused ``hardtanh``), and hard-swish multiplies
 its input by that gate held on ``GATE_GRID``: int8 throughout. Hard-sigmoid is then as exact as any int8
@@ -50,67 +39,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mdeploy.graph.execute import OPS, node_params
+from mdeploy.converters.pte_forms import fused, program_params, run_node
 from mdeploy.graph.conv_transpose import dense, to_torch_layout
-from mdeploy.graph.ir import Activation, ConvTransposeAttrs, GeluAttrs, Graph, Node, Op, softmax_axis
+from mdeploy.graph.ir import ConvTransposeAttrs, Graph, Node, Op
 from mdeploy.quantize.params import QMAX, QMIN, WEIGHT_QMAX, QuantizedGraph, TensorQuant
 from mdeploy.quantize.policy import policy_of
 from mdeploy.quantize.rounding import bias_scale_floor
 from mdeploy.quantize.simulate import quantized_params
 
-FUSED_RELU6_OPS = (Op.CONV, Op.LINEAR)
 METADATA_METHOD = "metadata"
 GATED_OPS = (Op.HARDSIGMOID, Op.HARDSWISH)  # int8: a depthwise convolution makes the gate relu6(x + 3) / 6
-GELU_TANH_SCALE = float(np.sqrt(2.0 / np.pi))
 GATE_GRID = TensorQuant(1.0 / (QMAX - QMIN), QMIN)  # [0, 1], both ends exact: hard-swish's gate in int8
-
-
-def run_node(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """``node`` as ``graph/execute.py`` computes it, with a fused ReLU6 as ``hardtanh`` and hard-swish,
-    hard-sigmoid and the tanh form of GELU spelled out (see the module's doc)."""
-    if node.op in FUSED_RELU6_OPS and node.activation is Activation.RELU6:
-        linear = OPS[node.op](dataclasses.replace(node, activation=Activation.NONE), inputs, params)
-        return F.hardtanh(linear, 0.0, 6.0)
-    if node.op is Op.HARDSIGMOID:
-        return F.hardtanh(inputs[0] + 3.0, 0.0, 6.0) * (1.0 / 6.0)
-    if node.op is Op.HARDSWISH:
-        return inputs[0] * (F.hardtanh(inputs[0] + 3.0, 0.0, 6.0) * (1.0 / 6.0))
-    if node.op is Op.MATMUL and _broadcasts_heads(*inputs):
-        return _folded_matmul(inputs[0], inputs[1])
-    if node.op is Op.PRELU and inputs[0].dim() == 4:  # XNNPACK's PReLU (the IR's ``where`` form is not delegated)
-        return F.prelu(inputs[0], params["slope"])
-    if node.op is Op.SOFTMAX and inputs[0].dim() == 4:
-        return _softmax_of_map(inputs[0], softmax_axis(node, 4) % 4)
-    if node.op is Op.GELU and isinstance(node.attrs, GeluAttrs) and node.attrs.approximate == "tanh":
-        x = inputs[0]  # XNNPACK's GELU is the erf form whatever ``approximate`` says: the tanh form spelled out
-        return 0.5 * x * (1.0 + torch.tanh(GELU_TANH_SCALE * (x + 0.044715 * x * x * x)))
-    return OPS[node.op](node, inputs, params)
-
-
-def _broadcasts_heads(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """``a @ b`` with ``a`` (N, heads, rows, k) and ``b`` (N, 1, k, cols): multi-query attention's key and value,
-    shared by every head. ``torch.matmul`` broadcasts ``b`` with an ``expand`` that XNNPACK does not take (each one a
-    delegate boundary: 17 delegates on MobileNetV4-Hybrid-Medium)."""
-    return a.dim() == b.dim() == 4 and b.shape[1] == 1 and a.shape[1] > 1 and a.shape[0] == b.shape[0]
-
-
-def _folded_matmul(a: torch.Tensor, b: torch.Tensor,
-                   hold: Callable[[torch.Tensor, str], torch.Tensor] = lambda x, _: x) -> torch.Tensor:
-    """The same product with the heads folded into the rows: (N, heads * rows, k) @ (N, k, cols), no broadcast.
-    ``hold(value, role)`` is applied to each reshaped operand and to the product before its reshape (an int8
-    program requantises them on their own grids there, as XNNPACK's partitioner wants)."""
-    n, heads, rows, k = a.shape
-    product = torch.bmm(hold(a.reshape(n, heads * rows, k), "a"), hold(b.reshape(n, k, b.shape[-1]), "b"))
-    return hold(product, "out").reshape(n, heads, rows, b.shape[-1])
-
-
-def _softmax_of_map(x: torch.Tensor, axis: int) -> torch.Tensor:
-    """Softmax of a (N, C, H, W) tensor over ``axis`` as XNNPACK computes it right: on a 2-d view with that axis
-    last. XNNPACK's softmax runs over the last axis only, and inside the delegate a map is held channels-last, where
-    ExecuTorch 1.5.1 hands it over as it is (a softmax over W or H of a convolution's output was 0.08 off)."""
-    moved = x.transpose(axis, -1) if axis != 3 else x
-    flat = torch.softmax(moved.reshape(-1, moved.shape[-1]), dim=-1).reshape(moved.shape)
-    return flat.transpose(axis, -1) if axis != 3 else flat
 
 
 class FloatProgram(torch.nn.Module):
@@ -122,7 +61,7 @@ class FloatProgram(torch.nn.Module):
         self.buffer_names: dict[str, dict[str, str]] = {}
         for i, node in enumerate(graph.nodes):
             self.buffer_names[node.name] = {}
-            for key, value in node_params(node).items():
+            for key, value in program_params(node).items():
                 self._add(node, f"n{i}_{key}", key, value.clone())
 
     def _add(self, node: Node, buffer: str, key: str, value: torch.Tensor) -> None:
@@ -219,15 +158,11 @@ class Int8Program(FloatProgram):
         inputs = [self._read(values, name) for name in node.inputs]
         for position in self._moved_inputs(node):
             inputs[position] = self._moved_to_grid(inputs[position], node, position)
-        if node.op is Op.MATMUL and _broadcasts_heads(*inputs) and node.output in self.qgraph.activations:
-            grids = {"a": node.inputs[0], "b": node.inputs[1], "out": node.output}
-            if all(name in self.qgraph.activations for name in grids.values()):
-                return _folded_matmul(*inputs, hold=lambda x, role: self._requantized(x, grids[role]))
         if node.op is Op.CONV_TRANSPOSE and node.name in self.qgraph.weights:
             return self._conv_transpose(inputs[0], node)
         params = self.params(node)
         if "gate_codes" not in params:
-            return run_node(node, inputs, params)
+            return run_node(node, inputs, params, self._held)
         x = inputs[0]
         flat = x.dim() == 2  # a classifier's (N, C): the convolution runs on (N, C, 1, 1), reshaped on its grid
         if flat:
@@ -259,9 +194,7 @@ class Int8Program(FloatProgram):
             params["codes"], params["scales"], params["zero_points"], 1, QMIN, QMAX, torch.int8)
         y = F.conv_transpose2d(x, weight, params["bias"], attrs.stride, attrs.padding, attrs.output_padding, 1,
                                attrs.dilation)
-        if node.activation is Activation.RELU6:
-            return F.hardtanh(y, 0.0, 6.0)
-        return torch.relu(y) if node.activation is Activation.RELU else y
+        return fused(y, node.activation)
 
     def _identity_params(self, channels: int) -> dict[str, torch.Tensor]:
         """A 1x1 depthwise convolution of weight 1 (code 127, scale 1/127) and no bias: requantises a (N, C, H, W)
@@ -279,6 +212,10 @@ class Int8Program(FloatProgram):
         if f"{prefix}codes" in params:
             x = F.conv2d(x, _weight(params, prefix), params[f"{prefix}bias"], groups=x.shape[1])
         return self._requantized(x, node.output)
+
+    def _held(self, x: torch.Tensor, tensor: str) -> torch.Tensor:
+        """``pte_forms``' hold: ``x`` requantised on ``tensor``'s grid where it has one."""
+        return self._requantized(x, tensor) if tensor in self.qgraph.activations else x
 
     def _requantized(self, x: torch.Tensor, grid: str | TensorQuant) -> torch.Tensor:
         """``x`` through a quantize/dequantize pair: how XNNPACK's partitioner sees a tensor held in int8."""

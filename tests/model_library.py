@@ -180,3 +180,13 @@ def efficientnet_lite0_trained(cache_dir: Path) -> nn.Module:
             raise AssertionError(f"{source_name} {tuple(source_value.shape)} does not fit {name} {tuple(value.shape)}")
     model.load_state_dict(dict(zip(target, source.values(), strict=True)))
     return model.eval()
+
+
+def short_mobilenet_v3(num_classes: int = 10) -> nn.Module:
+    """MobileNetV3-Small x0.5 with three of its eleven blocks (one of each kind: squeeze-excitation with ReLU,
+    plain, squeeze-excitation with hard-swish), its last conv and its classifier (hard-swish on (N, C)): every layer
+    kind of V3 at a fifth of the graph, for tests whose cost grows with the node count (ExecuTorch's lowering)."""
+    from mdeploy.zoo.mobilenet_v3 import V3_SMALL, V3_SMALL_LAST, MobileNetV3
+
+    torch.manual_seed(0)
+    return MobileNetV3([V3_SMALL[0], V3_SMALL[1], V3_SMALL[3]], V3_SMALL_LAST, 0.5, num_classes).eval()

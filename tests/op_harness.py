@@ -24,9 +24,9 @@ from mdeploy.quantize.simulate import simulate
 from tests.model_library import photos
 
 INFO = ArtifactInfo("model", {"crop": 224}, tuple(f"class{i}" for i in range(10)), "test")
-# Core ML runs on the MIL reference; ExecuTorch on its runtime (132 of the 170 op programs are one XNNPACK delegate:
-# bench/RESULTS.md lists the rest)
-TARGETS = (Target.onnx, Target.tflite, Target.coreml, Target("pte"))
+# Core ML runs on the MIL reference; ExecuTorch on its runtime
+PTE = Target("pte")
+TARGETS = (Target.onnx, Target.tflite, Target.coreml, PTE)
 
 
 def photo_sets(calib_dir: Path, eval_dir: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,36 +61,54 @@ def export_and_run(target: Target, graph: Graph, quantized: object, x: np.ndarra
     return np.asarray(output, np.float32).reshape(len(x), -1)
 
 
+def assert_one_delegate(path: Path, outside: tuple[str, ...]) -> None:
+    """The ExecuTorch program at ``path`` is one XNNPACK delegate with nothing outside, or runs exactly the ops
+    ``outside`` (as ``inspect`` names them) outside its delegates."""
+    report = REGISTRY[PTE].inspect(path)
+    assert sorted(report["ops"]) == sorted(outside), f"pte: outside XNNPACK {report['ops']}, expected {outside}"
+    if not outside:
+        assert report["delegates"] == {"XnnpackBackend": 1}, f"pte: delegates {report['delegates']}"
+
+
 def snr_db(reference: np.ndarray, value: np.ndarray) -> float:
     """Signal-to-noise ratio of ``value`` against ``reference``, in dB."""
     noise = np.sum((value.astype(np.float64) - reference) ** 2)
     return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / max(noise, 1e-30)))
 
 
-def assert_fp32_everywhere(model: nn.Module, graph: Graph, x: np.ndarray, tmp_path: Path, limit: float) -> None:
+def assert_fp32_everywhere(model: nn.Module, graph: Graph, x: np.ndarray, tmp_path: Path, limit: float,
+                           pte_outside: tuple[str, ...] = ()) -> None:
     """The executor, then ONNX, TFLite, Core ML and ExecuTorch in fp32, each within ``limit`` * max(1, max
-    |PyTorch|) of PyTorch (largest absolute difference)."""
+    |PyTorch|) of PyTorch (largest absolute difference); the ExecuTorch program one XNNPACK delegate, or with
+    exactly ``pte_outside`` outside (``assert_one_delegate``)."""
     expected = reference(model, x)
     limit = limit * max(1.0, float(np.abs(expected).max()))
     error = np.abs(GraphRunner(graph)(x).numpy().reshape(len(x), -1) - expected).max()
     assert error <= limit, f"executor: {error} > {limit}"
     for target in TARGETS:
-        out = export_and_run(target, graph, None, x, tmp_path / f"m.fp32{REGISTRY[target].suffix}")
-        error = np.abs(out - expected).max()
+        path = tmp_path / f"m.fp32{REGISTRY[target].suffix}"
+        error = np.abs(export_and_run(target, graph, None, x, path) - expected).max()
         assert error <= limit, f"{target}: {error} > {limit}"
+        if target is PTE:
+            assert_one_delegate(path, pte_outside)
 
 
 def assert_int8_everywhere(model: nn.Module, graph: Graph, quantized: object, x: np.ndarray, tmp_path: Path,
-                           min_snr_db: float, min_snr_vs_simulation_db: float) -> None:
+                           min_snr_db: float, min_snr_vs_simulation_db: float, pte_outside: tuple[str, ...] = ()
+                           ) -> None:
     """The quantiser's simulation, then ONNX, TFLite, Core ML and ExecuTorch in int8 (``graph`` exported as given,
     with ``quantized``), each at least ``min_snr_db`` against PyTorch; each runtime also at least
-    ``min_snr_vs_simulation_db`` against the simulation (the runtime runs what the quantiser chose)."""
+    ``min_snr_vs_simulation_db`` against the simulation (the runtime runs what the quantiser chose); the ExecuTorch
+    program as ``assert_one_delegate`` wants it."""
     expected = reference(model, x)
     simulated = simulate(quantized, x).reshape(len(x), -1)  # type: ignore[arg-type]
     snr = snr_db(expected, simulated)
     assert snr >= min_snr_db, f"simulation vs PyTorch: {snr:.2f} dB < {min_snr_db} dB"
     for target in TARGETS:
-        out = export_and_run(target, graph, quantized, x, tmp_path / f"m.int8{REGISTRY[target].suffix}")
+        path = tmp_path / f"m.int8{REGISTRY[target].suffix}"
+        out = export_and_run(target, graph, quantized, x, path)
+        if target is PTE:
+            assert_one_delegate(path, pte_outside)
         snr = snr_db(expected, out)
         assert snr >= min_snr_db, f"{target} vs PyTorch: {snr:.2f} dB < {min_snr_db} dB"
         snr = snr_db(simulated, out)

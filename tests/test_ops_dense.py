@@ -187,6 +187,12 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], set[Op]]] = {
 OUTSIDE_XNNPACK = {"nearest_to_size": ["RESIZE_NEAREST_NEIGHBOR"], "nearest_exact_to_size": ["RESIZE_NEAREST_NEIGHBOR"],
                    "nearest_downscale": ["RESIZE_NEAREST_NEIGHBOR"],
                    "nearest_scale_sets_sampling": ["GATHER", "GATHER"]}
+# ExecuTorch's partitioner gives XNNPACK no nearest resize (upsampling by whole factors is written as copies,
+# converters/pte_forms.py): the same four run on its portable kernels, fp32 and int8
+PTE_OUTSIDE = {"nearest_to_size": ("aten::upsample_nearest2d",), "nearest_downscale": ("aten::upsample_nearest2d",),
+               "nearest_scale_sets_sampling": ("aten::upsample_nearest2d",),
+               "nearest_exact_to_size": ("aten::arange", "aten::index", "aten::unsqueeze_copy",
+                                         "dim_order_ops::_to_dim_order_copy")}
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +217,8 @@ def test_fp32_everywhere(name: str, images: tuple[np.ndarray, np.ndarray], tmp_p
     calibration, x = images
     model, graph = _build(name, calibration)
     assert MODELS[name][1] <= {n.op for n in graph.nodes}
-    assert_fp32_everywhere(model, graph, x, tmp_path, limit=1e-5)  # float32 reordering only
+    assert_fp32_everywhere(model, graph, x, tmp_path, limit=1e-5,  # float32 reordering only
+                           pte_outside=PTE_OUTSIDE.get(name, ()))
     _assert_xnnpack(name, tmp_path / "m.fp32.tflite")
 
 
@@ -232,7 +239,8 @@ def test_int8_everywhere(name: str, images: tuple[np.ndarray, np.ndarray], tmp_p
     model, graph = _build(name, calibration)
     quantized = quantize(graph, calibration, QuantRecipe.default())  # equalisation and GPTQ, as the pipeline
     assert_int8_everywhere(model, quantized.graph, quantized, x, tmp_path, min_snr_db=INT8_SNR_DB,
-                           min_snr_vs_simulation_db=33.0)  # the runtime runs what the quantiser chose
+                           min_snr_vs_simulation_db=33.0,  # the runtime runs what the quantiser chose
+                           pte_outside=PTE_OUTSIDE.get(name, ()))
     path = tmp_path / "m.int8.tflite"
     _assert_xnnpack(name, path)
     assert REGISTRY[Target.tflite].inspect(path)["graph"]["float_ops_inside"] == []

@@ -148,6 +148,9 @@ def test_fp32_everywhere(name: str, images: tuple[np.ndarray, np.ndarray], tmp_p
 # per-channel weight rounding, measure 30-38 dB here. 25 dB leaves margin, and fails a wrong grid (a concat input
 # read on another tensor's scale, a pool padded with zero instead of the lowest code) which costs far more.
 INT8_SNR_DB = 25.0
+# XNNPACK's average pool has no ceil_mode, and its extra windows' padding, a constant pad between int8 tensors,
+# failed to load (converters/pte_forms.py): the int8 program pools on ExecuTorch's portable kernel there
+PTE_OUTSIDE_INT8 = {"avg_pool_ceil": ("aten::avg_pool2d",)}
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -157,7 +160,8 @@ def test_int8_everywhere(name: str, images: tuple[np.ndarray, np.ndarray], tmp_p
     quantized = quantize(graph, calibration, QuantRecipe.stock_minmax())
     # exports ``graph`` itself with the int8 parameters (the pipeline exports ``quantized.graph``)
     assert_int8_everywhere(model, graph, quantized, x, tmp_path, min_snr_db=INT8_SNR_DB,
-                           min_snr_vs_simulation_db=INT8_SNR_DB + 5)  # the runtime runs what the quantiser chose
+                           min_snr_vs_simulation_db=INT8_SNR_DB + 5,  # the runtime runs what the quantiser chose
+                           pte_outside=PTE_OUTSIDE_INT8.get(name, ()))
 
 
 def test_concat_inputs_take_its_grid_where_nothing_read_them_before(images: tuple[np.ndarray, np.ndarray]) -> None:

@@ -19,7 +19,7 @@ from mdeploy.errors import BadInputError, ExitCode
 from mdeploy.graph.from_torch import graph_from_torch
 from mdeploy.quantize.params import QuantizedGraph
 from mdeploy.quantize.ptq import quantize
-from mdeploy.zoo import Arch, ModelConfig, build_model
+from tests.model_library import short_mobilenet_v3
 from tests.test_converters import INFO, nearest_int8
 from tests.test_graph import randomize_batch_norm
 
@@ -30,8 +30,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def int8_v3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, QuantizedGraph]:
-    torch.manual_seed(0)
-    model = randomize_batch_norm(build_model(ModelConfig(Arch.mobilenet_v3_small, 0.5, 10)))
+    model = randomize_batch_norm(short_mobilenet_v3())
     graph = graph_from_torch(model, (1, 3, SIZE, SIZE))
     quantized = nearest_int8(graph, np.random.default_rng(0).standard_normal((8, 3, SIZE, SIZE)).astype(np.float32))
     path = tmp_path_factory.mktemp("pte") / "v3.int8.pte"

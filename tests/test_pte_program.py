@@ -18,7 +18,7 @@ from mdeploy.metrics import snr_db
 from mdeploy.quantize.ptq import quantize
 from mdeploy.quantize.simulate import simulate
 from mdeploy.zoo import Arch, ModelConfig, build_model
-from tests.model_library import photos
+from tests.model_library import photos, short_mobilenet_v3
 from tests.test_graph import randomize_batch_norm
 
 SIZE = 128
@@ -110,8 +110,7 @@ def test_gate_of_a_tiny_input_grid_keeps_its_bias_in_int32(tmp_path: Path) -> No
 def test_mixed_precision_computes_the_float_layers_in_float(float_input: bool, tmp_path: Path) -> None:
     """Layers the quantiser kept in float (``--target-snr``) read dequantized tensors, or float ones where no grid is
     left between them; with a float input the first layers compute on the image itself."""
-    torch.manual_seed(0)
-    model = randomize_batch_norm(build_model(ModelConfig(Arch.mobilenet_v3_small, 0.5, 10)))
+    model = randomize_batch_norm(short_mobilenet_v3())
     graph = graph_from_torch(model, (1, 3, 64, 64))
     x = np.random.default_rng(0).standard_normal((16, 3, 64, 64)).astype(np.float32)
     early = [node.name for node in graph.nodes[:4]]  # the stem conv, its hard-swish, the first depthwise conv...
