@@ -61,7 +61,7 @@ class FloatProgram(torch.nn.Module):
         self.buffer_names: dict[str, dict[str, str]] = {}
         for i, node in enumerate(graph.nodes):
             self.buffer_names[node.name] = {}
-            for key, value in program_params(node).items():
+            for key, value in program_params(node, graph.shapes).items():
                 self._add(node, f"n{i}_{key}", key, value.clone())
 
     def _add(self, node: Node, buffer: str, key: str, value: torch.Tensor) -> None:
@@ -105,6 +105,8 @@ class Int8Program(FloatProgram):
         gated = gated_nodes(qgraph)
         for i, node in enumerate(qgraph.graph.nodes):
             if node.name in gated:
+                for key in [k for k in self.buffer_names[node.name] if k.startswith("float_gate_")]:
+                    delattr(self, self.buffer_names[node.name].pop(key))
                 for key, value in self._gate_params(node).items():
                     self._add(node, f"n{i}_gate_{key}", f"gate_{key}", value)
             for position in self._moved_inputs(node):
