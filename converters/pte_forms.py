@@ -40,28 +40,20 @@ import torch.nn.functional as F
 
 from mdeploy.graph.conv_transpose import to_torch_layout
 from mdeploy.graph.execute import OPS, node_params
-from mdeploy.graph.ir import (Activation, ConvTransposeAttrs, GeluAttrs, Node, Op, PoolAttrs, ResizeAttrs,
-                              softmax_axis)
+from mdeploy.graph.ir import (Activation, ConvTransposeAttrs, GeluAttrs, Node, Op, OpRegistry, PoolAttrs,
+                              ResizeAttrs, softmax_axis)
 from mdeploy.graph.pooling import pool_geometry
 from mdeploy.graph.resize import repeats
 
 Hold = Callable[[torch.Tensor, str], torch.Tensor]
 Form = Callable[[Node, list[torch.Tensor], Mapping[str, torch.Tensor], Hold], "torch.Tensor | None"]
-FORMS: dict[Op, Form] = {}
+FORMS: OpRegistry[Form] = OpRegistry()
 GELU_TANH_SCALE = float(np.sqrt(2.0 / np.pi))
 
 
 def unheld(value: torch.Tensor, _tensor: str) -> torch.Tensor:
     """``hold`` of an fp32 program."""
     return value
-
-
-def form(*ops: Op) -> Callable[[Form], Form]:
-    def register(function: Form) -> Form:
-        for op in ops:
-            FORMS[op] = function
-        return function
-    return register
 
 
 def run_node(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Tensor],
@@ -92,7 +84,7 @@ def fused(y: torch.Tensor, activation: Activation) -> torch.Tensor:
     return torch.relu(y) if activation is Activation.RELU else y
 
 
-@form(Op.CONV, Op.LINEAR)
+@FORMS.register(Op.CONV, Op.LINEAR)
 def _relu6_as_hardtanh(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Tensor],
                        hold: Hold) -> torch.Tensor | None:
     if node.activation is not Activation.RELU6:
@@ -100,7 +92,7 @@ def _relu6_as_hardtanh(node: Node, inputs: list[torch.Tensor], params: Mapping[s
     return fused(OPS[node.op](dataclasses.replace(node, activation=Activation.NONE), inputs, params), node.activation)
 
 
-@form(Op.HARDSIGMOID)
+@FORMS.register(Op.HARDSIGMOID)
 def _hard_sigmoid(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Tensor],
                   hold: Hold) -> torch.Tensor:
     x = inputs[0]
@@ -110,13 +102,13 @@ def _hard_sigmoid(node: Node, inputs: list[torch.Tensor], params: Mapping[str, t
     return F.hardtanh(gate, 0.0, 1.0)
 
 
-@form(Op.HARDSWISH)
+@FORMS.register(Op.HARDSWISH)
 def _hard_swish(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Tensor],
                 hold: Hold) -> torch.Tensor:
     return F.hardswish(inputs[0])
 
 
-@form(Op.GELU)
+@FORMS.register(Op.GELU)
 def _gelu_tanh(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Tensor],
                hold: Hold) -> torch.Tensor | None:
     if not (isinstance(node.attrs, GeluAttrs) and node.attrs.approximate == "tanh"):
@@ -125,19 +117,20 @@ def _gelu_tanh(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torc
     return 0.5 * x * (1.0 + torch.tanh(GELU_TANH_SCALE * (x + 0.044715 * x * x * x)))
 
 
-@form(Op.SOFTMAX)
+@FORMS.register(Op.SOFTMAX)
 def _softmax_last_axis(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Tensor],
                        hold: Hold) -> torch.Tensor | None:
     x = inputs[0]
-    if x.dim() <= 2 and softmax_axis(node, x.dim()) % x.dim() == x.dim() - 1:
-        return None
     axis = softmax_axis(node, x.dim()) % x.dim()
-    moved = x.transpose(axis, -1) if axis != x.dim() - 1 else x
+    last = axis == x.dim() - 1
+    if x.dim() <= 2 and last:
+        return None
+    moved = x if last else x.transpose(axis, -1)
     flat = torch.softmax(moved.reshape(-1, moved.shape[-1]), dim=-1).reshape(moved.shape)
-    return flat.transpose(axis, -1) if axis != x.dim() - 1 else flat
+    return flat if last else flat.transpose(axis, -1)
 
 
-@form(Op.PRELU)
+@FORMS.register(Op.PRELU)
 def _prelu(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Tensor],
            hold: Hold) -> torch.Tensor | None:
     x = inputs[0]
@@ -149,7 +142,7 @@ def _prelu(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Te
     return hold(y, node.output).reshape(x.shape)
 
 
-@form(Op.MATMUL)
+@FORMS.register(Op.MATMUL)
 def _matmul_as_bmm(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Tensor],
                    hold: Hold) -> torch.Tensor | None:
     """A batched ``a @ b`` as one ``bmm`` on (batch, rows, k) @ (batch, k, cols): ``torch.matmul`` on rank 3 and
@@ -174,7 +167,7 @@ def _matmul_as_bmm(node: Node, inputs: list[torch.Tensor], params: Mapping[str, 
     return product if a.dim() == 3 else hold(product, node.output).reshape(out_shape)
 
 
-@form(Op.AVG_POOL)
+@FORMS.register(Op.AVG_POOL)
 def _avg_pool_delegated(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Tensor],
                         hold: Hold) -> torch.Tensor | None:
     """An average pool with padding, ``ceil_mode`` or a divisor, none of which XNNPACK's average pooling takes
@@ -207,7 +200,7 @@ def _ones(shape: tuple[int, int], correction: np.ndarray | None) -> np.ndarray:
     return np.ones(shape) if correction is None else correction
 
 
-@form(Op.CONV_TRANSPOSE)
+@FORMS.register(Op.CONV_TRANSPOSE)
 def _conv_transpose(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Tensor],
                     hold: Hold) -> torch.Tensor:
     a = node.attrs
@@ -217,7 +210,7 @@ def _conv_transpose(node: Node, inputs: list[torch.Tensor], params: Mapping[str,
     return fused(y, node.activation)
 
 
-@form(Op.RESIZE)
+@FORMS.register(Op.RESIZE)
 def _nearest_repeat(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Tensor],
                     hold: Hold) -> torch.Tensor | None:
     """Each sample repeated fh x fw times: fw copies joined on a new last axis read as fw times the width, then
