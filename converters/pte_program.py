@@ -13,14 +13,13 @@ How each op is written so that XNNPACK takes it whole is ``pte_forms``' business
 concatenation input on another grid than the output's is requantised by a 1x1 depthwise convolution of weight 1
 (XNNPACK's int8 concatenate wants one grid; a quantize after a dequantize would be two float conversions), and a
 transposed convolution takes its weight as XNNPACK wants it: (I, O, kh, kw) with scales along O, one group (a
-grouped one as its dense equivalent). Still computed in float inside the delegate (bench/pte_families.py counts the
-conversions): channel shuffles, sigmoid and SiLU (ExecuTorch's partitioner takes them in fp32 only), softmax,
-average pooling, and much of MobileNetV4-Hybrid's attention. Hard-swish and hard-sigmoid are int8:
-XNNPACK runs neither in int8, so in an int8 program (on 4-d and 2-d tensors) hard-sigmoid is a 1x1 depthwise
-convolution, weight 1/6 and bias 1/2 per channel, clamped to [0, 1] (a fused ``hardtanh``), and hard-swish multiplies
-its input by that gate held on ``GATE_GRID``: int8 throughout. Hard-sigmoid is then as exact as any int8
-convolution; hard-swish rounds its gate once more than the quantiser's simulation does (at most half of 1/255 of the
-input per value; 3-6 output steps from the simulation at the model's output, tests/test_pte_program.py).
+grouped one as its dense equivalent). Hard-swish is int8 as XNNPACK's lookup table (``pte_partition``: each code
+mapped exactly as the quantiser simulates it). Hard-sigmoid has no int8 form in XNNPACK, and ExecuTorch splits it
+into float ops: in an int8 program (on 4-d and 2-d tensors) it is a 1x1 depthwise convolution, weight 1/6 and
+bias 1/2 per channel, clamped to [0, 1] (a fused ``hardtanh``), as exact as any int8 convolution. Still computed in
+float inside the delegate (bench/pte_families.py counts the conversions): channel shuffles, sigmoid and SiLU
+(ExecuTorch's partitioner takes them in fp32 only), softmax, average pooling, and much of MobileNetV4-Hybrid's
+attention.
 """
 
 from __future__ import annotations
@@ -48,8 +47,6 @@ from mdeploy.quantize.rounding import bias_scale_floor
 from mdeploy.quantize.simulate import quantized_params
 
 METADATA_METHOD = "metadata"
-GATED_OPS = (Op.HARDSIGMOID, Op.HARDSWISH)  # int8: a depthwise convolution makes the gate relu6(x + 3) / 6
-GATE_GRID = TensorQuant(1.0 / (QMAX - QMIN), QMIN)  # [0, 1], both ends exact: hard-swish's gate in int8
 
 
 class FloatProgram(torch.nn.Module):
@@ -170,13 +167,7 @@ class Int8Program(FloatProgram):
         if flat:
             x = self._requantized(x.reshape(*x.shape, 1, 1), node.inputs[0])
         gate = F.hardtanh(F.conv2d(x, _weight(params, "gate_"), params["gate_bias"], groups=x.shape[1]), 0.0, 1.0)
-        grid = node.output if node.op is Op.HARDSIGMOID else GATE_GRID
-        if flat:
-            gate = self._requantized(gate, grid).reshape(gate.shape[:2])
-        if node.op is Op.HARDSIGMOID:
-            return gate
-        x = self._read(values, node.inputs[0])  # the multiply's own reader
-        return x * self._requantized(gate, GATE_GRID)
+        return self._requantized(gate, node.output).reshape(gate.shape[:2]) if flat else gate
 
     def _moved_inputs(self, node: Node) -> list[int]:
         """The inputs of ``node`` (by position) that must be requantised to its output's grid first: XNNPACK's int8
@@ -232,11 +223,11 @@ class Int8Program(FloatProgram):
 
 
 def gated_nodes(qgraph: QuantizedGraph) -> frozenset[str]:
-    """The hard-swish and hard-sigmoid nodes written in int8 with a gate convolution: not kept in float, input and
-    output on int8 grids, the input (N, C, H, W) or (N, C)."""
+    """The hard-sigmoid nodes written in int8 as a gate convolution: not kept in float, input and output on int8
+    grids, the input (N, C, H, W) or (N, C)."""
     grids, graph = qgraph.activations, qgraph.graph
     return frozenset(node.name for node in graph.nodes
-                     if node.op in GATED_OPS and node.name not in qgraph.float_nodes and node.output in grids
+                     if node.op is Op.HARDSIGMOID and node.name not in qgraph.float_nodes and node.output in grids
                      and node.inputs[0] in grids and len(graph.shapes[node.inputs[0]]) in (2, 4))
 
 
@@ -295,8 +286,8 @@ def write_program(graph: Graph, quantized: QuantizedGraph | None, path: Path,
     ``metadata``, a second method ``metadata`` returns it as one JSON string (a program has no other place for it)."""
     with quiet_imports():
         import torchao.quantization.pt2e  # noqa: F401  (registers torch.ops.quantized_decomposed)
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
+    from mdeploy.converters.pte_partition import xnnpack_partitioner  # imports this module's quiet_imports
 
     module = (FloatProgram(graph) if quantized is None else Int8Program(quantized)).eval()
     example = torch.zeros(tuple(graph.input_shape), dtype=torch.float32)
@@ -304,7 +295,7 @@ def write_program(graph: Graph, quantized: QuantizedGraph | None, path: Path,
         warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecation notices (pytree LeafSpec)
         exported = torch.export.export(module, (example,))
         methods = {METADATA_METHOD: json.dumps(dict(metadata), sort_keys=True)} if metadata is not None else None
-        edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()], constant_methods=methods)
+        edge = to_edge_transform_and_lower(exported, partitioner=[xnnpack_partitioner()], constant_methods=methods)
     path.write_bytes(edge.to_executorch().buffer)
     return lowered(edge, inside)
 
