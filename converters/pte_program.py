@@ -13,13 +13,13 @@ How each op is written so that XNNPACK takes it whole is ``pte_forms``' business
 concatenation input on another grid than the output's is requantised by a 1x1 depthwise convolution of weight 1
 (XNNPACK's int8 concatenate wants one grid; a quantize after a dequantize would be two float conversions), and a
 transposed convolution takes its weight as XNNPACK wants it: (I, O, kh, kw) with scales along O, one group (a
-grouped one as its dense equivalent). Hard-swish is int8 as XNNPACK's lookup table (``pte_partition``: each code
-mapped exactly as the quantiser simulates it). Hard-sigmoid has no int8 form in XNNPACK, and ExecuTorch splits it
-into float ops: in an int8 program (on 4-d and 2-d tensors) it is a 1x1 depthwise convolution, weight 1/6 and
-bias 1/2 per channel, clamped to [0, 1] (a fused ``hardtanh``), as exact as any int8 convolution. Still computed in
-float inside the delegate (bench/pte_families.py counts the conversions): channel shuffles, sigmoid and SiLU
-(ExecuTorch's partitioner takes them in fp32 only), softmax, average pooling, and much of MobileNetV4-Hybrid's
-attention.
+grouped one as its dense equivalent). Hard-swish and sigmoid are int8 as XNNPACK's lookup tables (``pte_partition``:
+each code mapped exactly as the quantiser simulates it); SiLU is its input times that sigmoid held on ``GATE_GRID``
+(one rounding more than the simulation: 1 output step on a convolution after it). Hard-sigmoid has no int8 form in
+XNNPACK, and ExecuTorch splits it into float ops: in an int8 program (on 4-d and 2-d tensors) it is a 1x1 depthwise
+convolution, weight 1/6 and bias 1/2 per channel, clamped to [0, 1] (a fused ``hardtanh``), as exact as any int8
+convolution. Still computed in float inside the delegate (bench/pte_families.py counts the conversions): channel
+shuffles, softmax, average pooling, and much of MobileNetV4-Hybrid's attention.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from mdeploy.converters.pte_forms import fused, program_params, run_node
+from mdeploy.converters.pte_partition import xnnpack_partitioner
 from mdeploy.graph.conv_transpose import dense, to_torch_layout
 from mdeploy.graph.ir import ConvTransposeAttrs, Graph, Node, Op
 from mdeploy.quantize.params import QMAX, QMIN, WEIGHT_QMAX, QuantizedGraph, TensorQuant
@@ -47,6 +48,7 @@ from mdeploy.quantize.rounding import bias_scale_floor
 from mdeploy.quantize.simulate import quantized_params
 
 METADATA_METHOD = "metadata"
+GATE_GRID = TensorQuant(1.0 / (QMAX - QMIN), QMIN)  # [0, 1], both ends exact: SiLU's sigmoid in int8
 
 
 class FloatProgram(torch.nn.Module):
@@ -159,6 +161,8 @@ class Int8Program(FloatProgram):
             inputs[position] = self._moved_to_grid(inputs[position], node, position)
         if node.op is Op.CONV_TRANSPOSE and node.name in self.qgraph.weights:
             return self._conv_transpose(inputs[0], node)
+        if node.op is Op.SILU and self._int8_form(node):  # x * sigmoid(x): each of the two reads x (own dequantize)
+            return self._read(values, node.inputs[0]) * self._requantized(torch.sigmoid(inputs[0]), GATE_GRID)
         params = self.params(node)
         if "gate_codes" not in params:
             return run_node(node, inputs, params, self._held)
@@ -168,6 +172,11 @@ class Int8Program(FloatProgram):
             x = self._requantized(x.reshape(*x.shape, 1, 1), node.inputs[0])
         gate = F.hardtanh(F.conv2d(x, _weight(params, "gate_"), params["gate_bias"], groups=x.shape[1]), 0.0, 1.0)
         return self._requantized(gate, node.output).reshape(gate.shape[:2]) if flat else gate
+
+    def _int8_form(self, node: Node) -> bool:
+        """``node`` is int8 from input to output (not kept in float by the quantiser)."""
+        grids = self.qgraph.activations
+        return node.name not in self.qgraph.float_nodes and node.output in grids and node.inputs[0] in grids
 
     def _moved_inputs(self, node: Node) -> list[int]:
         """The inputs of ``node`` (by position) that must be requantised to its output's grid first: XNNPACK's int8
@@ -287,7 +296,7 @@ def write_program(graph: Graph, quantized: QuantizedGraph | None, path: Path,
     with quiet_imports():
         import torchao.quantization.pt2e  # noqa: F401  (registers torch.ops.quantized_decomposed)
         from executorch.exir import to_edge_transform_and_lower
-    from mdeploy.converters.pte_partition import xnnpack_partitioner  # imports this module's quiet_imports
+        partitioner = xnnpack_partitioner()
 
     module = (FloatProgram(graph) if quantized is None else Int8Program(quantized)).eval()
     example = torch.zeros(tuple(graph.input_shape), dtype=torch.float32)
@@ -295,7 +304,7 @@ def write_program(graph: Graph, quantized: QuantizedGraph | None, path: Path,
         warnings.simplefilter("ignore", FutureWarning)  # torch.export's own deprecation notices (pytree LeafSpec)
         exported = torch.export.export(module, (example,))
         methods = {METADATA_METHOD: json.dumps(dict(metadata), sort_keys=True)} if metadata is not None else None
-        edge = to_edge_transform_and_lower(exported, partitioner=[xnnpack_partitioner()], constant_methods=methods)
+        edge = to_edge_transform_and_lower(exported, partitioner=[partitioner], constant_methods=methods)
     path.write_bytes(edge.to_executorch().buffer)
     return lowered(edge, inside)
 

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from mdeploy.calibration.config import QuantRecipe
+from mdeploy.converters.pte_partition import INT8_TABLE_CONFIGS
 from mdeploy.converters.pte_program import Int8Program, program_runner, write_program
 from mdeploy.graph.execute import GraphRunner
 from mdeploy.graph.from_torch import graph_from_torch
-from mdeploy.graph.ir import Op
+from mdeploy.graph.ir import Graph, Op
 from mdeploy.metrics import snr_db
 from mdeploy.quantize.ptq import quantize
 from mdeploy.quantize.simulate import simulate
@@ -26,6 +27,8 @@ SIZE = 128
 # XNNPACK requantises in fixed point, as for TFLite (tests/test_converters.py: 8 output steps); measured 4 on the
 # trained V2 at 224 px.
 LSB_FROM_SIMULATION = 8.0
+# A module of the op of each ExecuTorch config that pte_partition lets XNNPACK run in int8 (a lookup table).
+TABLE_OPS = {"HardswishConfig": torch.nn.Hardswish, "SigmoidConfig": torch.nn.Sigmoid}
 
 
 def run_all(path: Path, inputs: np.ndarray) -> np.ndarray:
@@ -95,6 +98,40 @@ def test_int8_v3_has_no_float_inside_the_delegate(arch: Arch, tmp_path: Path) ->
     # measured 0 steps on V3-Small, 2 on V3-Large (XNNPACK's fixed-point requantisation; 6 and 3 when hard-swish was
     # a gate convolution times its input)
     assert np.abs(got - simulate(qgraph, x[:4])).max() <= LSB_FROM_SIMULATION * step
+
+
+def conv_op_conv(op: torch.nn.Module) -> tuple[Graph, np.ndarray]:
+    """A convolution, ``op``, a 1x1 convolution: the op between int8 tensors, and calibration images."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), op, torch.nn.Conv2d(16, 8, 1)).eval()
+    return graph_from_torch(model, (1, 3, 16, 16)), np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(
+        np.float32)
+
+
+@pytest.mark.parametrize("config", INT8_TABLE_CONFIGS)
+def test_int8_table_ops_run_in_int8_exactly(config: str, tmp_path: Path) -> None:
+    """Each op ``pte_partition`` gives XNNPACK in int8 is one int8 node (a table maps each code as the quantiser's
+    simulation does): no float inside the delegate but at its input and output, outputs on the simulation's codes."""
+    graph, x = conv_op_conv(TABLE_OPS[config]())
+    qgraph = quantize(graph, x)
+    lowered = write_program(graph, qgraph, tmp_path / "op.pte")
+    assert lowered.delegates == 1 and lowered.outside == {}, lowered
+    assert lowered.inside["XNNConvert"] == 2 and lowered.inside[f"XNN{config.removesuffix('Config')}"] == 1, lowered
+    got = run_all(tmp_path / "op.pte", x[:4])
+    step = qgraph.activations[graph.outputs[0]].scale
+    assert np.abs(got - simulate(qgraph, x[:4])).max() <= step  # measured 0 (hard-swish, sigmoid)
+
+
+def test_int8_silu_is_its_input_times_a_sigmoid_table(tmp_path: Path) -> None:
+    """SiLU (no int8 kernel in XNNPACK): its input times the int8 sigmoid held on ``GATE_GRID``, int8 throughout."""
+    graph, x = conv_op_conv(torch.nn.SiLU())
+    qgraph = quantize(graph, x)
+    lowered = write_program(graph, qgraph, tmp_path / "silu.pte")
+    assert lowered.delegates == 1 and lowered.outside == {}, lowered
+    assert lowered.inside["XNNConvert"] == 2 and lowered.inside["XNNSigmoid"] == lowered.inside["XNNMultiply"] == 1
+    got = run_all(tmp_path / "silu.pte", x[:4])
+    step = qgraph.activations[graph.outputs[0]].scale
+    assert np.abs(got - simulate(qgraph, x[:4])).max() <= 2 * step  # measured 1: the sigmoid's own rounding
 
 
 def test_gate_of_a_tiny_input_grid_keeps_its_bias_in_int32(tmp_path: Path) -> None:
