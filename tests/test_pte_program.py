@@ -122,16 +122,27 @@ def test_int8_table_ops_run_in_int8_exactly(config: str, tmp_path: Path) -> None
     assert np.abs(got - simulate(qgraph, x[:4])).max() <= step  # measured 0 (hard-swish, sigmoid)
 
 
-def test_int8_silu_is_its_input_times_a_sigmoid_table(tmp_path: Path) -> None:
-    """SiLU (no int8 kernel in XNNPACK): its input times the int8 sigmoid held on ``GATE_GRID``, int8 throughout."""
-    graph, x = conv_op_conv(torch.nn.SiLU())
+# Ops XNNPACK has no int8 kernel for, in the int8 forms the program writes (pte_program, pte_forms): a module, the
+# output steps the program may be off the simulation, XNNPACK nodes the form must make.
+INT8_FORMS = {
+    "silu": (torch.nn.SiLU, 2.0, {"XNNSigmoid": 1, "XNNMultiply": 1}),  # measured 1: the sigmoid's own rounding
+    "channel_shuffle": (lambda: torch.nn.ChannelShuffle(2), 0.0, {"XNNStaticTranspose": 5}),  # codes moved: exact
+}
+
+
+@pytest.mark.parametrize("name", INT8_FORMS)
+def test_int8_forms_keep_int8_inside_the_delegate(name: str, tmp_path: Path) -> None:
+    """SiLU is its input times the int8 sigmoid held on ``GATE_GRID``; a channel shuffle's reshapes and transpose
+    each hold the input's grid (32 float conversions in ShuffleNetV2 x0.5 before)."""
+    module, steps, nodes = INT8_FORMS[name]
+    graph, x = conv_op_conv(module())
     qgraph = quantize(graph, x)
-    lowered = write_program(graph, qgraph, tmp_path / "silu.pte")
+    lowered = write_program(graph, qgraph, tmp_path / f"{name}.pte")
     assert lowered.delegates == 1 and lowered.outside == {}, lowered
-    assert lowered.inside["XNNConvert"] == 2 and lowered.inside["XNNSigmoid"] == lowered.inside["XNNMultiply"] == 1
-    got = run_all(tmp_path / "silu.pte", x[:4])
+    assert lowered.inside["XNNConvert"] == 2 and all(lowered.inside[k] == v for k, v in nodes.items()), lowered
+    got = run_all(tmp_path / f"{name}.pte", x[:4])
     step = qgraph.activations[graph.outputs[0]].scale
-    assert np.abs(got - simulate(qgraph, x[:4])).max() <= 2 * step  # measured 1: the sigmoid's own rounding
+    assert np.abs(got - simulate(qgraph, x[:4])).max() <= steps * step + 1e-6
 
 
 def test_gate_of_a_tiny_input_grid_keeps_its_bias_in_int32(tmp_path: Path) -> None:
