@@ -161,7 +161,7 @@ class Int8Program(FloatProgram):
             inputs[position] = self._moved_to_grid(inputs[position], node, position)
         if node.op is Op.CONV_TRANSPOSE and node.name in self.qgraph.weights:
             return self._conv_transpose(inputs[0], node)
-        if node.op is Op.SILU and self._int8_form(node):  # x * sigmoid(x): each of the two reads x (own dequantize)
+        if node.op is Op.SILU and int8_throughout(self.qgraph, node):  # x * sigmoid(x): each reads x (own dequantize)
             return self._read(values, node.inputs[0]) * self._requantized(torch.sigmoid(inputs[0]), GATE_GRID)
         params = self.params(node)
         if "gate_codes" not in params:
@@ -172,11 +172,6 @@ class Int8Program(FloatProgram):
             x = self._requantized(x.reshape(*x.shape, 1, 1), node.inputs[0])
         gate = F.hardtanh(F.conv2d(x, _weight(params, "gate_"), params["gate_bias"], groups=x.shape[1]), 0.0, 1.0)
         return self._requantized(gate, node.output).reshape(gate.shape[:2]) if flat else gate
-
-    def _int8_form(self, node: Node) -> bool:
-        """``node`` is int8 from input to output (not kept in float by the quantiser)."""
-        grids = self.qgraph.activations
-        return node.name not in self.qgraph.float_nodes and node.output in grids and node.inputs[0] in grids
 
     def _moved_inputs(self, node: Node) -> list[int]:
         """The inputs of ``node`` (by position) that must be requantised to its output's grid first: XNNPACK's int8
@@ -234,10 +229,15 @@ class Int8Program(FloatProgram):
 def gated_nodes(qgraph: QuantizedGraph) -> frozenset[str]:
     """The hard-sigmoid nodes written in int8 as a gate convolution: not kept in float, input and output on int8
     grids, the input (N, C, H, W) or (N, C)."""
-    grids, graph = qgraph.activations, qgraph.graph
-    return frozenset(node.name for node in graph.nodes
-                     if node.op is Op.HARDSIGMOID and node.name not in qgraph.float_nodes and node.output in grids
-                     and node.inputs[0] in grids and len(graph.shapes[node.inputs[0]]) in (2, 4))
+    return frozenset(node.name for node in qgraph.graph.nodes
+                     if node.op is Op.HARDSIGMOID and int8_throughout(qgraph, node)
+                     and len(qgraph.graph.shapes[node.inputs[0]]) in (2, 4))
+
+
+def int8_throughout(qgraph: QuantizedGraph, node: Node) -> bool:
+    """``node`` is int8 from its (first) input to its output: not kept in float, both on int8 grids."""
+    grids = qgraph.activations
+    return node.name not in qgraph.float_nodes and node.output in grids and node.inputs[0] in grids
 
 
 def _weight(params: Mapping[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
