@@ -27,7 +27,9 @@ Found by tests/op_harness.py (every op model as a program, fp32 and int8, one de
   correction to PyTorch's divisor;
 - nearest upsampling by whole factors is copies joined and reshaped (XNNPACK has no nearest resize), each copy
   moving values, or int8 codes, exactly;
-- a channel shuffle's reshapes and transpose each hold the int8 grid (else XNNPACK moves the values in float).
+- a channel shuffle's reshapes and transpose each hold the int8 grid (else XNNPACK moves the values in float);
+- a transpose is a contiguous copy (``permute_copy``): a reshape of a permuted view exports a ``clone``, which the
+  partitioner takes in fp32 only (in int8, a float conversion before and after it).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 from mdeploy.graph.conv_transpose import to_torch_layout
 from mdeploy.graph.execute import OPS, node_params
 from mdeploy.graph.ir import (Activation, ConvTransposeAttrs, GeluAttrs, Node, Op, OpRegistry, PoolAttrs,
-                              ResizeAttrs, ShuffleAttrs, softmax_axis)
+                              ResizeAttrs, ShuffleAttrs, TransposeAttrs, softmax_axis)
 from mdeploy.graph.pooling import pool_geometry
 from mdeploy.graph.resize import repeats
 
@@ -238,10 +240,16 @@ def _channel_shuffle(node: Node, inputs: list[torch.Tensor], params: Mapping[str
                      hold: Hold) -> torch.Tensor:
     """(N, g, C/g, H, W), its two channel axes swapped, read back as (N, C, H, W): in int8 each step on the
     input's grid (which the output shares), so that XNNPACK moves int8 codes instead of converting to float and
-    back around the shuffle (32 conversions in ShuffleNetV2 x0.5). ``permute_copy``, not ``transpose``: reshaping a
-    transposed view exports a ``clone``, which ExecuTorch's partitioner takes in fp32 only."""
+    back around the shuffle (32 conversions in ShuffleNetV2 x0.5). ``permute_copy`` as for ``Op.TRANSPOSE``."""
     x = inputs[0]
     assert isinstance(node.attrs, ShuffleAttrs)
     n, c, h, w = x.shape
     split = hold(x.reshape(n, node.attrs.groups, c // node.attrs.groups, h, w), node.output)
     return hold(torch.permute_copy(split, (0, 2, 1, 3, 4)), node.output).reshape(n, c, h, w)
+
+
+@FORMS.register(Op.TRANSPOSE)
+def _transpose_copy(node: Node, inputs: list[torch.Tensor], params: Mapping[str, torch.Tensor],
+                    hold: Hold) -> torch.Tensor:
+    assert isinstance(node.attrs, TransposeAttrs)
+    return torch.permute_copy(inputs[0], node.attrs.perm)

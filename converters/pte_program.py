@@ -18,8 +18,8 @@ each code mapped exactly as the quantiser simulates it); SiLU is its input times
 (one rounding more than the simulation: 1 output step on a convolution after it). Hard-sigmoid has no int8 form in
 XNNPACK, and ExecuTorch splits it into float ops: in an int8 program (on 4-d and 2-d tensors) it is a 1x1 depthwise
 convolution, weight 1/6 and bias 1/2 per channel, clamped to [0, 1] (a fused ``hardtanh``), as exact as any int8
-convolution. Still computed in float inside the delegate (bench/pte_families.py counts the conversions): softmax,
-average pooling, and much of MobileNetV4-Hybrid's attention.
+convolution. Still computed in float inside the delegate (bench/pte_families.py counts the conversions): softmax
+and average pooling.
 """
 
 from __future__ import annotations
