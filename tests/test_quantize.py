@@ -198,6 +198,17 @@ def test_equalisation_preserves_the_function(tiny: tuple[Graph, np.ndarray]) -> 
     np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
 
 
+def test_equalisation_magnifies_a_channel_at_most_one_over_the_floor(tiny: tuple[Graph, np.ndarray]) -> None:
+    graph, x = tiny
+    ranges = channel_ranges(graph, x)
+    for ranges_of_tensor in ranges.values():  # one channel calibration barely excites, as rare features are
+        ranges_of_tensor[0] = 1e-4 * ranges_of_tensor.max()
+    unbounded = equalize(graph, ranges, alpha=1.0, range_floor=0.0)[1]
+    bounded = equalize(graph, ranges, alpha=1.0, range_floor=0.2)[1]
+    assert min(float(s.min()) for s in unbounded.values()) < 0.01  # magnified 100x and more without the floor
+    assert min(float(s.min()) for s in bounded.values()) >= 0.2 - 1e-9
+
+
 def test_layer_input_mean_counts_every_position_and_the_padding(tiny: tuple[Graph, np.ndarray]) -> None:
     graph, x = tiny
     for node in graph.weighted_nodes:

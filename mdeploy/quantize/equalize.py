@@ -6,8 +6,12 @@ function: divide the producing conv's output rows (weight and bias) by ``s_c`` a
 input columns by ``s_c`` (Nagel et al. 2019, cross-layer equalisation, applied to activations). Tensors joined by
 ADD (the residual stream of a stage), GLOBAL_AVG_POOL, FLATTEN of a 1x1 map and PAD share one scale vector.
 
-With ``r_c`` a channel's calibration range and ``R`` the tensor's, ``s_c = (r_c / R) ** alpha`` (<= 1): small
-channels are magnified, the tensor's range is unchanged. When every consumer is a depthwise conv (whose weights
+With ``r_c`` a channel's calibration range and ``R`` the tensor's, ``s_c = (max(r_c / R, floor)) ** alpha`` (<= 1):
+small channels are magnified, the tensor's range is unchanged. A magnified channel's calibration maximum lands on
+the tensor's, leaving it no headroom, and a calibration set of a few photos understates what other photos drive
+its channels to (MobileNetV2, the demo's split: the held-out photos exceed the calibration maximum of one channel in
+ten by 1.3x or more, of some by 4-5x, and those values were clipped). ``floor`` bounds the magnification, so a
+channel calibration barely excited keeps headroom (see ``QuantRecipe.equalize_range_floor``). When every consumer is a depthwise conv (whose weights
 are quantised per channel, so scaling a channel's kernel costs nothing), alpha is 1: full per-channel resolution.
 Otherwise the cost moves to the consumers' weights (input columns shrink) and alpha trades one against the other.
 
@@ -116,7 +120,9 @@ def _scale_output_channels(node: Node, s: np.ndarray) -> None:
     node.params["bias"] = (node.params["bias"] / s).astype(np.float32)
 
 
-def equalize(graph: Graph, ranges: dict[str, np.ndarray], alpha: float = 0.35) -> tuple[Graph, dict[str, np.ndarray]]:
+def equalize(
+    graph: Graph, ranges: dict[str, np.ndarray], alpha: float = 0.35, range_floor: float = 0.2
+) -> tuple[Graph, dict[str, np.ndarray]]:
     """A rescaled copy of ``graph`` and the per-channel scale ``s`` applied to each tensor (the new tensor is
     the old one divided by ``s``). Only tensors with calibration ranges are touched."""
     out = copy.deepcopy(graph)
@@ -132,7 +138,7 @@ def equalize(graph: Graph, ranges: dict[str, np.ndarray], alpha: float = 0.35) -
         consumers = [c for t in group for c in out.consumers(t) if c.output not in names]
         # A depthwise consumer's weights are per channel: scaling them costs no resolution, equalise fully.
         a = 1.0 if consumers and all(c.is_depthwise for c in consumers) else alpha
-        s = np.where(r > 0, np.clip(r / big, MIN_SCALE, 1.0) ** a, 1.0)
+        s = np.where(r > 0, np.clip(r / big, max(range_floor, MIN_SCALE), 1.0) ** a, 1.0)
         for t in group:  # a fused ReLU6 clips at 6 s_c in original units: keep that beyond what calibration saw
             producer = out.producer(t)
             if producer is not None and producer.activation is Activation.RELU6:
