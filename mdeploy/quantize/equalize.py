@@ -11,8 +11,9 @@ small channels are magnified, the tensor's range is unchanged. A magnified chann
 the tensor's, leaving it no headroom, and a calibration set of a few photos understates what other photos drive
 its channels to (MobileNetV2, the demo's split: the held-out photos exceed the calibration maximum of one channel in
 ten by 1.3x or more, of some by 4-5x, and those values were clipped). ``floor`` bounds the magnification, so a
-channel calibration barely excited keeps headroom (see ``QuantRecipe.equalize_range_floor``). When every consumer is a depthwise conv (whose weights
-are quantised per channel, so scaling a channel's kernel costs nothing), alpha is 1: full per-channel resolution.
+channel calibration barely excited keeps headroom (see ``QuantRecipe.equalize_range_floor``).
+When every consumer is a depthwise conv (whose weights are quantised per channel, so scaling a channel's kernel
+costs nothing), alpha is 1: full per-channel resolution.
 Otherwise the cost moves to the consumers' weights (input columns shrink) and alpha trades one against the other.
 
 A fused ReLU (positively homogeneous) is exact; a fused ReLU6 then clips channel c at ``6 s_c >= r_c`` in the
@@ -121,7 +122,7 @@ def _scale_output_channels(node: Node, s: np.ndarray) -> None:
 
 
 def equalize(
-    graph: Graph, ranges: dict[str, np.ndarray], alpha: float = 0.35, range_floor: float = 0.2
+    graph: Graph, ranges: dict[str, np.ndarray], alpha: float = 0.35, range_floor: float = 0.1
 ) -> tuple[Graph, dict[str, np.ndarray]]:
     """A rescaled copy of ``graph`` and the per-channel scale ``s`` applied to each tensor (the new tensor is
     the old one divided by ``s``). Only tensors with calibration ranges are touched."""
