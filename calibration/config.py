@@ -47,10 +47,10 @@ class QuantRecipe:
     equalize_alpha: float = 0.35
     # A channel whose calibration range is below this fraction of its tensor's is equalised as if it reached it (so
     # it is magnified at most 1/floor times): calibration maxima from a few photos understate other photos', and a
-    # fully magnified channel has no headroom left. 0.1 was chosen by cross-validation between two halves of the
-    # demo's calibration photos (the best mean over MobileNetV2 and EfficientNet-Lite0 of 0, 0.1, 0.2, 0.3, 0.4:
-    # bench/equalize_floor.py), not on held-out ones.
-    equalize_range_floor: float = 0.1
+    # fully magnified channel has no headroom left. bench/equalize_floor.py's rule (cross-validation between two
+    # halves of the demo's calibration photos) picks 0.1; the default stays 0 (off, the recipe before the floor)
+    # until the test suite has passed with it (a CI run with 0.2 had 2 failures not yet examined).
+    equalize_range_floor: float = 0.0
     # Calibrate each layer (weight rounding, output range) on what the already-quantised layers before it produce
     # (weights rounded, activations fake-quantised); False calibrates every layer on the float model's tensors.
     sequential: bool = True

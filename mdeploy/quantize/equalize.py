@@ -122,7 +122,7 @@ def _scale_output_channels(node: Node, s: np.ndarray) -> None:
 
 
 def equalize(
-    graph: Graph, ranges: dict[str, np.ndarray], alpha: float = 0.35, range_floor: float = 0.1
+    graph: Graph, ranges: dict[str, np.ndarray], alpha: float = 0.35, range_floor: float = 0.0
 ) -> tuple[Graph, dict[str, np.ndarray]]:
     """A rescaled copy of ``graph`` and the per-channel scale ``s`` applied to each tensor (the new tensor is
     the old one divided by ``s``). Only tensors with calibration ranges are touched."""
