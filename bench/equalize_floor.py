@@ -18,15 +18,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from ptq_compare import CACHE, CASES, Case  # noqa: E402
+from ptq_compare import Case, selected_cases  # noqa: E402
 
-from families import cpu_line  # noqa: E402
 from mdeploy.calibration.config import QuantRecipe  # noqa: E402
-from mdeploy.demo_assets import prepare_demo_assets  # noqa: E402
 from mdeploy.graph.from_torch import graph_from_torch  # noqa: E402
 from mdeploy.graph.ir import Graph  # noqa: E402
 from mdeploy.metrics import compare  # noqa: E402
@@ -72,14 +69,8 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=320)
     parser.add_argument("--held-out", action="store_true", help="also judge each floor on the held-out photos")
     args = parser.parse_args()
-    unknown = set(args.models) - set(CASES)
-    if unknown:
-        parser.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(CASES)}")
-    torch.set_num_threads(2)
-    print(f"CPU: {cpu_line()}")
-    assets = prepare_demo_assets(CACHE)
-    for name in args.models:
-        run(CASES[name](assets, args), args.floors, args.held_out)
+    for _, case in selected_cases(parser, args):
+        run(case, args.floors, args.held_out)
 
 
 if __name__ == "__main__":

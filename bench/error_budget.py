@@ -20,15 +20,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
-from ptq_compare import CACHE, CASES, Case  # noqa: E402
+from ptq_compare import Case, selected_cases  # noqa: E402
 
-from families import cpu_line  # noqa: E402
 from mdeploy.calibration.config import QuantRecipe  # noqa: E402
-from mdeploy.demo_assets import prepare_demo_assets  # noqa: E402
 from mdeploy.graph.from_torch import graph_from_torch  # noqa: E402
 from mdeploy.metrics import compare  # noqa: E402
 from mdeploy.parity import run_batches, torch_runner  # noqa: E402
@@ -82,14 +79,8 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=10)
     parser.add_argument("--per-tensor-samples", type=int, default=96)
     args = parser.parse_args()
-    unknown = set(args.models) - set(CASES)
-    if unknown:
-        parser.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(CASES)}")
-    torch.set_num_threads(2)
-    print(f"CPU: {cpu_line()}")
-    assets = prepare_demo_assets(CACHE)
-    for name in args.models:
-        budget(CASES[name](assets, args), args.top, args.per_tensor_samples)
+    for _, case in selected_cases(parser, args):
+        budget(case, args.top, args.per_tensor_samples)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +104,19 @@ def ppocr_cls(assets: DemoAssets, args: argparse.Namespace) -> Case:
 
 CASES: dict[str, Callable[[DemoAssets, argparse.Namespace], Case]] = {
     "mobilenet_v2": mobilenet_v2, "efficientnet_lite0": efficientnet_lite0, "ppocr_cls": ppocr_cls}
+
+
+def selected_cases(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Iterator[tuple[str, Case]]:
+    """The cases ``--models`` names, each built when its turn comes (it holds its model and samples), after the
+    CPU line every script of this split prints; a name that is not a case is a usage error."""
+    unknown = set(args.models) - set(CASES)
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(CASES)}")
+    torch.set_num_threads(2)
+    print(f"CPU: {cpu_line()}")
+    assets = prepare_demo_assets(CACHE)
+    for name in args.models:
+        yield name, CASES[name](assets, args)
 
 
 # -- the quantisers ----------------------------------------------------------------------------------------------------
@@ -209,24 +222,18 @@ def main() -> None:
     parser.add_argument("--eval", type=int, default=320)
     parser.add_argument("--no-nncf", dest="nncf", action="store_false", help="skip NNCF's rows")
     args = parser.parse_args()
-    unknown = set(args.models) - set(CASES)
-    if unknown:
-        parser.error(f"unknown model(s) {', '.join(sorted(unknown))}; choose from {', '.join(CASES)}")
     if args.nncf:
         try:
             import nncf  # noqa: F401
         except ImportError:
             parser.error("NNCF is not installed: .venv/bin/pip install -r bench/requirements.txt (or pass --no-nncf)")
-    torch.set_num_threads(2)
     import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)  # its warnings about unused initializers of the exported models
-    print(f"CPU: {cpu_line()}")
-    assets = prepare_demo_assets(CACHE)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models:
+        for name, case in selected_cases(parser, args):
             (Path(tmp) / name).mkdir()
-            bench_case(CASES[name](assets, args), Path(tmp) / name, args.nncf)
+            bench_case(case, Path(tmp) / name, args.nncf)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,8 @@ class QuantRecipe:
     # it is magnified at most 1/floor times): calibration maxima from a few photos understate other photos', and a
     # fully magnified channel has no headroom left. bench/equalize_floor.py's rule (cross-validation between two
     # halves of the demo's calibration photos) picks 0.1; the default stays 0 (off, the recipe before the floor)
-    # until the test suite has passed with it (with 0.2, two tests of tests/test_mixed_precision.py fail: see bench/RESULTS.md).
+    # until the test suite has passed with it (with 0.2, two tests of tests/test_mixed_precision.py fail: see
+    # bench/RESULTS.md).
     equalize_range_floor: float = 0.0
     # Calibrate each layer (weight rounding, output range) on what the already-quantised layers before it produce
     # (weights rounded, activations fake-quantised); False calibrates every layer on the float model's tensors.

@@ -233,8 +233,8 @@ def quantize(
     scales: dict[str, np.ndarray] = {}
     with torch.no_grad():
         if recipe.equalize:
-            ranges = channel_ranges(graph, calibration)
-            graph, scales = equalize(graph, ranges, recipe.equalize_alpha, recipe.equalize_range_floor)
+            graph, scales = equalize(graph, channel_ranges(graph, calibration), recipe.equalize_alpha,
+                                     recipe.equalize_range_floor)
         qgraph = _calibrate(graph, calibration, recipe, progress)
     qgraph.channel_scales = scales
     qgraph.recipe["seconds"] = round(time.perf_counter() - started, 2)  # the manifest records it
